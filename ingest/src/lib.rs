@@ -1,0 +1,32 @@
+//! # imglish-ingest: stage 1, image corpora and caption sets into a validated manifest
+//!
+//! Ingest reads image corpora (folder trees, class-per-folder trees, WebDataset tar shards, Parquet with image
+//! bytes) and caption sets, joins them, validates every image cheaply, and records every sample it saw: accepted
+//! ones in the manifest, the rest as rejects with a reason code. It is also the image-preparation library the
+//! tokenize stage calls for every image.
+//!
+//! This crate also holds the generator of the embedded demo corpus ([`write_demo_corpus`]), the synthetic data
+//! every stage can run on with no external data or weights:
+//!
+//! ```
+//! use imglish_ingest::{write_demo_corpus, DemoConfig};
+//!
+//! # fn main() -> Result<(), imglish_ingest::Error> {
+//! let dir = tempfile::tempdir().expect("tempdir");
+//! let config = DemoConfig::default().try_with_images(12)?.with_seed(7);
+//! let summary = write_demo_corpus(&dir.path().join("demo"), &config, &|_| {})?;
+//! assert_eq!(summary.images, 12);
+//! assert!(summary.bad_inputs.iter().any(|b| b.reason == "too-large"));
+//! # Ok(())
+//! # }
+//! ```
+
+mod demo;
+mod error;
+mod fsutil;
+mod rng;
+
+pub use demo::{write_demo_corpus, BadInput, DemoConfig, DemoSummary, CLASSES, DEMO_VERSION};
+pub use error::{Error, Result};
+pub use fsutil::write_atomic;
+pub use rng::{mix64, Rng};

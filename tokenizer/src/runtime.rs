@@ -16,7 +16,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("library", &self.library).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("library", &self.library)
+            .finish_non_exhaustive()
     }
 }
 
@@ -41,7 +43,10 @@ static INIT: Mutex<()> = Mutex::new(());
 
 /// The folder `scripts/setup-onnxruntime` installs into, for a build from this source tree.
 fn repo_install_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(".imglish").join("onnxruntime")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(".imglish")
+        .join("onnxruntime")
 }
 
 const LIB_NAME: &str = "libonnxruntime.so";
@@ -54,7 +59,10 @@ pub fn library_path() -> PathBuf {
         return PathBuf::from(p);
     }
     let mut candidates = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         candidates.push(dir.join(LIB_NAME));
     }
     let repo = repo_install_dir();

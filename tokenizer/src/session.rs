@@ -55,7 +55,9 @@ impl FromStr for Device {
             ("cpu", false) => Ok(Device::Cpu),
             ("cuda", _) => Ok(Device::Cuda(index)),
             ("tensorrt", _) => Ok(Device::TensorRt(index)),
-            _ => Err(format!("unknown device '{s}' (expected cpu, auto, cuda[:N] or tensorrt[:N])")),
+            _ => Err(format!(
+                "unknown device '{s}' (expected cpu, auto, cuda[:N] or tensorrt[:N])"
+            )),
         }
     }
 }
@@ -200,7 +202,7 @@ fn providers(device: Device) -> Result<(Vec<ort::ep::ExecutionProviderDispatch>,
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use ort::ep::{ExecutionProvider, CUDA, TensorRT};
+    use ort::ep::{ExecutionProvider, TensorRT, CUDA};
 
     use super::Device;
     use crate::error::{Error, Result};
@@ -233,7 +235,10 @@ mod gpu {
                 if !available::<CUDA>() {
                     return Err(unavailable("CUDA"));
                 }
-                Ok((vec![CUDA::default().with_device_id(n as i32).build().error_on_failure()], "cuda"))
+                Ok((
+                    vec![CUDA::default().with_device_id(n as i32).build().error_on_failure()],
+                    "cuda",
+                ))
             }
             Device::TensorRt(n) => {
                 if !available::<TensorRT>() {
@@ -250,7 +255,9 @@ mod gpu {
                 } else if available::<CUDA>() {
                     Ok((vec![CUDA::default().build().error_on_failure()], "cuda"))
                 } else {
-                    tracing::info!("device auto: no CUDA/TensorRT execution provider in the loaded library, using the CPU");
+                    tracing::info!(
+                        "device auto: no CUDA/TensorRT execution provider in the loaded library, using the CPU"
+                    );
                     Ok((Vec::new(), "cpu"))
                 }
             }

@@ -29,36 +29,70 @@ const K: usize = 3;
 /// y = MaxPool2x2(Relu(Conv3x3(x, w, b, pad 1))) + Conv1x1(MaxPool2x2(x), w2)
 fn build(w: &[f32], b: &[f32], w2: &[f32]) -> Vec<u8> {
     let mut g = GraphBuilder::new("tiny_cnn");
-    g.input("x", FLOAT, &[Dim::from("batch"), Dim::from(CIN as i64), Dim::from("h"), Dim::from("w")])
-        .output("y", FLOAT, &[Dim::from("batch"), Dim::from(COUT as i64), Dim::from("h2"), Dim::from("w2")])
-        .initializer_f32("w", &[COUT as i64, CIN as i64, K as i64, K as i64], w)
-        .initializer_f32("b", &[COUT as i64], b)
-        .initializer_f32("w2", &[COUT as i64, CIN as i64, 1, 1], w2)
-        .node(
-            "Conv",
-            &["x", "w", "b"],
-            &["c"],
-            &[("kernel_shape", Attr::Ints(vec![3, 3])), ("pads", Attr::Ints(vec![1, 1, 1, 1]))],
-        )
-        .node("Relu", &["c"], &["r"], &[])
-        .node(
-            "MaxPool",
-            &["r"],
-            &["p"],
-            &[("kernel_shape", Attr::Ints(vec![2, 2])), ("strides", Attr::Ints(vec![2, 2]))],
-        )
-        .node(
-            "MaxPool",
-            &["x"],
-            &["px"],
-            &[("kernel_shape", Attr::Ints(vec![2, 2])), ("strides", Attr::Ints(vec![2, 2]))],
-        )
-        .node("Conv", &["px", "w2"], &["q"], &[("kernel_shape", Attr::Ints(vec![1, 1]))])
-        .node("Add", &["p", "q"], &["y"], &[]);
+    g.input(
+        "x",
+        FLOAT,
+        &[
+            Dim::from("batch"),
+            Dim::from(CIN as i64),
+            Dim::from("h"),
+            Dim::from("w"),
+        ],
+    )
+    .output(
+        "y",
+        FLOAT,
+        &[
+            Dim::from("batch"),
+            Dim::from(COUT as i64),
+            Dim::from("h2"),
+            Dim::from("w2"),
+        ],
+    )
+    .initializer_f32("w", &[COUT as i64, CIN as i64, K as i64, K as i64], w)
+    .initializer_f32("b", &[COUT as i64], b)
+    .initializer_f32("w2", &[COUT as i64, CIN as i64, 1, 1], w2)
+    .node(
+        "Conv",
+        &["x", "w", "b"],
+        &["c"],
+        &[
+            ("kernel_shape", Attr::Ints(vec![3, 3])),
+            ("pads", Attr::Ints(vec![1, 1, 1, 1])),
+        ],
+    )
+    .node("Relu", &["c"], &["r"], &[])
+    .node(
+        "MaxPool",
+        &["r"],
+        &["p"],
+        &[
+            ("kernel_shape", Attr::Ints(vec![2, 2])),
+            ("strides", Attr::Ints(vec![2, 2])),
+        ],
+    )
+    .node(
+        "MaxPool",
+        &["x"],
+        &["px"],
+        &[
+            ("kernel_shape", Attr::Ints(vec![2, 2])),
+            ("strides", Attr::Ints(vec![2, 2])),
+        ],
+    )
+    .node(
+        "Conv",
+        &["px", "w2"],
+        &["q"],
+        &[("kernel_shape", Attr::Ints(vec![1, 1]))],
+    )
+    .node("Add", &["p", "q"], &["y"], &[]);
     onnx::encode(&g.finish())
 }
 
-fn conv(x: &[f32], n: usize, cin: usize, h: usize, wd: usize, w: &[f32], b: Option<&[f32]>, k: usize) -> Vec<f32> {
+/// Conv with `same` padding; `dims` = (batch, input channels, height, width).
+fn conv(x: &[f32], dims: (usize, usize, usize, usize), w: &[f32], b: Option<&[f32]>, k: usize) -> Vec<f32> {
+    let (n, cin, h, wd) = dims;
     let pad = k / 2;
     let mut out = vec![0.0f32; n * COUT * h * wd];
     for bi in 0..n {
@@ -118,18 +152,22 @@ fn generated_cnn_matches_plain_rust() {
     assert_eq!(model.inputs()[0].shape, vec![-1, 3, -1, -1]);
     let out = model.run_f32(&[n, CIN, h, wd], &x).expect("run");
 
-    let c = conv(&x, n, CIN, h, wd, &w, Some(&b), K);
+    let c = conv(&x, (n, CIN, h, wd), &w, Some(&b), K);
     let r: Vec<f32> = c.iter().map(|v| v.max(0.0)).collect();
     let p = maxpool2(&r, n, COUT, h, wd);
     let px = maxpool2(&x, n, CIN, h, wd);
-    let q = conv(&px, n, CIN, h / 2, wd / 2, &w2, None, 1);
+    let q = conv(&px, (n, CIN, h / 2, wd / 2), &w2, None, 1);
     let expected: Vec<f32> = p.iter().zip(&q).map(|(a, b)| a + b).collect();
 
     let Output::F32 { shape, data } = out else {
         panic!("expected a float output, got {out:?}")
     };
     assert_eq!(shape, vec![n, COUT, h / 2, wd / 2]);
-    let max_err = data.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let max_err = data
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(max_err < 1e-5, "max abs error {max_err}");
 }
 
@@ -139,20 +177,38 @@ fn argmin_output_is_int64_and_environment_is_shared() {
     let mut g = GraphBuilder::new("argmin");
     g.input("x", FLOAT, &[Dim::from("n"), Dim::from(5)])
         .output("i", onnx::proto::data_type::INT64, &[Dim::from("n")])
-        .node("ArgMin", &["x"], &["i"], &[("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))]);
+        .node(
+            "ArgMin",
+            &["x"],
+            &["i"],
+            &[("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))],
+        );
     let bytes = onnx::encode(&g.finish());
     let mut model = Model::from_bytes("argmin", &bytes, &SessionOptions::default()).expect("load");
     let x = [3.0, 1.0, 2.0, 5.0, 4.0, /* */ 0.0, 9.0, -1.0, 2.0, 2.0];
     let out = model.run_f32(&[2, 5], &x).expect("run");
-    assert_eq!(out, Output::I64 { shape: vec![2], data: vec![1, 2] });
-    assert!(imglish_tokenizer::runtime().expect("runtime").library().ends_with("libonnxruntime.so.1.31.1")
-        || std::env::var_os("ORT_DYLIB_PATH").is_some());
+    assert_eq!(
+        out,
+        Output::I64 {
+            shape: vec![2],
+            data: vec![1, 2]
+        }
+    );
+    assert!(
+        imglish_tokenizer::runtime()
+            .expect("runtime")
+            .library()
+            .ends_with("libonnxruntime.so.1.31.1")
+            || std::env::var_os("ORT_DYLIB_PATH").is_some()
+    );
 }
 
 #[test]
 fn encoded_models_round_trip_through_prost() {
     let mut g = GraphBuilder::new("rt");
-    g.input("x", FLOAT, &[Dim::from(1)]).output("y", FLOAT, &[Dim::from(1)]).metadata("card", "{}");
+    g.input("x", FLOAT, &[Dim::from(1)])
+        .output("y", FLOAT, &[Dim::from(1)])
+        .metadata("card", "{}");
     g.node("Relu", &["x"], &["y"], &[]);
     let model = g.finish();
     let bytes = onnx::encode(&model);

@@ -1,0 +1,1 @@
+//! # imglish-train: stage 4, the streaming masked-image-modeling trainer

@@ -9,9 +9,8 @@ pub mod proto;
 
 use prost::Message;
 use proto::{
-    attribute_type, AttributeProto, Dimension, DimensionValue, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
-    TypeProtoTensor, ValueInfoProto,
+    attribute_type, AttributeProto, Dimension, DimensionValue, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto,
 };
 
 /// The IR version written by imglish (ONNX 1.13+; ONNX Runtime ≥ 1.14 reads it).
@@ -112,7 +111,12 @@ impl GraphBuilder {
     /// If `data.len()` is not the product of `dims`.
     pub fn initializer_f32(&mut self, name: &str, dims: &[i64], data: &[f32]) -> &mut Self {
         let n: i64 = dims.iter().product();
-        assert_eq!(n as usize, data.len(), "initializer {name}: dims {dims:?} do not match {} values", data.len());
+        assert_eq!(
+            n as usize,
+            data.len(),
+            "initializer {name}: dims {dims:?} do not match {} values",
+            data.len()
+        );
         let mut raw = Vec::with_capacity(data.len() * 4);
         for v in data {
             raw.extend_from_slice(&v.to_le_bytes());

@@ -1,0 +1,75 @@
+//! Command-line definitions (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  failure (bad input, missing runtime library, I/O error, ...)
+  2  usage error (unknown flag, invalid value)
+
+Environment:
+  ORT_DYLIB_PATH   path of libonnxruntime.so (default: installed by scripts/setup-onnxruntime)
+  IMGLISH_LOG      log filter, e.g. `debug` or `imglish_ingest=trace` (default: info)";
+
+/// imglish: image corpora and captions into compressed shards of discrete tokens for masked-modeling
+/// pretraining (BEiT, BEiT v2, BEiT-3).
+#[derive(Debug, Parser)]
+#[command(name = "imglish", version, about, after_help = AFTER_HELP, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every subcommand accepts.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Worker threads (default: all cores). Results never depend on it.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+
+    /// Print only errors (no progress bars, no summaries).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// Log and summary format on stderr/stdout: human text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write the deterministic synthetic demo corpus (images, captions, tar shards, bad inputs).
+    DemoCorpus(DemoCorpusArgs),
+    /// Check the installation: ONNX Runtime library, execution providers, threads.
+    Doctor,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoCorpusArgs {
+    /// Output directory (must not exist, or hold a demo corpus made with the same settings).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Number of good images to draw.
+    #[arg(long, default_value_t = 240)]
+    pub images: usize,
+
+    /// Seed for every random choice.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}

@@ -1,0 +1,26 @@
+//! One module per subcommand; each turns parsed arguments into calls of a stage crate.
+
+mod demo;
+mod doctor;
+
+use anyhow::Context;
+
+use crate::cli::{Cli, Command};
+use crate::output::Output;
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
+    let threads = cli
+        .global
+        .threads
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("cannot start the worker thread pool")?;
+    match cli.command {
+        Command::DemoCorpus(args) => demo::run(&args, out),
+        Command::Doctor => doctor::run(threads, out),
+    }
+}

@@ -1,0 +1,159 @@
+//! End-to-end tests of the `imglish` binary: exit codes, the ONNX Runtime error, the demo corpus.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+fn imglish() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_imglish"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("spawn imglish")
+}
+
+/// sha256 of every file under `root`, keyed by relative path.
+fn tree_hashes(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for entry in std::fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).expect("prefix").to_string_lossy().into_owned();
+                let bytes = std::fs::read(&path).expect("read");
+                out.insert(rel, format!("{:x}", Sha256::digest(&bytes)));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+#[test]
+fn missing_onnxruntime_is_a_one_line_error_naming_the_setup_script() {
+    let out = run(imglish()
+        .arg("doctor")
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).expect("utf8");
+    assert_eq!(
+        stderr,
+        "error: ONNX Runtime library not found at /nonexistent/libonnxruntime.so: run scripts/setup-onnxruntime \
+         (or set ORT_DYLIB_PATH to an existing libonnxruntime.so)\n"
+    );
+}
+
+#[test]
+fn doctor_runs_the_onnxruntime_self_test() {
+    let out = run(imglish().args(["--log-format", "json", "doctor"]));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(line["event"], "doctor");
+    assert!(line["onnxruntime"].as_str().expect("path").contains("libonnxruntime"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = run(imglish().arg("--no-such-flag"));
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(imglish().args(["--threads", "0", "doctor"]));
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(imglish().args(["demo-corpus"]));
+    assert_eq!(out.status.code(), Some(2), "--out is required");
+}
+
+#[test]
+fn demo_corpus_is_byte_identical_for_a_seed_whatever_the_threads() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let c = tmp.path().join("c");
+    let gen = |dir: &Path, threads: &str, seed: &str| {
+        let out = run(imglish()
+            .args([
+                "-q",
+                "--threads",
+                threads,
+                "demo-corpus",
+                "--images",
+                "30",
+                "--seed",
+                seed,
+                "--out",
+            ])
+            .arg(dir));
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stdout.is_empty(), "--quiet prints nothing");
+    };
+    gen(&a, "1", "5");
+    gen(&b, "2", "5");
+    gen(&c, "2", "6");
+    let (ha, hb, hc) = (tree_hashes(&a), tree_hashes(&b), tree_hashes(&c));
+    assert_eq!(ha, hb);
+    assert_ne!(ha, hc, "another seed gives other images");
+
+    // The layout and the bad inputs are there.
+    for f in [
+        "demo.json",
+        "captions/coco_captions.json",
+        "captions/captions.jsonl",
+        "captions/captions.tsv",
+        "shards/demo-00000.tar",
+        "images/circle/bad_empty.jpg",
+        "images/square/bad_truncated.jpg",
+        "images/triangle/bad_text.png",
+        "images/cross/bad_huge.png",
+    ] {
+        assert!(ha.contains_key(f), "missing {f}");
+    }
+    assert_eq!(
+        std::fs::metadata(a.join("images/circle/bad_empty.jpg"))
+            .expect("meta")
+            .len(),
+        0
+    );
+    let huge = std::fs::read(a.join("images/cross/bad_huge.png")).expect("read");
+    assert_eq!(
+        &huge[16..24],
+        &[0, 1, 0x86, 0xA0, 0, 1, 0x86, 0xA0],
+        "IHDR claims 100000x100000"
+    );
+    let text = std::fs::read_to_string(a.join("images/triangle/bad_text.png")).expect("read");
+    assert!(text.starts_with("this is a text file"));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("demo.json")).expect("read")).expect("json");
+    let reasons: Vec<&str> = summary["bad_inputs"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|b| b["reason"].as_str().expect("str"))
+        .collect();
+    for r in [
+        "empty",
+        "corrupt",
+        "unsupported-format",
+        "too-large",
+        "missing-image",
+        "duplicate",
+    ] {
+        assert!(reasons.contains(&r), "{r} missing from {reasons:?}");
+    }
+    let jsonl = std::fs::read_to_string(a.join("captions/captions.jsonl")).expect("read");
+    assert!(
+        jsonl.contains("\"image\":\"circle/demo_99998.jpg\""),
+        "a caption row for a missing image"
+    );
+
+    // Re-running into a complete corpus with the same settings is a no-op; other settings are refused.
+    gen(&a, "2", "5");
+    assert_eq!(tree_hashes(&a), ha);
+    let out = run(imglish()
+        .args(["demo-corpus", "--images", "31", "--seed", "5", "--out"])
+        .arg(&a));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+}
