@@ -1,8 +1,8 @@
 //! Command-line definitions (clap derive).
 
-use std::path::PathBuf;
-
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::commands::demo::DemoCorpusArgs;
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -51,25 +51,11 @@ pub enum LogFormat {
     Json,
 }
 
+/// The subcommands; each one's arguments live in its module under `src/commands/`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write the deterministic synthetic demo corpus (images, captions, tar shards, bad inputs).
     DemoCorpus(DemoCorpusArgs),
     /// Check the installation: ONNX Runtime library, execution providers, threads.
     Doctor,
-}
-
-#[derive(Debug, Args)]
-pub struct DemoCorpusArgs {
-    /// Output directory (must not exist, or hold a demo corpus made with the same settings).
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
-
-    /// Number of good images to draw.
-    #[arg(long, default_value_t = 240)]
-    pub images: usize,
-
-    /// Seed for every random choice.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
 }

@@ -1,8 +1,25 @@
+use std::path::PathBuf;
+
 use anyhow::Context;
+use clap::Args;
 use imglish_ingest::{write_demo_corpus, DemoConfig};
 
-use crate::cli::DemoCorpusArgs;
 use crate::output::Output;
+
+#[derive(Debug, Args)]
+pub struct DemoCorpusArgs {
+    /// Output directory (must not exist, or hold a demo corpus made with the same settings).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Number of good images to draw.
+    #[arg(long, default_value_t = 240)]
+    pub images: usize,
+
+    /// Seed for every random choice.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
 pub fn run(args: &DemoCorpusArgs, out: &Output) -> anyhow::Result<()> {
     let config = DemoConfig::default().try_with_images(args.images)?.with_seed(args.seed);

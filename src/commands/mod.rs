@@ -1,6 +1,6 @@
 //! One module per subcommand; each turns parsed arguments into calls of a stage crate.
 
-mod demo;
+pub mod demo;
 mod doctor;
 
 use anyhow::Context;
