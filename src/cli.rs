@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::demo::DemoCorpusArgs;
+use crate::commands::ingest::IngestArgs;
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -58,4 +59,6 @@ pub enum Command {
     DemoCorpus(DemoCorpusArgs),
     /// Check the installation: ONNX Runtime library, execution providers, threads.
     Doctor,
+    /// Stage 1: read image sources and caption sets into a validated manifest (samples + rejects).
+    Ingest(IngestArgs),
 }

@@ -54,6 +54,17 @@ impl Output {
         bar
     }
 
+    /// A counter for work of unknown length (same visibility rules as [`Output::progress`]).
+    pub fn spinner(&self, what: &str) -> ProgressBar {
+        let bar = self.progress(0, what);
+        bar.set_length(0);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg}: {pos} ({per_sec})")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar
+    }
+
     /// Prints a run summary: `text` lines in text mode, `json` as one line in JSON mode; nothing when quiet.
     pub fn summary(&self, text: &str, json: &serde_json::Value) {
         if self.quiet {

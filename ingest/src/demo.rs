@@ -706,14 +706,14 @@ fn write_into(root: &Path, config: &DemoConfig, progress: &dyn Fn(u64)) -> Resul
     )?;
     let sliver = Plan {
         width: 1200,
-        height: 24,
+        height: 40,
         ..tiny
     };
     put_bad(
         "diamond/bad_sliver.png",
         &encode(&sliver, Path::new("diamond/bad_sliver.png"))?.0,
         "extreme-aspect",
-        "1200x24 pixels (aspect ratio 50)",
+        "1200x40 pixels (aspect ratio 30)",
     )?;
     if let Some(first) = generated.first() {
         let dup = format!("{}/copy_of_{}.{}", CLASSES[first.class], first.key, first.ext);

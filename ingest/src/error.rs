@@ -21,6 +21,14 @@ pub enum Error {
         /// What the encoder said.
         reason: String,
     },
+    /// A Parquet file (manifest, source or caption set) could not be read or written.
+    #[error("{}: {reason}", path.display())]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// An option has an invalid value.
     #[error("invalid option {option}: {reason}")]
     Config {

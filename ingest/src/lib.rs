@@ -21,12 +21,31 @@
 //! # }
 //! ```
 
+mod captions;
 mod demo;
 mod error;
 mod fsutil;
+mod parquet_io;
+mod prepare;
 mod rng;
+mod run;
+mod sources;
+mod validate;
 
+pub use captions::{CsvHeader, JoinOn};
 pub use demo::{write_demo_corpus, BadInput, DemoConfig, DemoSummary, CLASSES, DEMO_VERSION};
 pub use error::{Error, Result};
+pub use fast_image_resize::Resizer;
 pub use fsutil::write_atomic;
+pub use parquet_io::{write_image_parquet, ManifestRow, RejectRow, Split};
+pub use prepare::{
+    center_view, decode_rgb, max_reduction, random_view, render_view, CropSpec, DecodeOptions, Decoded, Filter,
+    ViewParams,
+};
 pub use rng::{mix64, Rng};
+pub use run::{
+    ingest, read_image_bytes, sample_id, IngestConfig, IngestCounts, IngestSummary, LabelMode, Manifest,
+    MANIFEST_VERSION,
+};
+pub use sources::{Locator, ParquetColumns, SourceKind};
+pub use validate::{validate_bytes, ImageInfo, Reason, Rejection, ValidationLimits};

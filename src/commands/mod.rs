@@ -2,6 +2,7 @@
 
 pub mod demo;
 mod doctor;
+pub mod ingest;
 
 use anyhow::Context;
 
@@ -22,5 +23,6 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
     match cli.command {
         Command::DemoCorpus(args) => demo::run(&args, out),
         Command::Doctor => doctor::run(threads, out),
+        Command::Ingest(args) => ingest::run(&args, out),
     }
 }

@@ -1,0 +1,362 @@
+//! Image preparation for the tokenize stage: decode under explicit limits (with EXIF orientation, every colour
+//! type to RGB8, alpha composited on a background, reduced-scale JPEG decoding when the target is much smaller),
+//! views (centre, random-resized-crop + flip, reproducible from (seed, sample id, view index)), and SIMD
+//! resizing with `fast_image_resize`.
+
+use std::io::Cursor;
+
+use fast_image_resize::images::{Image as FirImage, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use crate::rng::Rng;
+use crate::validate::{decode_limits, Reason, Rejection, ValidationLimits};
+
+/// A decoded image in RGB8, upright (EXIF orientation applied).
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The pixels; possibly smaller than the source when decoded at a reduced scale.
+    pub image: RgbImage,
+    /// Width of the upright source image in pixels.
+    pub source_width: u32,
+    /// Height of the upright source image in pixels.
+    pub source_height: u32,
+}
+
+impl Decoded {
+    /// `image` pixels per source pixel (1 unless decoded at a reduced scale).
+    pub fn scale(&self) -> f64 {
+        self.image.width() as f64 / self.source_width as f64
+    }
+}
+
+/// How to decode.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DecodeOptions {
+    /// Limits checked before any pixel buffer is allocated.
+    pub limits: ValidationLimits,
+    /// Background that transparent pixels are composited on (default white).
+    pub background: [u8; 3],
+    /// Decode JPEGs at 1/2, 1/4 or 1/8 scale when every view still gets at least its target size.
+    pub reduced_decode: bool,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            limits: ValidationLimits::default(),
+            background: [255, 255, 255],
+            reduced_decode: true,
+        }
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Rejection {
+    Rejection::new(Reason::Corrupt, format!("decode failed: {e}"))
+}
+
+fn composite(img: DynamicImage, bg: [u8; 3]) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.into_rgb8();
+    }
+    let rgba = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        let a = p[3] as u32;
+        for c in 0..3 {
+            o[c] = ((p[c] as u32 * a + bg[c] as u32 * (255 - a) + 127) / 255) as u8;
+        }
+    }
+    out
+}
+
+/// Decodes `bytes` to upright RGB8. `min_needed` is the smallest size (in source pixels per target pixel terms:
+/// the largest reduction factor) that keeps every requested view at or above its target size; JPEGs are then
+/// decoded at the largest DCT reduction (1/2, 1/4, 1/8) that still satisfies it.
+pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> Result<Decoded, Rejection> {
+    let format = image::guess_format(bytes)
+        .map_err(|_| Rejection::new(Reason::UnsupportedFormat, "not a recognised image format"))?;
+    if format == ImageFormat::Jpeg && options.reduced_decode && max_reduction >= 2.0 {
+        if let Some(d) = decode_jpeg_reduced(bytes, options, max_reduction)? {
+            return Ok(d);
+        }
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(decode_limits(&options.limits));
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    img.apply_orientation(orientation);
+    let image = composite(img, options.background);
+    Ok(Decoded {
+        source_width: image.width(),
+        source_height: image.height(),
+        image,
+    })
+}
+
+fn decode_jpeg_reduced(
+    bytes: &[u8],
+    options: &DecodeOptions,
+    max_reduction: f64,
+) -> Result<Option<Decoded>, Rejection> {
+    let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    dec.read_info().map_err(corrupt)?;
+    let Some(info) = dec.info() else { return Ok(None) };
+    let (w, h) = (info.width as u32, info.height as u32);
+    if w as u64 * h as u64 > options.limits.max_pixels {
+        return Err(Rejection::new(
+            Reason::TooLarge,
+            format!("{w}x{h} exceeds --max-pixels"),
+        ));
+    }
+    let orientation = dec
+        .exif_data()
+        .and_then(image::metadata::Orientation::from_exif_chunk)
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let factor = [8u32, 4, 2]
+        .into_iter()
+        .find(|f| *f as f64 <= max_reduction)
+        .unwrap_or(1);
+    if factor == 1 {
+        return Ok(None);
+    }
+    let (rw, rh) = (w.div_ceil(factor), h.div_ceil(factor));
+    let (ow, oh) = dec
+        .scale(rw.min(u16::MAX as u32) as u16, rh.min(u16::MAX as u32) as u16)
+        .map_err(corrupt)?;
+    let pixels = dec.decode().map_err(corrupt)?;
+    let Some(info) = dec.info() else { return Ok(None) };
+    let (ow, oh) = (ow as u32, oh as u32);
+    let rgb: Vec<u8> = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => pixels,
+        jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+        jpeg_decoder::PixelFormat::L16 => pixels.chunks_exact(2).flat_map(|c| [c[0], c[0], c[0]]).collect(),
+        jpeg_decoder::PixelFormat::CMYK32 => pixels
+            .chunks_exact(4)
+            .flat_map(|c| {
+                let k = c[3] as u32;
+                [0, 1, 2].map(|i| ((c[i] as u32 * k + 127) / 255) as u8)
+            })
+            .collect(),
+    };
+    let Some(img) = RgbImage::from_raw(ow, oh, rgb) else {
+        return Ok(None);
+    };
+    let mut dynimg = DynamicImage::ImageRgb8(img);
+    dynimg.apply_orientation(orientation);
+    let swap = matches!(
+        orientation,
+        image::metadata::Orientation::Rotate90
+            | image::metadata::Orientation::Rotate270
+            | image::metadata::Orientation::Rotate90FlipH
+            | image::metadata::Orientation::Rotate270FlipH
+    );
+    let (sw, sh) = if swap { (h, w) } else { (w, h) };
+    Ok(Some(Decoded {
+        image: dynimg.into_rgb8(),
+        source_width: sw,
+        source_height: sh,
+    }))
+}
+
+/// A view's geometry: the crop box in upright source pixels and whether it is mirrored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewParams {
+    /// `[x, y, width, height]` in source pixels.
+    pub crop: [u32; 4],
+    /// Horizontally flipped.
+    pub flip: bool,
+}
+
+/// Random-resized-crop settings (BEiT / torchvision defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CropSpec {
+    /// Range of the crop's area as a fraction of the image (default 0.08–1).
+    pub scale: (f64, f64),
+    /// Range of the crop's aspect ratio w/h (default 3/4–4/3), sampled log-uniformly.
+    pub ratio: (f64, f64),
+    /// Probability of a horizontal flip (default 0.5).
+    pub flip_p: f64,
+}
+
+impl Default for CropSpec {
+    fn default() -> Self {
+        CropSpec {
+            scale: (0.08, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            flip_p: 0.5,
+        }
+    }
+}
+
+/// The centre view: the largest centred square (shorter side resized to S, centre crop S×S).
+pub fn center_view(width: u32, height: u32) -> ViewParams {
+    let side = width.min(height);
+    ViewParams {
+        crop: [(width - side) / 2, (height - side) / 2, side, side],
+        flip: false,
+    }
+}
+
+/// A random-resized crop with flip, drawn from the stream keyed by `(seed, sample_id, view)`: up to 10 tries as
+/// in torchvision, then the centre crop clamped to the ratio range.
+pub fn random_view(width: u32, height: u32, spec: &CropSpec, seed: u64, sample_id: u64, view: u32) -> ViewParams {
+    let mut rng = Rng::keyed(&[seed, sample_id, view as u64, 0x7669_6577]);
+    let (w, h) = (width as f64, height as f64);
+    let area = w * h;
+    let (lr0, lr1) = (spec.ratio.0.ln(), spec.ratio.1.ln());
+    let mut crop = None;
+    for _ in 0..10 {
+        let target = area * rng.uniform(spec.scale.0, spec.scale.1);
+        let ratio = rng.uniform(lr0, lr1).exp();
+        let cw = (target * ratio).sqrt().round();
+        let ch = (target / ratio).sqrt().round();
+        if cw > 0.0 && ch > 0.0 && cw <= w && ch <= h {
+            let x = rng.range(0, (w - cw) as i64) as u32;
+            let y = rng.range(0, (h - ch) as i64) as u32;
+            crop = Some([x, y, cw as u32, ch as u32]);
+            break;
+        }
+    }
+    let crop = crop.unwrap_or_else(|| {
+        let in_ratio = w / h;
+        let (cw, ch) = if in_ratio < spec.ratio.0 {
+            (w, (w / spec.ratio.0).round())
+        } else if in_ratio > spec.ratio.1 {
+            ((h * spec.ratio.1).round(), h)
+        } else {
+            (w, h)
+        };
+        let (cw, ch) = (cw.max(1.0) as u32, ch.max(1.0) as u32);
+        [(width - cw) / 2, (height - ch) / 2, cw, ch]
+    });
+    ViewParams {
+        crop,
+        flip: rng.chance(spec.flip_p),
+    }
+}
+
+/// Resampling filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filter {
+    /// Lanczos3 (DALL-E's tokenizer input).
+    Lanczos3,
+    /// Catmull-Rom bicubic (BEiT's patch input; Pillow's BICUBIC).
+    Bicubic,
+    /// Bilinear.
+    Bilinear,
+}
+
+impl Filter {
+    fn alg(self) -> ResizeAlg {
+        ResizeAlg::Convolution(match self {
+            Filter::Lanczos3 => FilterType::Lanczos3,
+            Filter::Bicubic => FilterType::CatmullRom,
+            Filter::Bilinear => FilterType::Bilinear,
+        })
+    }
+}
+
+/// Renders a view of a decoded image at `size`×`size`: crop (source coordinates, scaled to the decoded
+/// resolution), resize with `filter`, mirror if the view says so.
+pub fn render_view(decoded: &Decoded, view: &ViewParams, size: u32, filter: Filter, resizer: &mut Resizer) -> RgbImage {
+    let s = decoded.scale();
+    let [x, y, w, h] = view.crop;
+    let src = ImageRef::new(
+        decoded.image.width(),
+        decoded.image.height(),
+        decoded.image.as_raw(),
+        PixelType::U8x3,
+    );
+    let mut dst = FirImage::new(size, size, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(filter.alg()).crop(
+        x as f64 * s,
+        y as f64 * s,
+        (w as f64 * s).max(1.0),
+        (h as f64 * s).max(1.0),
+    );
+    if let Ok(src) = src {
+        // Sizes are checked above, and both images are U8x3: resizing cannot fail.
+        let _ = resizer.resize(&src, &mut dst, &options);
+    }
+    let mut out = RgbImage::from_raw(size, size, dst.into_vec()).unwrap_or_else(|| RgbImage::new(size, size));
+    if view.flip {
+        image::imageops::flip_horizontal_in_place(&mut out);
+    }
+    out
+}
+
+/// The largest factor by which the image may be downscaled at decode time so that every view in `views` still
+/// has at least `size` pixels on each side of its crop.
+pub fn max_reduction(views: &[ViewParams], size: u32) -> f64 {
+    views
+        .iter()
+        .map(|v| v.crop[2].min(v.crop[3]) as f64 / size.max(1) as f64)
+        .fold(f64::INFINITY, f64::min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_views_are_reproducible_and_inside_the_image() {
+        let spec = CropSpec::default();
+        for view in 0..200 {
+            let a = random_view(640, 480, &spec, 1, 42, view);
+            let b = random_view(640, 480, &spec, 1, 42, view);
+            assert_eq!(a, b);
+            let [x, y, w, h] = a.crop;
+            assert!(x + w <= 640 && y + h <= 480 && w > 0 && h > 0);
+            let area = (w * h) as f64 / (640.0 * 480.0);
+            assert!((0.07..=1.0).contains(&area), "{area}");
+        }
+        let flips = (0..1000)
+            .filter(|v| random_view(100, 100, &spec, 0, 1, *v).flip)
+            .count();
+        assert!((400..600).contains(&flips), "{flips}");
+        assert_ne!(
+            random_view(640, 480, &spec, 1, 42, 0),
+            random_view(640, 480, &spec, 1, 43, 0)
+        );
+    }
+
+    #[test]
+    fn extreme_images_fall_back_to_a_centre_crop() {
+        let spec = CropSpec {
+            scale: (0.99, 1.0),
+            ..Default::default()
+        };
+        let v = random_view(1000, 100, &spec, 0, 0, 0);
+        assert_eq!(v.crop[3], 100);
+        assert_eq!(v.crop[2], 133);
+        assert_eq!(v.crop[0], (1000 - 133) / 2);
+    }
+
+    #[test]
+    fn centre_view_and_render() {
+        let mut img = RgbImage::new(300, 200);
+        for (x, _, p) in img.enumerate_pixels_mut() {
+            *p = image::Rgb([if x < 150 { 255 } else { 0 }, 0, 0]);
+        }
+        let d = Decoded {
+            image: img,
+            source_width: 300,
+            source_height: 200,
+        };
+        let v = center_view(300, 200);
+        assert_eq!(v.crop, [50, 0, 200, 200]);
+        let mut r = Resizer::new();
+        let out = render_view(&d, &v, 64, Filter::Bicubic, &mut r);
+        assert_eq!(out.dimensions(), (64, 64));
+        assert!(out.get_pixel(5, 30)[0] > 250 && out.get_pixel(60, 30)[0] < 5);
+        let flipped = render_view(&d, &ViewParams { flip: true, ..v }, 64, Filter::Bicubic, &mut r);
+        assert!(flipped.get_pixel(5, 30)[0] < 5);
+    }
+}

@@ -1,0 +1,163 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use imglish_ingest::{ingest, CsvHeader, IngestConfig, JoinOn, LabelMode, ParquetColumns, ValidationLimits};
+
+use crate::output::Output;
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Image sources: directories (recursive), WebDataset tar shards, Parquet files with image bytes.
+    #[arg(long, required = true, num_args = 1.., value_name = "SRC")]
+    pub images: Vec<PathBuf>,
+
+    /// Caption sets: COCO captions .json, .jsonl, .csv, .tsv, .parquet.
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    pub captions: Vec<PathBuf>,
+
+    /// Output directory of the manifest.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Fraction of samples in the validation split (decided by hashing the key with --seed).
+    #[arg(long, default_value_t = 0.05, value_name = "F")]
+    pub val_fraction: f64,
+
+    /// Seed of the split assignment.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Where labels come from.
+    #[arg(long, value_enum, default_value_t = Labels::Source)]
+    pub labels: Labels,
+
+    /// How caption rows are matched to images.
+    #[arg(long, value_enum, default_value_t = Join::Path)]
+    pub join_on: Join,
+
+    /// Whether CSV/TSV caption files start with a header row.
+    #[arg(long, value_enum, default_value_t = Header::Auto)]
+    pub csv_header: Header,
+
+    /// Reject images that have no caption.
+    #[arg(long)]
+    pub require_captions: bool,
+
+    /// Reject images with more pixels than this.
+    #[arg(long, default_value_t = 178_956_970)]
+    pub max_pixels: u64,
+
+    /// Reject images whose shorter side is below this.
+    #[arg(long, default_value_t = 32)]
+    pub min_side: u32,
+
+    /// Reject images whose aspect ratio (long/short) exceeds this.
+    #[arg(long, default_value_t = 10.0)]
+    pub max_aspect: f64,
+
+    /// Reject files larger than this many bytes.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub max_bytes: u64,
+
+    /// Also decode every image fully to catch corrupt pixel data.
+    #[arg(long)]
+    pub full_decode: bool,
+
+    /// Parquet sources: the image column (struct {bytes, path} or binary).
+    #[arg(long, default_value = "image")]
+    pub image_column: String,
+
+    /// Parquet sources: a caption column (string or list of strings).
+    #[arg(long)]
+    pub caption_column: Option<String>,
+
+    /// Parquet sources: an integer label column.
+    #[arg(long)]
+    pub label_column: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Labels {
+    /// Labels carried by the source (tar `key.cls`, a Parquet label column).
+    Source,
+    /// The top-level folder under a directory source (ImageFolder layout).
+    FromFolders,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Join {
+    /// Relative path (class/img.jpg) or tar member / Parquet path.
+    Path,
+    /// File name without folder and extension.
+    Stem,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Header {
+    /// Detect from the first row.
+    Auto,
+    /// The first row is a header.
+    Yes,
+    /// No header: caption, then path.
+    No,
+}
+
+pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
+    let config = IngestConfig::try_new(args.images.clone())?
+        .with_captions(args.captions.clone())
+        .try_with_val_fraction(args.val_fraction)?
+        .with_seed(args.seed)
+        .with_labels(match args.labels {
+            Labels::Source => LabelMode::Source,
+            Labels::FromFolders => LabelMode::FromFolders,
+        })
+        .with_join_on(match args.join_on {
+            Join::Path => JoinOn::Path,
+            Join::Stem => JoinOn::Stem,
+        })
+        .with_csv_header(match args.csv_header {
+            Header::Auto => CsvHeader::Auto,
+            Header::Yes => CsvHeader::Yes,
+            Header::No => CsvHeader::No,
+        })
+        .with_require_captions(args.require_captions)
+        .try_with_limits(ValidationLimits {
+            max_pixels: args.max_pixels,
+            min_side: args.min_side,
+            max_aspect: args.max_aspect,
+            max_bytes: args.max_bytes,
+            full_decode: args.full_decode,
+        })?
+        .with_parquet_columns(ParquetColumns {
+            image: args.image_column.clone(),
+            caption: args.caption_column.clone(),
+            label: args.label_column.clone(),
+        });
+    let bar = out.spinner("ingesting");
+    let summary = ingest(&config, &args.out, &|n| bar.inc(n))
+        .with_context(|| format!("ingest into {} failed", args.out.display()))?;
+    bar.finish_and_clear();
+    let c = &summary.counts;
+    let reasons: Vec<String> = c.by_reason.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    let text = format!(
+        "ingest: {} seen, {} accepted ({} train, {} val), {} rejected{}\n  {} images without captions, {} caption entries without images, {} classes\n  manifest: {} ({:.1}s, {:.0} images/s)",
+        c.seen,
+        c.accepted,
+        c.splits.get("train").copied().unwrap_or(0),
+        c.splits.get("val").copied().unwrap_or(0),
+        c.rejected,
+        if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
+        c.images_without_captions,
+        c.captions_without_images,
+        c.classes,
+        args.out.join("samples.parquet").display(),
+        summary.wall_seconds,
+        c.seen as f64 / summary.wall_seconds.max(1e-9),
+    );
+    let mut json = serde_json::to_value(&summary)?;
+    json["event"] = "ingest".into();
+    json["out"] = serde_json::to_value(&args.out)?;
+    out.summary(&text, &json);
+    Ok(())
+}
