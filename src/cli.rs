@@ -4,6 +4,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::demo::DemoCorpusArgs;
 use crate::commands::ingest::IngestArgs;
+use crate::commands::inspect::InspectArgs;
+use crate::commands::pack::PackArgs;
+use crate::commands::verify::VerifyArgs;
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -61,4 +64,10 @@ pub enum Command {
     Doctor,
     /// Stage 1: read image sources and caption sets into a validated manifest (samples + rejects).
     Ingest(IngestArgs),
+    /// Stage 3: token parts into zstd Arrow IPC shards and index.json (deterministic, resumable).
+    Pack(PackArgs),
+    /// Check every shard of a dataset (size, sha256, schema, batches) and its counts; exit 1 naming bad shards.
+    Verify(VerifyArgs),
+    /// Sizes, splits, compression, visual-code usage and caption lengths of a dataset.
+    Inspect(InspectArgs),
 }

@@ -565,6 +565,9 @@ pub struct CorruptReport {
     pub shards: BTreeMap<String, String>,
 }
 
+/// (slot in the chunk, row in the batch, selection index) of one sample a chunk needs.
+type Wanted = (usize, usize, u64);
+
 struct Worker {
     dataset: Dataset,
     order: Arc<EpochOrder>,
@@ -584,7 +587,7 @@ impl Worker {
         while positions.peek().is_some() {
             let chunk: Vec<u64> = positions.by_ref().take(self.options.chunk_samples).collect();
             let mut slots: Vec<Option<Slot>> = chunk.iter().map(|_| None).collect();
-            let mut groups: BTreeMap<(usize, usize), Vec<(usize, usize, u64)>> = BTreeMap::new();
+            let mut groups: BTreeMap<(usize, usize), Vec<Wanted>> = BTreeMap::new();
             for (i, &p) in chunk.iter().enumerate() {
                 let idx = self.order.sample_at(p);
                 let (s, b, r) = self.plan.locate(idx);

@@ -33,7 +33,7 @@ impl Default for PackConfig {
             target_shard_bytes: 128 << 20,
             batch_rows: 1024,
             zstd_level: 3,
-            shuffle_seed: Some(0),
+            shuffle_seed: None,
             include_pixels: false,
         }
     }

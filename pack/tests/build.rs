@@ -285,7 +285,7 @@ mod prop {
         ) {
             let work = tempfile::tempdir().expect("tempdir");
             let info = info(views, [2, 3], 200);
-            let ids: Vec<u64> = (0..n as u64).map(|i| common::mix(i)).collect();
+            let ids: Vec<u64> = (0..n as u64).map(common::mix).collect();
             write_parts(&work.path().join("t"), &info, &ids, per_part, false);
             let cfg = PackConfig { target_shard_bytes: target, batch_rows, zstd_level: 1, shuffle_seed: seed, include_pixels: false };
             pack_dataset(&work.path().join("t"), None, &work.path().join("d"), &cfg, &|_| {}).expect("pack");

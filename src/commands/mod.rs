@@ -3,6 +3,9 @@
 pub mod demo;
 mod doctor;
 pub mod ingest;
+pub mod inspect;
+pub mod pack;
+pub mod verify;
 
 use anyhow::Context;
 
@@ -24,5 +27,8 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::DemoCorpus(args) => demo::run(&args, out),
         Command::Doctor => doctor::run(threads, out),
         Command::Ingest(args) => ingest::run(&args, out),
+        Command::Pack(args) => pack::run(&args, out),
+        Command::Verify(args) => verify::run(&args, out),
+        Command::Inspect(args) => inspect::run(&args, out),
     }
 }

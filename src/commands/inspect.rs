@@ -1,0 +1,99 @@
+//! `imglish inspect`: sizes, splits, compression, visual-code usage and caption lengths of a dataset.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use imglish_pack::{Dataset, LengthSummary};
+
+use crate::output::Output;
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Dataset directory (with index.json).
+    #[arg(value_name = "DATASET")]
+    pub dataset: PathBuf,
+
+    /// Also print this sample (by sample id): its views' crops and tokens, captions and label.
+    #[arg(long, value_name = "ID")]
+    pub sample: Option<u64>,
+}
+
+fn lengths(l: &LengthSummary) -> String {
+    format!(
+        "min {} / mean {:.1} / p50 {} / p95 {} / max {}",
+        l.min, l.mean, l.p50, l.p95, l.max
+    )
+}
+
+pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
+    let dataset = Dataset::open(&args.dataset).with_context(|| format!("cannot open {}", args.dataset.display()))?;
+    let stats = dataset
+        .stats()
+        .with_context(|| format!("cannot read {}", args.dataset.display()))?;
+    let info = dataset.tokenizer();
+    let index = dataset.index();
+    let mut text = format!(
+        "dataset {}\n\
+         \x20 shards            {} ({} record batches of up to {} rows), {:.2} MB\n\
+         \x20 samples           {} ({} train, {} val), {:.0} bytes/sample\n\
+         \x20 tokens            {} views x {}x{} grid, vocab {}; raw u16 tokens {:.2} MB, compression {:.2}x\n\
+         \x20 codes used        {} of {} ({:.1}%), perplexity {:.1}\n\
+         \x20 captions/sample   {}\n\
+         \x20 tokens/caption    {}\n\
+         \x20 tokenizer         {}\n\
+         \x20 build             {}",
+        args.dataset.display(),
+        stats.shards,
+        stats.batches,
+        index.config.batch_rows,
+        stats.bytes as f64 / 1e6,
+        stats.counts.total(),
+        stats.counts.train,
+        stats.counts.val,
+        stats.bytes_per_sample,
+        info.views_per_sample,
+        info.grid[0],
+        info.grid[1],
+        info.vocab_size,
+        stats.token_bytes as f64 / 1e6,
+        stats.compression_ratio,
+        stats.codes_used,
+        stats.vocab_size,
+        100.0 * stats.codes_used as f64 / f64::from(stats.vocab_size.max(1)),
+        stats.perplexity,
+        lengths(&stats.captions_per_sample),
+        lengths(&stats.caption_tokens),
+        info.fingerprint,
+        index.build_fingerprint,
+    );
+    let mut json = serde_json::json!({"event": "inspect", "dataset": args.dataset, "stats": stats});
+    if let Some(id) = args.sample {
+        let record = dataset
+            .find(id)
+            .with_context(|| format!("cannot read {}", args.dataset.display()))?
+            .with_context(|| format!("sample {id} is not in {}", args.dataset.display()))?;
+        text.push_str(&format!(
+            "\nsample {id}: split {}, label {:?}, {} captions {:?}",
+            record.split,
+            record.label,
+            record.captions.len(),
+            record.captions
+        ));
+        for (i, v) in record.views.iter().enumerate() {
+            text.push_str(&format!(
+                "\n  view {i}: crop {:?} flip {} tokens {:?}",
+                v.crop, v.flip, v.tokens
+            ));
+        }
+        json["sample"] = serde_json::json!({
+            "sample_id": id,
+            "split": record.split,
+            "label": record.label,
+            "captions": record.captions,
+            "views": record.views.iter().map(|v| serde_json::json!({"crop": v.crop, "flip": v.flip, "tokens": v.tokens})).collect::<Vec<_>>(),
+        });
+    }
+    out.summary(&text, &json);
+    Ok(())
+}

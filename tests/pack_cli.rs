@@ -1,0 +1,197 @@
+//! End to end: token parts written with `PartWriter`, then `imglish pack`, `verify` and `inspect` as processes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use imglish_pack::{part_file_name, PartWriter, Split, TokenRecord, TokenizerInfo, TokensManifest, ViewRecord};
+use sha2::{Digest, Sha256};
+
+fn imglish(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_imglish"))
+        .args(args)
+        .output()
+        .expect("run imglish")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn write_tokens(dir: &Path, n: u64) -> TokenizerInfo {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let info = TokenizerInfo {
+        fingerprint: "ab".repeat(32),
+        card: serde_json::json!({"name": "cli-test"}),
+        grid: [4, 4],
+        vocab_size: 512,
+        text_vocab_size: Some(1000),
+        text_special_ids: Default::default(),
+        views_per_sample: 2,
+    };
+    let mut entries = Vec::new();
+    for (p, ids) in (0..n).collect::<Vec<_>>().chunks(70).enumerate() {
+        let mut w = PartWriter::try_new(dir.join(part_file_name(p)), &info).expect("part writer");
+        for &id in ids {
+            let views = (0..2u64)
+                .map(|v| ViewRecord {
+                    crop: [0, 0, 100 + v as u32, 80],
+                    flip: v == 1,
+                    tokens: (0..16u64).map(|t| (mix(id * 64 + v * 16 + t) % 40) as u16).collect(),
+                })
+                .collect();
+            w.write(&TokenRecord {
+                sample_id: id,
+                views,
+                captions: (0..id % 3)
+                    .map(|c| (0..4 + (id + c) % 9).map(|t| (t * 7 % 1000) as u32).collect())
+                    .collect(),
+                label: Some((id % 5) as i32),
+                split: if id % 5 == 0 { Split::Val } else { Split::Train },
+                pixels: None,
+            })
+            .expect("write");
+        }
+        entries.push(w.finish().expect("finish"));
+    }
+    TokensManifest::new(info.clone(), entries)
+        .write(dir)
+        .expect("tokenize.json");
+    info
+}
+
+fn hashes(dir: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
+        .expect("ls")
+        .map(|e| {
+            let e = e.expect("entry");
+            let h: String = Sha256::digest(std::fs::read(e.path()).expect("read"))
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            (e.file_name().to_string_lossy().into_owned(), h)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn pack_verify_inspect_and_a_corrupt_shard() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let tokens = work.path().join("tokens");
+    write_tokens(&tokens, 300);
+    let (t, d1, d2) = (
+        tokens.to_str().expect("utf8"),
+        work.path().join("d1"),
+        work.path().join("d2"),
+    );
+    let common = [
+        "--batch-rows",
+        "16",
+        "--target-shard-bytes",
+        "3000",
+        "--shuffle-seed",
+        "9",
+    ];
+
+    let mut args = vec![
+        "pack",
+        "--tokens",
+        t,
+        "--out",
+        d1.to_str().expect("utf8"),
+        "--threads",
+        "1",
+    ];
+    args.extend(common);
+    let o = imglish(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.starts_with("pack: 300 samples (240 train, 60 val) in "),
+        "{stdout}"
+    );
+
+    let mut args = vec![
+        "pack",
+        "--tokens",
+        t,
+        "--out",
+        d2.to_str().expect("utf8"),
+        "--threads",
+        "2",
+    ];
+    args.extend(common);
+    let o = imglish(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let h = hashes(&d1);
+    assert!(h.len() > 4, "several shards: {h:?}");
+    assert_eq!(h, hashes(&d2), "identical bytes whatever --threads");
+
+    // Packing again into the same directory is a no-op; other settings are refused.
+    let mut args = vec!["pack", "--tokens", t, "--out", d1.to_str().expect("utf8")];
+    args.extend(common);
+    let o = imglish(&args);
+    assert!(
+        o.status.success() && text(&o.stdout).contains("(already up to date)"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = imglish(&["pack", "--tokens", t, "--out", d1.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("already holds a dataset built from other inputs or settings"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let o = imglish(&["verify", d1.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains(" ok: "), "{}", text(&o.stdout));
+
+    let o = imglish(&["inspect", d1.to_str().expect("utf8"), "--sample", "7"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let s = text(&o.stdout);
+    for needle in [
+        "samples           300 (240 train, 60 val)",
+        "compression",
+        "codes used        40 of 512",
+        "sample 7: split train",
+    ] {
+        assert!(s.contains(needle), "{needle:?} not in\n{s}");
+    }
+    let o = imglish(&["--log-format", "json", "inspect", d1.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(j["stats"]["counts"]["train"], 240);
+    assert_eq!(j["stats"]["captions_per_sample"]["max"], 2);
+    assert_eq!(j["stats"]["token_bytes"], 300 * 2 * 16 * 2);
+    let bytes = j["stats"]["bytes"].as_f64().expect("bytes");
+    let ratio = j["stats"]["compression_ratio"].as_f64().expect("ratio");
+    assert!((ratio - 19200.0 / bytes).abs() < 1e-9, "{ratio} vs {bytes}");
+
+    // Damage one shard: verify exits 1 and names it (and only it).
+    let victim = d1.join("shard-00002.arrow");
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x10;
+    std::fs::write(&victim, bytes).expect("write");
+    let o = imglish(&["verify", d1.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("1 of ") && err.contains("shards bad (shard-00002.arrow)"),
+        "{err}"
+    );
+    assert!(err.contains("shard shard-00002.arrow: sha256 is "), "{err}");
+
+    let o = imglish(&["pack", "--tokens", t]);
+    assert_eq!(o.status.code(), Some(2), "usage error");
+}
