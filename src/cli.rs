@@ -6,6 +6,8 @@ use crate::commands::demo::DemoCorpusArgs;
 use crate::commands::ingest::IngestArgs;
 use crate::commands::inspect::InspectArgs;
 use crate::commands::pack::PackArgs;
+use crate::commands::tokenize::TokenizeArgs;
+use crate::commands::tokenizer::TokenizerArgs;
 use crate::commands::verify::VerifyArgs;
 
 const AFTER_HELP: &str = "\
@@ -64,6 +66,10 @@ pub enum Command {
     Doctor,
     /// Stage 1: read image sources and caption sets into a validated manifest (samples + rejects).
     Ingest(IngestArgs),
+    /// Visual and text tokenizers: fit a patch codebook, train a text tokenizer.
+    Tokenizer(TokenizerArgs),
+    /// Stage 2: turn every accepted image into K views of visual tokens, captions into text token ids.
+    Tokenize(TokenizeArgs),
     /// Stage 3: token parts into zstd Arrow IPC shards and index.json (deterministic, resumable).
     Pack(PackArgs),
     /// Check every shard of a dataset (size, sha256, schema, batches) and its counts; exit 1 naming bad shards.

@@ -37,10 +37,10 @@ pub use demo::{write_demo_corpus, BadInput, DemoConfig, DemoSummary, CLASSES, DE
 pub use error::{Error, Result};
 pub use fast_image_resize::Resizer;
 pub use fsutil::write_atomic;
-pub use parquet_io::{write_image_parquet, ManifestRow, RejectRow, Split};
+pub use parquet_io::{write_image_parquet, write_rejects_parquet, ManifestRow, RejectRow, Split};
 pub use prepare::{
-    center_view, decode_rgb, max_reduction, random_view, render_view, CropSpec, DecodeOptions, Decoded, Filter,
-    ViewParams,
+    center_view, decode_rgb, max_reduction, random_view, render_view, resize_image, CropSpec, DecodeOptions, Decoded,
+    Filter, ViewParams,
 };
 pub use rng::{mix64, Rng};
 pub use run::{

@@ -176,6 +176,11 @@ pub(crate) fn write_samples(path: &Path, rows: &[ManifestRow]) -> Result<()> {
     write_df(path, &mut df)
 }
 
+/// Writes a rejects file (`source`, `key`, `reason`, `message`) atomically: ingest's, and the tokenize stage's.
+pub fn write_rejects_parquet(path: &Path, rows: &[RejectRow]) -> Result<()> {
+    write_rejects(path, rows)
+}
+
 /// Writes `rejects.parquet`.
 pub(crate) fn write_rejects(path: &Path, rows: &[RejectRow]) -> Result<()> {
     let strs = |name: &str, f: &dyn Fn(&RejectRow) -> String| {

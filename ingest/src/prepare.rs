@@ -266,8 +266,15 @@ impl Filter {
 /// Renders a view of a decoded image at `size`×`size`: crop (source coordinates, scaled to the decoded
 /// resolution), resize with `filter`, mirror if the view says so.
 pub fn render_view(decoded: &Decoded, view: &ViewParams, size: u32, filter: Filter, resizer: &mut Resizer) -> RgbImage {
-    let s = decoded.scale();
+    let (iw, ih) = (decoded.image.width() as f64, decoded.image.height() as f64);
+    // Per-axis scales: a reduced decode rounds each side up (e.g. 697x472 at 1/2 is 349x236), so the x and y
+    // scales differ slightly; the crop box is clamped to the decoded image so it can never be out of bounds.
+    let sx = iw / decoded.source_width.max(1) as f64;
+    let sy = ih / decoded.source_height.max(1) as f64;
     let [x, y, w, h] = view.crop;
+    let (cx, cy) = ((x as f64 * sx).min(iw - 1.0).max(0.0), (y as f64 * sy).min(ih - 1.0).max(0.0));
+    let cw = (w as f64 * sx).max(1.0).min(iw - cx);
+    let ch = (h as f64 * sy).max(1.0).min(ih - cy);
     let src = ImageRef::new(
         decoded.image.width(),
         decoded.image.height(),
@@ -275,12 +282,7 @@ pub fn render_view(decoded: &Decoded, view: &ViewParams, size: u32, filter: Filt
         PixelType::U8x3,
     );
     let mut dst = FirImage::new(size, size, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(filter.alg()).crop(
-        x as f64 * s,
-        y as f64 * s,
-        (w as f64 * s).max(1.0),
-        (h as f64 * s).max(1.0),
-    );
+    let options = ResizeOptions::new().resize_alg(filter.alg()).crop(cx, cy, cw, ch);
     if let Ok(src) = src {
         // Sizes are checked above, and both images are U8x3: resizing cannot fail.
         let _ = resizer.resize(&src, &mut dst, &options);
@@ -290,6 +292,15 @@ pub fn render_view(decoded: &Decoded, view: &ViewParams, size: u32, filter: Filt
         image::imageops::flip_horizontal_in_place(&mut out);
     }
     out
+}
+
+/// Resizes a whole image to `width`×`height` with `filter`.
+pub fn resize_image(img: &RgbImage, width: u32, height: u32, filter: Filter, resizer: &mut Resizer) -> RgbImage {
+    let mut dst = FirImage::new(width, height, PixelType::U8x3);
+    if let Ok(src) = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3) {
+        let _ = resizer.resize(&src, &mut dst, &ResizeOptions::new().resize_alg(filter.alg()));
+    }
+    RgbImage::from_raw(width, height, dst.into_vec()).unwrap_or_else(|| RgbImage::new(width, height))
 }
 
 /// The largest factor by which the image may be downscaled at decode time so that every view in `views` still

@@ -5,6 +5,8 @@ mod doctor;
 pub mod ingest;
 pub mod inspect;
 pub mod pack;
+pub mod tokenize;
+pub mod tokenizer;
 pub mod verify;
 
 use anyhow::Context;
@@ -27,6 +29,8 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::DemoCorpus(args) => demo::run(&args, out),
         Command::Doctor => doctor::run(threads, out),
         Command::Ingest(args) => ingest::run(&args, out),
+        Command::Tokenizer(args) => tokenizer::run(&args, out),
+        Command::Tokenize(args) => tokenize::run(&args, threads, out),
         Command::Pack(args) => pack::run(&args, out),
         Command::Verify(args) => verify::run(&args, out),
         Command::Inspect(args) => inspect::run(&args, out),

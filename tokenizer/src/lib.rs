@@ -29,11 +29,20 @@
 //! # }
 //! ```
 
+mod card;
 mod error;
+mod kmeans;
 pub mod onnx;
 mod runtime;
 mod session;
+mod text;
+mod tokenize;
+mod views;
 
+pub use card::{sha256_hex, Card, Normalization, OutputKind, VisualTokenizer, CARD_VERSION};
 pub use error::{Error, Result};
+pub use kmeans::{fit_codebook, Codebook, FitConfig, FitReport};
 pub use runtime::{library_path, runtime, Runtime};
 pub use session::{Device, Model, Output, SessionOptions, TensorInfo};
+pub use text::{fit_text_tokenizer, TextModel, TextTokenizer, SPECIAL_TOKENS};
+pub use tokenize::{tokenize, PixelsConfig, TokenizeConfig, TokenizeSummary};

@@ -1,0 +1,134 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use imglish_tokenizer::{
+    tokenize, Device, PixelsConfig, SessionOptions, TextTokenizer, TokenizeConfig, VisualTokenizer,
+};
+
+use crate::output::Output;
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// The manifest directory written by `imglish ingest`.
+    #[arg(long, value_name = "DIR")]
+    pub manifest: PathBuf,
+    /// The visual tokenizer (ONNX; its card `NAME.card.json` beside it).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: PathBuf,
+    /// A text tokenizer (tokenizer.json) for the captions.
+    #[arg(long, value_name = "FILE")]
+    pub text_tokenizer: Option<PathBuf>,
+    /// Maximum caption length in tokens (special tokens included).
+    #[arg(long, default_value_t = 64)]
+    pub max_text_len: usize,
+    /// Views per image: view 0 is the centre view, the others random-resized crops with flips.
+    #[arg(long, default_value_t = 4)]
+    pub views: u32,
+    /// Output directory of the token parts.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Execution provider: cpu, auto, cuda[:N], tensorrt[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Views per model batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Samples per part.
+    #[arg(long, default_value_t = 4096)]
+    pub part_samples: usize,
+    /// Seed of the random views.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep each sample's working image (JPEG) so a trainer can rebuild view pixels.
+    #[arg(long)]
+    pub keep_pixels: bool,
+    /// Shorter side of the kept working image.
+    #[arg(long, default_value_t = 256)]
+    pub pixels_size: u32,
+    /// JPEG quality of the kept working image.
+    #[arg(long, default_value_t = 90)]
+    pub pixels_quality: u8,
+    /// Process only parts n with n % N == I (several processes or machines split the work).
+    #[arg(long, value_name = "I/N", value_parser = parse_worker, default_value = "0/1")]
+    pub worker: (u32, u32),
+}
+
+fn parse_worker(s: &str) -> Result<(u32, u32), String> {
+    let (i, n) = s.split_once('/').ok_or_else(|| format!("'{s}' is not I/N"))?;
+    let (i, n) = (
+        i.parse::<u32>().map_err(|e| e.to_string())?,
+        n.parse::<u32>().map_err(|e| e.to_string())?,
+    );
+    if n == 0 || i >= n {
+        return Err(format!("'{s}': expected 0 <= I < N"));
+    }
+    Ok((i, n))
+}
+
+pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    let options = SessionOptions::default()
+        .with_device(args.device)
+        .try_with_threads(threads)?;
+    let mut visual = VisualTokenizer::load(&args.tokenizer, &options)
+        .with_context(|| format!("cannot load the visual tokenizer {}", args.tokenizer.display()))?;
+    tracing::info!(
+        provider = visual.provider(),
+        "visual tokenizer on {}",
+        visual.provider()
+    );
+    let text = match &args.text_tokenizer {
+        Some(p) => {
+            let t = TextTokenizer::load(p, args.max_text_len)?;
+            for what in t.overridden() {
+                tracing::warn!(
+                    "{}: its baked-in {what} is overridden (ragged ids, truncation to {})",
+                    p.display(),
+                    args.max_text_len
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let config = TokenizeConfig {
+        views: args.views,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        part_samples: args.part_samples,
+        pixels: args.keep_pixels.then_some(PixelsConfig {
+            short_side: args.pixels_size,
+            quality: args.pixels_quality,
+        }),
+        worker: args.worker,
+        ..TokenizeConfig::default()
+    };
+    let bar = out.spinner("tokenizing");
+    let s = tokenize(&args.manifest, &args.out, &mut visual, text.as_ref(), &config, &|n| {
+        bar.inc(n)
+    })?;
+    bar.finish_and_clear();
+    let text = format!(
+        "tokenize: {} images ({} views) tokenized, {} rejected; parts: {} written, {} already done, {} pending\n  {:.1} images/s on {}; model busy {:.0}% of the time, waiting for data {:.0}%\n  {}",
+        s.images,
+        s.views,
+        s.rejected,
+        s.parts_written,
+        s.parts_skipped,
+        s.parts_pending,
+        s.images as f64 / s.seconds.max(1e-9),
+        visual.provider(),
+        s.model_busy() * 100.0,
+        (1.0 - s.model_busy()) * 100.0,
+        if s.complete {
+            format!("complete: {}", args.out.join("tokenize.json").display())
+        } else {
+            "other workers' parts are not done yet; tokenize.json is written by the last one".to_string()
+        }
+    );
+    let mut json = serde_json::to_value(&s)?;
+    json["event"] = "tokenize".into();
+    json["model_busy"] = s.model_busy().into();
+    out.summary(&text, &json);
+    Ok(())
+}

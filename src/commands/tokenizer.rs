@@ -1,0 +1,174 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use imglish_tokenizer::{fit_codebook, fit_text_tokenizer, Card, FitConfig, TextModel};
+
+use crate::output::Output;
+
+#[derive(Debug, Args)]
+pub struct TokenizerArgs {
+    #[command(subcommand)]
+    pub command: TokenizerCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenizerCommand {
+    /// Fit a patch codebook (k-means) on a manifest and write it as an ONNX tokenizer with its card.
+    Fit(FitArgs),
+    /// Train a text tokenizer (tokenizer.json) on the manifest's captions.
+    FitText(FitTextArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FitArgs {
+    /// The manifest directory written by `imglish ingest`.
+    #[arg(long, value_name = "DIR")]
+    pub manifest: PathBuf,
+    /// Patch side in pixels.
+    #[arg(long, default_value_t = 8)]
+    pub patch: u32,
+    /// Input size (a multiple of --patch); the grid is input/patch squared.
+    #[arg(long, default_value_t = 112)]
+    pub input_size: u32,
+    /// Number of codes.
+    #[arg(long, default_value_t = 512)]
+    pub codebook: u32,
+    /// Lloyd iterations.
+    #[arg(long, default_value_t = 15)]
+    pub iterations: u32,
+    /// Views per training image (centre + random crops).
+    #[arg(long, default_value_t = 2)]
+    pub views: u32,
+    /// At most this many training images.
+    #[arg(long, default_value_t = 5000)]
+    pub max_images: usize,
+    /// At most this many training patches.
+    #[arg(long, default_value_t = 200_000)]
+    pub max_patches: usize,
+    /// Subtract each patch's mean before matching.
+    #[arg(long)]
+    pub patch_norm: bool,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output ONNX file; the card is written beside it (`NAME.card.json`).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Model {
+    /// Byte-pair encoding.
+    Bpe,
+    /// WordPiece.
+    Wordpiece,
+    /// Unigram.
+    Unigram,
+}
+
+#[derive(Debug, Args)]
+pub struct FitTextArgs {
+    /// The manifest directory written by `imglish ingest`.
+    #[arg(long, value_name = "DIR")]
+    pub manifest: PathBuf,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 2000)]
+    pub vocab_size: usize,
+    /// Tokenizer model.
+    #[arg(long, value_enum, default_value_t = Model::Wordpiece)]
+    pub model: Model,
+    /// Output tokenizer.json.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: &TokenizerArgs, out: &Output) -> anyhow::Result<()> {
+    match &args.command {
+        TokenizerCommand::Fit(a) => fit(a, out),
+        TokenizerCommand::FitText(a) => fit_text(a, out),
+    }
+}
+
+fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
+    let config = FitConfig {
+        patch: a.patch,
+        input_size: a.input_size,
+        codebook: a.codebook,
+        iterations: a.iterations,
+        seed: a.seed,
+        max_images: a.max_images,
+        max_patches: a.max_patches,
+        views_per_image: a.views,
+        patch_norm: a.patch_norm,
+    };
+    let bar = out.spinner("reading patches");
+    let started = std::time::Instant::now();
+    let (codebook, report) = fit_codebook(&a.manifest, &config, &|n| bar.inc(n))?;
+    bar.finish_and_clear();
+    let bytes = codebook.to_onnx();
+    let card = codebook.card(&bytes, &report);
+    if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    imglish_ingest::write_atomic(&a.out, &bytes)?;
+    let card_path = Card::path_for(&a.out);
+    imglish_ingest::write_atomic(&card_path, &serde_json::to_vec_pretty(&card)?)?;
+    // Load it back through ONNX Runtime, exactly as tokenize will.
+    imglish_tokenizer::VisualTokenizer::load(&a.out, &imglish_tokenizer::SessionOptions::default())
+        .context("the fitted tokenizer does not load back")?;
+    let text = format!(
+        "tokenizer fit: {} codes of {}x{} patches on {} training patches ({:.1}s)\n  held-out: {} patches, codes used {:.1}%, perplexity {:.1}, quantisation error {:.4} (one code: {:.4})\n  wrote {} and {}",
+        codebook.len(),
+        a.patch,
+        a.patch,
+        report.train_patches,
+        started.elapsed().as_secs_f64(),
+        report.heldout_patches,
+        report.usage * 100.0,
+        report.perplexity,
+        report.quant_error,
+        report.quant_error_one_code,
+        a.out.display(),
+        card_path.display()
+    );
+    let mut json = serde_json::to_value(&report)?;
+    json["event"] = "tokenizer-fit".into();
+    json["out"] = serde_json::to_value(&a.out)?;
+    out.summary(&text, &json);
+    Ok(())
+}
+
+fn fit_text(a: &FitTextArgs, out: &Output) -> anyhow::Result<()> {
+    let manifest = imglish_ingest::Manifest::open(&a.manifest)?;
+    let captions: Vec<String> = manifest
+        .rows
+        .iter()
+        .filter(|r| r.split == imglish_ingest::Split::Train)
+        .flat_map(|r| r.captions.iter().cloned())
+        .collect();
+    anyhow::ensure!(
+        !captions.is_empty(),
+        "{}: the train split has no captions",
+        a.manifest.display()
+    );
+    let model = match a.model {
+        Model::Bpe => TextModel::Bpe,
+        Model::Wordpiece => TextModel::Wordpiece,
+        Model::Unigram => TextModel::Unigram,
+    };
+    fit_text_tokenizer(&captions, model, a.vocab_size, &a.out)?;
+    let tok = imglish_tokenizer::TextTokenizer::load(&a.out, 64)?;
+    let text = format!(
+        "tokenizer fit-text: {:?} with {} tokens on {} captions -> {}",
+        model,
+        tok.vocab_size(),
+        captions.len(),
+        a.out.display()
+    );
+    out.summary(
+        &text,
+        &serde_json::json!({"event": "tokenizer-fit-text", "vocab_size": tok.vocab_size(), "captions": captions.len(), "out": a.out}),
+    );
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! Visual tokenizers as data: an ONNX model plus a JSON card beside it that says how to feed it and read it.
+
+use std::path::{Path, PathBuf};
+
+use imglish_ingest::Filter;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::session::{Model, Output, SessionOptions};
+
+/// Version of the card format.
+pub const CARD_VERSION: u32 = 1;
+
+/// How RGB8 pixels become the model's float input.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Normalization {
+    /// DALL-E's `map_pixels`: x' = (1 - 2·eps)·x + eps, x = u8/255.
+    LogitLaplace {
+        /// eps (0.1 for DALL-E).
+        eps: f32,
+    },
+    /// (x - mean) / std per channel, x = u8/255.
+    MeanStd {
+        /// Channel means.
+        mean: [f32; 3],
+        /// Channel standard deviations.
+        std: [f32; 3],
+    },
+    /// x' = 2·x - 1, x = u8/255.
+    MinusOneOne,
+}
+
+impl Normalization {
+    /// Per-channel (scale, offset) such that x' = u8 · scale + offset.
+    pub fn affine(&self) -> [(f32, f32); 3] {
+        match *self {
+            Normalization::LogitLaplace { eps } => [((1.0 - 2.0 * eps) / 255.0, eps); 3],
+            Normalization::MeanStd { mean, std } => [0, 1, 2].map(|c| (1.0 / (255.0 * std[c]), -mean[c] / std[c])),
+            Normalization::MinusOneOne => [(2.0 / 255.0, -1.0); 3],
+        }
+    }
+}
+
+/// What the model outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputKind {
+    /// Float logits `[B, V, h, w]`; the token is the argmax over V.
+    Logits,
+    /// Integer indices `[B, h, w]`.
+    Indices,
+}
+
+/// The card of a visual tokenizer (`<model>.card.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Card {
+    /// Card format version.
+    pub card_version: u32,
+    /// A human name.
+    pub name: String,
+    /// Square input size in pixels.
+    pub input_size: u32,
+    /// Input layout (only `NCHW`).
+    pub layout: String,
+    /// Pixel normalisation.
+    pub normalization: Normalization,
+    /// Filter used to resize views to `input_size`.
+    pub resize_filter: Filter,
+    /// Output kind.
+    pub output: OutputKind,
+    /// Token grid `[h, w]`.
+    pub grid: [u32; 2],
+    /// Number of codes.
+    pub vocab_size: u32,
+    /// sha256 of the ONNX file, hex.
+    pub onnx_sha256: String,
+    /// Fit statistics (for tokenizers fitted by imglish): codebook usage, perplexity, quantisation error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<serde_json::Value>,
+}
+
+impl Card {
+    /// The DALL-E dVAE encoder preset (112 input, logit-laplace eps 0.1, 8192 codes on 14x14, logits).
+    pub fn dall_e(onnx_sha256: &str) -> Card {
+        Card {
+            card_version: CARD_VERSION,
+            name: "dall-e-dvae-encoder".into(),
+            input_size: 112,
+            layout: "NCHW".into(),
+            normalization: Normalization::LogitLaplace { eps: 0.1 },
+            resize_filter: Filter::Lanczos3,
+            output: OutputKind::Logits,
+            grid: [14, 14],
+            vocab_size: 8192,
+            onnx_sha256: onnx_sha256.into(),
+            stats: None,
+        }
+    }
+
+    /// The BEiT v2 VQ-KD tokenizer preset (224 input, ImageNet mean/std as in the unilm export, 8192 codes on
+    /// 14x14, indices).
+    pub fn beit_v2(onnx_sha256: &str) -> Card {
+        Card {
+            card_version: CARD_VERSION,
+            name: "beit-v2-vqkd".into(),
+            input_size: 224,
+            layout: "NCHW".into(),
+            normalization: Normalization::MeanStd {
+                mean: [0.485, 0.456, 0.406],
+                std: [0.229, 0.224, 0.225],
+            },
+            resize_filter: Filter::Bicubic,
+            output: OutputKind::Indices,
+            grid: [14, 14],
+            vocab_size: 8192,
+            onnx_sha256: onnx_sha256.into(),
+            stats: None,
+        }
+    }
+
+    /// Where the card of `model` lives: `my.onnx` → `my.card.json`.
+    pub fn path_for(model: &Path) -> PathBuf {
+        model.with_extension("card.json")
+    }
+
+    /// Tokens per view.
+    pub fn tokens_per_view(&self) -> usize {
+        self.grid[0] as usize * self.grid[1] as usize
+    }
+}
+
+/// sha256 of a byte string, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A loaded visual tokenizer: the model, its card, and a fingerprint of both.
+#[derive(Debug)]
+pub struct VisualTokenizer {
+    model: Model,
+    card: Card,
+    fingerprint: String,
+}
+
+fn mismatch(model: &Path, reason: String) -> Error {
+    Error::Model {
+        model: model.display().to_string(),
+        reason,
+    }
+}
+
+impl VisualTokenizer {
+    /// Loads `model` and its card (`my.card.json` beside it), checking the card against the file's hash and the
+    /// model's declared inputs and outputs.
+    pub fn load(model_path: &Path, options: &SessionOptions) -> Result<Self> {
+        let card_path = Card::path_for(model_path);
+        let card_bytes = std::fs::read(&card_path).map_err(|source| Error::Io {
+            path: card_path.clone(),
+            source,
+        })?;
+        let card: Card = serde_json::from_slice(&card_bytes)
+            .map_err(|e| mismatch(&card_path, format!("invalid tokenizer card: {e}")))?;
+        let bytes = std::fs::read(model_path).map_err(|source| Error::Io {
+            path: model_path.to_path_buf(),
+            source,
+        })?;
+        Self::from_parts(model_path, &bytes, card, options)
+    }
+
+    /// Checks `card` against the model bytes and builds the tokenizer; `name` is used in messages.
+    pub fn from_parts(name: &Path, bytes: &[u8], card: Card, options: &SessionOptions) -> Result<Self> {
+        if card.card_version != CARD_VERSION {
+            return Err(mismatch(
+                name,
+                format!("card version {} (this imglish reads {CARD_VERSION})", card.card_version),
+            ));
+        }
+        let hash = sha256_hex(bytes);
+        if hash != card.onnx_sha256 {
+            return Err(mismatch(
+                name,
+                format!("sha256 {hash} does not match the card's {}", card.onnx_sha256),
+            ));
+        }
+        if card.vocab_size == 0 || card.vocab_size > 65536 {
+            return Err(mismatch(
+                name,
+                format!("vocab size {} does not fit u16 tokens (1..=65536)", card.vocab_size),
+            ));
+        }
+        if card.layout != "NCHW" {
+            return Err(mismatch(
+                name,
+                format!("layout {} is not supported (NCHW is)", card.layout),
+            ));
+        }
+        let model = Model::from_bytes(&name.display().to_string(), bytes, options)?;
+        let input = model
+            .inputs()
+            .first()
+            .ok_or_else(|| mismatch(name, "the model has no input".into()))?;
+        let s = card.input_size as i64;
+        let ok_dim = |d: i64, want: i64| d == -1 || d == want;
+        if input.elem != "f32" || input.shape.len() != 4 {
+            return Err(mismatch(
+                name,
+                format!(
+                    "input {} is {} of rank {}, expected f32 [B, 3, {s}, {s}]",
+                    input.name,
+                    input.elem,
+                    input.shape.len()
+                ),
+            ));
+        }
+        if !(ok_dim(input.shape[1], 3) && ok_dim(input.shape[2], s) && ok_dim(input.shape[3], s)) {
+            return Err(mismatch(
+                name,
+                format!(
+                    "input {} has shape {:?}, the card says [B, 3, {s}, {s}]",
+                    input.name, input.shape
+                ),
+            ));
+        }
+        let output = model
+            .outputs()
+            .first()
+            .ok_or_else(|| mismatch(name, "the model has no output".into()))?;
+        let [gh, gw] = card.grid.map(|g| g as i64);
+        match card.output {
+            OutputKind::Logits => {
+                if output.shape.len() != 4 {
+                    return Err(mismatch(
+                        name,
+                        format!(
+                            "output {} has rank {}, logits must be [B, V, h, w]",
+                            output.name,
+                            output.shape.len()
+                        ),
+                    ));
+                }
+                let v = card.vocab_size as i64;
+                if !(ok_dim(output.shape[1], v) && ok_dim(output.shape[2], gh) && ok_dim(output.shape[3], gw)) {
+                    return Err(mismatch(
+                        name,
+                        format!(
+                            "output {} has shape {:?}, the card says [B, {v}, {gh}, {gw}]",
+                            output.name, output.shape
+                        ),
+                    ));
+                }
+            }
+            OutputKind::Indices => {
+                if output.shape.len() != 3 || !matches!(output.elem.as_str(), "i64" | "i32") {
+                    return Err(mismatch(
+                        name,
+                        format!(
+                            "output {} is {} of rank {}, indices must be integer [B, h, w]",
+                            output.name,
+                            output.elem,
+                            output.shape.len()
+                        ),
+                    ));
+                }
+                if !(ok_dim(output.shape[1], gh) && ok_dim(output.shape[2], gw)) {
+                    return Err(mismatch(
+                        name,
+                        format!(
+                            "output {} has shape {:?}, the card says [B, {gh}, {gw}]",
+                            output.name, output.shape
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut fp = Sha256::new();
+        fp.update(bytes);
+        fp.update(serde_json::to_vec(&card).unwrap_or_default());
+        let fingerprint = fp.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(VisualTokenizer {
+            model,
+            card,
+            fingerprint,
+        })
+    }
+
+    /// The card.
+    pub fn card(&self) -> &Card {
+        &self.card
+    }
+
+    /// sha256 over the ONNX bytes and the card.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The execution provider in use.
+    pub fn provider(&self) -> &'static str {
+        self.model.provider()
+    }
+
+    /// Normalises a batch of RGB8 images (`input_size`², HWC) into the model's NCHW float input.
+    pub fn preprocess(&self, images: &[&[u8]]) -> Vec<f32> {
+        let s = self.card.input_size as usize;
+        let plane = s * s;
+        let aff = self.card.normalization.affine();
+        let mut out = vec![0f32; images.len() * 3 * plane];
+        for (b, img) in images.iter().enumerate() {
+            let base = b * 3 * plane;
+            for (i, px) in img.chunks_exact(3).take(plane).enumerate() {
+                for c in 0..3 {
+                    out[base + c * plane + i] = px[c] as f32 * aff[c].0 + aff[c].1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Tokenizes a batch of RGB8 views (each `input_size`² HWC bytes): one `Vec<u16>` of `h·w` tokens per view.
+    pub fn tokenize(&mut self, images: &[&[u8]]) -> Result<Vec<Vec<u16>>> {
+        let s = self.card.input_size as usize;
+        let input = self.preprocess(images);
+        let out = self.model.run_f32(&[images.len(), 3, s, s], &input)?;
+        self.tokens_from_output(out, images.len())
+    }
+
+    fn tokens_from_output(&self, out: Output, batch: usize) -> Result<Vec<Vec<u16>>> {
+        let n = self.card.tokens_per_view();
+        let v = self.card.vocab_size as usize;
+        let bad = |reason: String| Error::Model {
+            model: self.card.name.clone(),
+            reason,
+        };
+        match out {
+            Output::F32 { shape, data } => {
+                if shape != [batch, v, self.card.grid[0] as usize, self.card.grid[1] as usize] {
+                    return Err(bad(format!("logits of shape {shape:?}")));
+                }
+                Ok((0..batch)
+                    .map(|b| {
+                        let base = b * v * n;
+                        (0..n)
+                            .map(|p| {
+                                let mut best = (f32::NEG_INFINITY, 0usize);
+                                for k in 0..v {
+                                    let x = data[base + k * n + p];
+                                    if x > best.0 {
+                                        best = (x, k);
+                                    }
+                                }
+                                best.1 as u16
+                            })
+                            .collect()
+                    })
+                    .collect())
+            }
+            Output::I64 { shape, data } => {
+                if shape != [batch, self.card.grid[0] as usize, self.card.grid[1] as usize] {
+                    return Err(bad(format!("indices of shape {shape:?}")));
+                }
+                data.chunks(n)
+                    .map(|c| {
+                        c.iter()
+                            .map(|&t| {
+                                u16::try_from(t)
+                                    .ok()
+                                    .filter(|t| (*t as usize) < v)
+                                    .ok_or_else(|| bad(format!("token {t} outside the vocabulary of {v}")))
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+        }
+    }
+}

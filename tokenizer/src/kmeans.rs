@@ -1,0 +1,512 @@
+//! Learned patch codebooks: k-means over image patches of a manifest, exported as an ONNX graph that computes
+//! nearest-code indices (one convolution for the distances, then ArgMin), with its card.
+//!
+//! Deterministic for a seed and independent of the thread count: every random choice comes from keyed
+//! streams, work is split into fixed-size chunks, and sums are combined in chunk order.
+
+use std::path::Path;
+
+use imglish_ingest::{read_image_bytes, CropSpec, DecodeOptions, Filter, Manifest, ManifestRow, Resizer, Rng, Split};
+use ndarray::{linalg::general_mat_mul, Array2, ArrayView2, Axis};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::card::{sha256_hex, Card, Normalization, OutputKind, CARD_VERSION};
+use crate::error::{Error, Result};
+use crate::onnx::{self, proto::data_type, Attr, Dim, GraphBuilder};
+use crate::views::{render_views, ViewSpec};
+
+/// Settings of `imglish tokenizer fit`; validated by [`FitConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitConfig {
+    /// Patch side P in pixels.
+    pub patch: u32,
+    /// Input size S (a multiple of P); the grid is S/P × S/P.
+    pub input_size: u32,
+    /// Number of codes K (at most 65536).
+    pub codebook: u32,
+    /// Lloyd iterations.
+    pub iterations: u32,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// At most this many training images.
+    pub max_images: usize,
+    /// At most this many training patches (a seeded subsample).
+    pub max_patches: usize,
+    /// Views per training image (the centre view plus random-resized crops).
+    pub views_per_image: u32,
+    /// Subtract each patch's mean before matching (the ONNX graph reproduces it).
+    pub patch_norm: bool,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        FitConfig {
+            patch: 8,
+            input_size: 112,
+            codebook: 512,
+            iterations: 15,
+            seed: 0,
+            max_images: 5000,
+            max_patches: 200_000,
+            views_per_image: 2,
+            patch_norm: false,
+        }
+    }
+}
+
+impl FitConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Error::Model {
+            model: "tokenizer fit".into(),
+            reason,
+        };
+        if self.patch == 0 || self.input_size == 0 || !self.input_size.is_multiple_of(self.patch) {
+            return Err(bad(format!(
+                "--input-size {} must be a positive multiple of --patch {}",
+                self.input_size, self.patch
+            )));
+        }
+        if self.codebook < 2 || self.codebook > 65536 {
+            return Err(bad(format!("--codebook {} is out of range 2..=65536", self.codebook)));
+        }
+        if self.views_per_image == 0 || self.max_images == 0 || self.max_patches == 0 {
+            return Err(bad("--views, --max-images and --max-patches must be positive".into()));
+        }
+        Ok(())
+    }
+
+    fn dim(&self) -> usize {
+        3 * (self.patch * self.patch) as usize
+    }
+}
+
+/// What fitting measured on held-out images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitReport {
+    /// Training patches used.
+    pub train_patches: usize,
+    /// Held-out patches evaluated.
+    pub heldout_patches: usize,
+    /// Fraction of codes used at least once on held-out patches.
+    pub usage: f64,
+    /// Perplexity of the held-out code histogram (exp of its entropy).
+    pub perplexity: f64,
+    /// Mean squared quantisation error per dimension on held-out patches (inputs in [-1, 1]).
+    pub quant_error: f64,
+    /// The same error with one code (the mean patch): a baseline.
+    pub quant_error_one_code: f64,
+}
+
+/// A fitted codebook.
+#[derive(Debug, Clone)]
+pub struct Codebook {
+    centroids: Array2<f32>,
+    patch: u32,
+    input_size: u32,
+    patch_norm: bool,
+}
+
+const CHUNK: usize = 1024;
+
+impl Codebook {
+    /// Number of codes.
+    pub fn len(&self) -> usize {
+        self.centroids.nrows()
+    }
+
+    /// `true` without codes (never for a fitted codebook).
+    pub fn is_empty(&self) -> bool {
+        self.centroids.nrows() == 0
+    }
+
+    /// The patch vectors of a normalised CHW image (`3 × S × S` floats), in grid order; each vector is laid
+    /// out channel, row, column (the layout of the ONNX convolution weights).
+    pub fn patches(&self, chw: &[f32]) -> Array2<f32> {
+        extract_patches(chw, self.input_size as usize, self.patch as usize, self.patch_norm)
+    }
+
+    /// The nearest code of every row of `x` (plain Rust; the reference the ONNX graph is checked against).
+    pub fn nearest(&self, x: ArrayView2<'_, f32>) -> Vec<(u16, f32)> {
+        assign(x, &self.centroids)
+    }
+
+    /// The ONNX model computing nearest-code indices `[B, S/P, S/P]` (int64) from normalised pixels
+    /// `[B, 3, S, S]`.
+    pub fn to_onnx(&self) -> Vec<u8> {
+        let (k, d) = self.centroids.dim();
+        let p = self.patch as i64;
+        let mut w = Vec::with_capacity(k * d);
+        let mut b = Vec::with_capacity(k);
+        for c in self.centroids.outer_iter() {
+            // argmin_k ||x - c_k||² = argmin_k (-2 x·c_k + ||c_k||²); with patch-mean removal m = Σx/d:
+            // ||x - m - c_k||² ≐ x·(-2 c_k + (2 Σc_k / d)·1) + ||c_k||².
+            let shift = if self.patch_norm { 2.0 * c.sum() / d as f32 } else { 0.0 };
+            w.extend(c.iter().map(|v| -2.0 * v + shift));
+            b.push(c.iter().map(|v| v * v).sum::<f32>());
+        }
+        let g = self.input_size as i64 / p;
+        let mut gb = GraphBuilder::new("imglish_kmeans_tokenizer");
+        let s = self.input_size as i64;
+        gb.input(
+            "pixels",
+            data_type::FLOAT,
+            &[Dim::from("batch"), Dim::from(3), Dim::from(s), Dim::from(s)],
+        )
+        .output(
+            "tokens",
+            data_type::INT64,
+            &[Dim::from("batch"), Dim::from(g), Dim::from(g)],
+        )
+        .initializer_f32("codes_w", &[k as i64, 3, p, p], &w)
+        .initializer_f32("codes_b", &[k as i64], &b)
+        .node(
+            "Conv",
+            &["pixels", "codes_w", "codes_b"],
+            &["scores"],
+            &[
+                ("kernel_shape", Attr::Ints(vec![p, p])),
+                ("strides", Attr::Ints(vec![p, p])),
+            ],
+        )
+        .node(
+            "ArgMin",
+            &["scores"],
+            &["tokens"],
+            &[("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))],
+        )
+        .metadata("imglish.tokenizer", "kmeans");
+        onnx::encode(&gb.finish())
+    }
+
+    /// The card for [`Codebook::to_onnx`]'s bytes.
+    pub fn card(&self, onnx_bytes: &[u8], report: &FitReport) -> Card {
+        let g = self.input_size / self.patch;
+        Card {
+            card_version: CARD_VERSION,
+            name: format!("imglish-kmeans-{}x{}-k{}", self.patch, self.patch, self.len()),
+            input_size: self.input_size,
+            layout: "NCHW".into(),
+            normalization: Normalization::MinusOneOne,
+            resize_filter: Filter::Bicubic,
+            output: OutputKind::Indices,
+            grid: [g, g],
+            vocab_size: self.len() as u32,
+            onnx_sha256: sha256_hex(onnx_bytes),
+            stats: Some(serde_json::to_value(report).unwrap_or_default()),
+        }
+    }
+}
+
+fn extract_patches(chw: &[f32], s: usize, p: usize, norm: bool) -> Array2<f32> {
+    let g = s / p;
+    let d = 3 * p * p;
+    let mut out = Array2::<f32>::zeros((g * g, d));
+    for gy in 0..g {
+        for gx in 0..g {
+            let mut row = out.row_mut(gy * g + gx);
+            let mut i = 0;
+            for c in 0..3 {
+                for dy in 0..p {
+                    let base = c * s * s + (gy * p + dy) * s + gx * p;
+                    for dx in 0..p {
+                        row[i] = chw[base + dx];
+                        i += 1;
+                    }
+                }
+            }
+            if norm {
+                let m = row.sum() / d as f32;
+                row.mapv_inplace(|v| v - m);
+            }
+        }
+    }
+    out
+}
+
+/// Nearest centroid (and squared distance) of every row of `x`, computed in fixed chunks in parallel.
+fn assign(x: ArrayView2<'_, f32>, c: &Array2<f32>) -> Vec<(u16, f32)> {
+    let c_norm: Vec<f32> = c.outer_iter().map(|r| r.dot(&r)).collect();
+    let ct = c.t();
+    let chunks: Vec<usize> = (0..x.nrows()).step_by(CHUNK).collect();
+    chunks
+        .par_iter()
+        .flat_map_iter(|&start| {
+            let xb = x.slice(ndarray::s![start..(start + CHUNK).min(x.nrows()), ..]);
+            let mut dots = Array2::<f32>::zeros((xb.nrows(), c.nrows()));
+            general_mat_mul(1.0, &xb, &ct, 0.0, &mut dots);
+            let rows: Vec<(u16, f32)> = dots
+                .outer_iter()
+                .zip(xb.outer_iter())
+                .map(|(d, xr)| {
+                    let xn = xr.dot(&xr);
+                    let mut best = (0usize, f32::INFINITY);
+                    for (k, (&dot, &cn)) in d.iter().zip(&c_norm).enumerate() {
+                        let dist = cn - 2.0 * dot;
+                        if dist < best.1 {
+                            best = (k, dist);
+                        }
+                    }
+                    (best.0 as u16, (best.1 + xn).max(0.0))
+                })
+                .collect();
+            rows
+        })
+        .collect()
+}
+
+/// Renders views of `rows` and returns their patches, in row order.
+fn collect_patches(rows: &[&ManifestRow], config: &FitConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<Array2<f32>> {
+    let s = config.input_size;
+    let per_image: Vec<Vec<Array2<f32>>> = rows
+        .par_iter()
+        .map_init(Resizer::new, |resizer, row| {
+            let spec = ViewSpec {
+                count: config.views_per_image,
+                size: s,
+                filter: Filter::Bicubic,
+                crop: CropSpec::default(),
+                seed: config.seed,
+            };
+            let out = match read_image_bytes(row).ok().and_then(|bytes| {
+                render_views(
+                    &bytes,
+                    (row.width, row.height),
+                    row.sample_id,
+                    &spec,
+                    &DecodeOptions::default(),
+                    resizer,
+                )
+                .ok()
+            }) {
+                Some((_, images)) => images
+                    .iter()
+                    .map(|img| {
+                        let chw = normalize_minus_one_one(img.as_raw(), s as usize);
+                        extract_patches(&chw, s as usize, config.patch as usize, config.patch_norm)
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            progress(1);
+            out
+        })
+        .collect();
+    let blocks: Vec<ArrayView2<'_, f32>> = per_image.iter().flatten().map(|a| a.view()).collect();
+    if blocks.is_empty() {
+        return Ok(Array2::zeros((0, config.dim())));
+    }
+    ndarray::concatenate(Axis(0), &blocks).map_err(|e| Error::Model {
+        model: "tokenizer fit".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// HWC RGB8 → CHW floats in [-1, 1].
+pub(crate) fn normalize_minus_one_one(hwc: &[u8], s: usize) -> Vec<f32> {
+    let plane = s * s;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, px) in hwc.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = px[c] as f32 * (2.0 / 255.0) - 1.0;
+        }
+    }
+    out
+}
+
+fn kmeans_pp(x: ArrayView2<'_, f32>, k: usize, rng: &mut Rng) -> Array2<f32> {
+    let n = x.nrows();
+    let d = x.ncols();
+    let mut centers = Array2::<f32>::zeros((k, d));
+    let first = rng.below(n as u64) as usize;
+    centers.row_mut(0).assign(&x.row(first));
+    let dist_to = |c: ndarray::ArrayView1<'_, f32>| -> Vec<f32> {
+        x.outer_iter()
+            .collect::<Vec<_>>()
+            .par_chunks(CHUNK)
+            .flat_map_iter(|rows| {
+                rows.iter()
+                    .map(|r| r.iter().zip(c.iter()).map(|(a, b)| (a - b) * (a - b)).sum::<f32>())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let mut d2 = dist_to(centers.row(0));
+    for j in 1..k {
+        let total: f64 = d2.iter().map(|&v| v as f64).sum();
+        let pick = if total <= 0.0 {
+            rng.below(n as u64) as usize
+        } else {
+            let mut target = rng.next_f64() * total;
+            let mut idx = n - 1;
+            for (i, &v) in d2.iter().enumerate() {
+                target -= v as f64;
+                if target <= 0.0 {
+                    idx = i;
+                    break;
+                }
+            }
+            idx
+        };
+        centers.row_mut(j).assign(&x.row(pick));
+        let nd = dist_to(centers.row(j));
+        for (a, b) in d2.iter_mut().zip(nd) {
+            *a = a.min(b);
+        }
+    }
+    centers
+}
+
+fn lloyd_step(x: ArrayView2<'_, f32>, centers: &mut Array2<f32>) -> f64 {
+    let (k, d) = centers.dim();
+    let assignment = assign(x, centers);
+    // Per-chunk sums in f64, combined in chunk order: independent of the thread count.
+    let chunks: Vec<usize> = (0..x.nrows()).step_by(CHUNK).collect();
+    let partial: Vec<(Array2<f64>, Vec<u64>)> = chunks
+        .par_iter()
+        .map(|&start| {
+            let mut sums = Array2::<f64>::zeros((k, d));
+            let mut counts = vec![0u64; k];
+            let end = (start + CHUNK).min(x.nrows());
+            for (i, a) in assignment.iter().enumerate().take(end).skip(start) {
+                let c = a.0 as usize;
+                counts[c] += 1;
+                let mut row = sums.row_mut(c);
+                for (s, v) in row.iter_mut().zip(x.row(i)) {
+                    *s += *v as f64;
+                }
+            }
+            (sums, counts)
+        })
+        .collect();
+    let mut sums = Array2::<f64>::zeros((k, d));
+    let mut counts = vec![0u64; k];
+    for (s, c) in partial {
+        sums += &s;
+        for (a, b) in counts.iter_mut().zip(c) {
+            *a += b;
+        }
+    }
+    // Empty clusters take the points that are currently worst served, in a deterministic order.
+    let mut worst: Vec<usize> = (0..x.nrows()).collect();
+    worst.sort_by(|&a, &b| assignment[b].1.total_cmp(&assignment[a].1).then(a.cmp(&b)));
+    let mut next_worst = worst.into_iter();
+    for (j, &count) in counts.iter().enumerate() {
+        if count > 0 {
+            let n = count as f64;
+            for (c, s) in centers.row_mut(j).iter_mut().zip(sums.row(j)) {
+                *c = (*s / n) as f32;
+            }
+        } else if let Some(i) = next_worst.next() {
+            centers.row_mut(j).assign(&x.row(i));
+        }
+    }
+    assignment.iter().map(|a| a.1 as f64).sum::<f64>() / (x.nrows().max(1) * d) as f64
+}
+
+/// Fits a codebook on the manifest in `manifest_dir`. Training images come from the train split, held-out
+/// images from the val split (or every tenth image when there is none). `progress` is called per image.
+pub fn fit_codebook(
+    manifest_dir: &Path,
+    config: &FitConfig,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Codebook, FitReport)> {
+    config.validate()?;
+    let manifest = Manifest::open(manifest_dir).map_err(|e| Error::Model {
+        model: manifest_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut train: Vec<&ManifestRow> = manifest.rows.iter().filter(|r| r.split == Split::Train).collect();
+    let mut held: Vec<&ManifestRow> = manifest.rows.iter().filter(|r| r.split == Split::Val).collect();
+    if held.is_empty() {
+        held = train.iter().copied().step_by(10).collect();
+        train = train
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 10 != 0)
+            .map(|(_, r)| *r)
+            .collect();
+    }
+    let stride = train.len().div_ceil(config.max_images).max(1);
+    let train: Vec<&ManifestRow> = train.into_iter().step_by(stride).collect();
+    let held: Vec<&ManifestRow> = held.into_iter().take(config.max_images / 5 + 1).collect();
+
+    let all = collect_patches(&train, config, progress)?;
+    if all.nrows() < config.codebook as usize {
+        return Err(Error::Model {
+            model: manifest_dir.display().to_string(),
+            reason: format!(
+                "only {} training patches for a codebook of {} codes (use more images or a smaller --codebook)",
+                all.nrows(),
+                config.codebook
+            ),
+        });
+    }
+    let mut rng = Rng::keyed(&[config.seed, 0x6B6D_6561_6E73]);
+    // A seeded subsample of at most max_patches patches (a partial Fisher-Yates over indices).
+    let x = if all.nrows() > config.max_patches {
+        let mut idx: Vec<usize> = (0..all.nrows()).collect();
+        for i in 0..config.max_patches {
+            let j = i + rng.below((idx.len() - i) as u64) as usize;
+            idx.swap(i, j);
+        }
+        let mut chosen = idx[..config.max_patches].to_vec();
+        chosen.sort_unstable();
+        all.select(Axis(0), &chosen)
+    } else {
+        all
+    };
+    let init_n = x.nrows().min(20_000.max(4 * config.codebook as usize));
+    let mut centers = kmeans_pp(x.slice(ndarray::s![..init_n, ..]), config.codebook as usize, &mut rng);
+    for _ in 0..config.iterations {
+        lloyd_step(x.view(), &mut centers);
+    }
+    let codebook = Codebook {
+        centroids: centers,
+        patch: config.patch,
+        input_size: config.input_size,
+        patch_norm: config.patch_norm,
+    };
+
+    // Held-out evaluation.
+    let h = collect_patches(&held, config, progress)?;
+    let assignment = codebook.nearest(h.view());
+    let d = config.dim() as f64;
+    let mut hist = vec![0u64; codebook.len()];
+    let mut err = 0f64;
+    for (k, dist) in &assignment {
+        hist[*k as usize] += 1;
+        err += *dist as f64;
+    }
+    let n = assignment.len().max(1) as f64;
+    let entropy: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.ln()
+        })
+        .sum();
+    let mean = x
+        .mean_axis(Axis(0))
+        .unwrap_or_else(|| ndarray::Array1::zeros(config.dim()));
+    let one_code: f64 = h
+        .outer_iter()
+        .map(|r| {
+            r.iter()
+                .zip(mean.iter())
+                .map(|(a, b)| ((a - b) * (a - b)) as f64)
+                .sum::<f64>()
+        })
+        .sum();
+    let report = FitReport {
+        train_patches: x.nrows(),
+        heldout_patches: assignment.len(),
+        usage: hist.iter().filter(|&&c| c > 0).count() as f64 / codebook.len() as f64,
+        perplexity: entropy.exp(),
+        quant_error: err / (n * d),
+        quant_error_one_code: one_code / (n * d),
+    };
+    Ok((codebook, report))
+}

@@ -1,0 +1,389 @@
+//! The tokenize stage: manifest → views → visual tokens (ONNX Runtime) + caption token ids → token parts.
+//!
+//! A streaming pipeline: a producer thread decodes and renders views on the rayon pool, one batch ahead, into a
+//! bounded queue; the model consumes batches; a writer appends records to the current part. Parts are fixed
+//! slices of the manifest (sorted by sample id), written atomically and marked done with a sidecar, so a re-run
+//! skips finished parts and `--worker I/N` processes (parts `n` with `n % N == I`) produce the same files as one
+//! process. `tokenize.json` (and `rejects.parquet`) are written once every part is done.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use image::RgbImage;
+use imglish_ingest::{
+    read_image_bytes, CropSpec, DecodeOptions, Manifest, ManifestRow, RejectRow, Resizer, ViewParams,
+};
+use imglish_pack::{
+    part_file_name, PartEntry, PartWriter, Split, TokenRecord, TokenizerInfo, TokensManifest, ViewRecord,
+};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::card::VisualTokenizer;
+use crate::error::{Error, Result};
+use crate::text::TextTokenizer;
+use crate::views::{render_decoded, render_views, ViewSpec};
+
+/// Keep each sample's working image so a trainer can rebuild any view's pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PixelsConfig {
+    /// The shorter side of the stored image (images are never upscaled).
+    pub short_side: u32,
+    /// JPEG quality.
+    pub quality: u8,
+}
+
+/// Settings of a tokenize run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenizeConfig {
+    /// Views per image (view 0 is the centre view).
+    pub views: u32,
+    /// Views per model batch.
+    pub batch_size: usize,
+    /// Seed of the random views.
+    pub seed: u64,
+    /// Samples per part.
+    pub part_samples: usize,
+    /// Keep working images.
+    pub pixels: Option<PixelsConfig>,
+    /// This process is worker `worker.0` of `worker.1`.
+    pub worker: (u32, u32),
+    /// Random-resized-crop settings.
+    pub crop: CropSpec,
+}
+
+impl Default for TokenizeConfig {
+    fn default() -> Self {
+        TokenizeConfig {
+            views: 4,
+            batch_size: 64,
+            seed: 0,
+            part_samples: 4096,
+            pixels: None,
+            worker: (0, 1),
+            crop: CropSpec::default(),
+        }
+    }
+}
+
+impl TokenizeConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Error::Model {
+            model: "tokenize".into(),
+            reason,
+        };
+        if self.views == 0 || self.batch_size == 0 || self.part_samples == 0 {
+            return Err(bad("--views, --batch-size and --part-samples must be positive".into()));
+        }
+        if self.worker.1 == 0 || self.worker.0 >= self.worker.1 {
+            return Err(bad(format!(
+                "--worker {}/{}: expected I/N with 0 <= I < N",
+                self.worker.0, self.worker.1
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenizeSummary {
+    /// Images tokenized in this run.
+    pub images: u64,
+    /// Views tokenized in this run.
+    pub views: u64,
+    /// Images rejected in this run (decode failures).
+    pub rejected: u64,
+    /// Parts written by this run.
+    pub parts_written: u64,
+    /// Parts already done (skipped).
+    pub parts_skipped: u64,
+    /// Parts belonging to other workers and not done yet.
+    pub parts_pending: u64,
+    /// Wall seconds.
+    pub seconds: f64,
+    /// Seconds the model was running.
+    pub model_seconds: f64,
+    /// Seconds the model waited for decoded views.
+    pub wait_seconds: f64,
+    /// `true` when every part is done and `tokenize.json` was written.
+    pub complete: bool,
+}
+
+impl TokenizeSummary {
+    /// Fraction of the pipeline time the model was busy.
+    pub fn model_busy(&self) -> f64 {
+        self.model_seconds / (self.model_seconds + self.wait_seconds).max(1e-9)
+    }
+}
+
+/// The sidecar that marks a part done.
+#[derive(Debug, Serialize, Deserialize)]
+struct PartDone {
+    entry: PartEntry,
+    rejects: Vec<(String, String, String, String)>,
+}
+
+fn done_path(out: &Path, n: usize) -> PathBuf {
+    out.join(format!("part-{n:05}.done.json"))
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_done(out: &Path, n: usize, fingerprint: &str) -> Option<PartDone> {
+    let done: PartDone = serde_json::from_slice(&std::fs::read(done_path(out, n)).ok()?).ok()?;
+    let reader = imglish_pack::PartReader::open(out.join(&done.entry.file)).ok()?;
+    (reader.info().fingerprint == fingerprint && reader.rows() == done.entry.rows).then_some(done)
+}
+
+/// A sample's views, their pixels, and the kept working image.
+type Rendered = (Vec<ViewParams>, Vec<RgbImage>, Option<Vec<u8>>);
+
+struct Prepared {
+    row: usize,
+    result: std::result::Result<Rendered, imglish_ingest::Rejection>,
+}
+
+fn prepare(row: &ManifestRow, spec: &ViewSpec, pixels: Option<PixelsConfig>, resizer: &mut Resizer) -> Prepared {
+    let decode = DecodeOptions::default();
+    let result = read_image_bytes(row)
+        .map_err(|e| imglish_ingest::Rejection {
+            reason: imglish_ingest::Reason::Unreadable,
+            message: e.to_string(),
+        })
+        .and_then(|bytes| match pixels {
+            None => render_views(&bytes, (row.width, row.height), row.sample_id, spec, &decode, resizer)
+                .map(|(v, i)| (v, i, None)),
+            Some(p) => {
+                // The views are rendered from exactly the stored working image, so a trainer that decodes it
+                // sees the pixels the tokens were computed from.
+                let full = imglish_ingest::decode_rgb(&bytes, &decode, 1.0)?;
+                let working = working_image(&full, p, resizer);
+                let decoded = imglish_ingest::decode_rgb(&working, &decode, 1.0)?;
+                let (v, i) = render_decoded(&decoded, row.sample_id, spec, resizer);
+                Ok((v, i, Some(working)))
+            }
+        });
+    Prepared { row: 0, result }
+}
+
+/// The working image: shorter side resized to `p.short_side` (never upscaled), JPEG at `p.quality`.
+fn working_image(d: &imglish_ingest::Decoded, p: PixelsConfig, resizer: &mut Resizer) -> Vec<u8> {
+    let (w, h) = (d.image.width(), d.image.height());
+    let short = w.min(h);
+    let resized;
+    let img = if short > p.short_side {
+        let scale = p.short_side as f64 / short as f64;
+        let (nw, nh) = (
+            ((w as f64 * scale).round() as u32).max(1),
+            ((h as f64 * scale).round() as u32).max(1),
+        );
+        resized = imglish_ingest::resize_image(&d.image, nw, nh, imglish_ingest::Filter::Bicubic, resizer);
+        &resized
+    } else {
+        &d.image
+    };
+    let mut out = Vec::new();
+    let _ = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, p.quality).encode_image(img);
+    out
+}
+
+/// Runs the tokenize stage for this worker's parts.
+pub fn tokenize(
+    manifest_dir: &Path,
+    out: &Path,
+    visual: &mut VisualTokenizer,
+    text: Option<&TextTokenizer>,
+    config: &TokenizeConfig,
+    progress: &dyn Fn(u64),
+) -> Result<TokenizeSummary> {
+    config.validate()?;
+    let started = Instant::now();
+    let manifest = Manifest::open(manifest_dir).map_err(|e| Error::Model {
+        model: manifest_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let card = visual.card().clone();
+    let info = TokenizerInfo {
+        fingerprint: visual.fingerprint().to_string(),
+        card: serde_json::to_value(&card).unwrap_or_default(),
+        grid: card.grid,
+        vocab_size: card.vocab_size,
+        text_vocab_size: text.map(TextTokenizer::vocab_size),
+        text_special_ids: text.map(|t| t.special_ids().clone()).unwrap_or_default(),
+        views_per_sample: config.views,
+    };
+    let spec = ViewSpec {
+        count: config.views,
+        size: card.input_size,
+        filter: card.resize_filter,
+        crop: config.crop,
+        seed: config.seed,
+    };
+    let rows = &manifest.rows;
+    let n_parts = rows.len().div_ceil(config.part_samples).max(1);
+    let mut summary = TokenizeSummary::default();
+    let images_per_batch = config.batch_size.div_ceil(config.views as usize).max(1);
+
+    for n in 0..n_parts {
+        if read_done(out, n, &info.fingerprint).is_some() {
+            summary.parts_skipped += 1;
+            continue;
+        }
+        if n as u32 % config.worker.1 != config.worker.0 {
+            summary.parts_pending += 1;
+            continue;
+        }
+        let part_rows =
+            &rows[(n * config.part_samples).min(rows.len())..((n + 1) * config.part_samples).min(rows.len())];
+        let part_path = out.join(part_file_name(n));
+        let mut writer = PartWriter::try_new(&part_path, &info).map_err(|e| pack_err(&part_path, e))?;
+        let mut rejects = Vec::new();
+        let (tx, rx) = sync_channel::<Vec<Prepared>>(2);
+        let pixels = config.pixels;
+        std::thread::scope(|scope| -> Result<()> {
+            scope.spawn(|| {
+                for (ci, chunk) in part_rows.chunks(images_per_batch).enumerate() {
+                    let prepared: Vec<Prepared> = chunk
+                        .par_iter()
+                        .enumerate()
+                        .map_init(Resizer::new, |resizer, (i, row)| Prepared {
+                            row: ci * images_per_batch + i,
+                            ..prepare(row, &spec, pixels, resizer)
+                        })
+                        .collect();
+                    if tx.send(prepared).is_err() {
+                        break;
+                    }
+                }
+                drop(tx);
+            });
+            loop {
+                let wait = Instant::now();
+                let Ok(batch) = rx.recv() else { break };
+                summary.wait_seconds += wait.elapsed().as_secs_f64();
+                let mut images: Vec<&[u8]> = Vec::new();
+                for p in &batch {
+                    if let Ok((_, imgs, _)) = &p.result {
+                        images.extend(imgs.iter().map(|i| i.as_raw().as_slice()));
+                    }
+                }
+                let busy = Instant::now();
+                let tokens = if images.is_empty() {
+                    Vec::new()
+                } else {
+                    visual.tokenize(&images)?
+                };
+                summary.model_seconds += busy.elapsed().as_secs_f64();
+                let mut tokens = tokens.into_iter();
+                for p in batch {
+                    let row = &part_rows[p.row];
+                    match p.result {
+                        Ok((views, _, pixels)) => {
+                            let views: Vec<ViewRecord> = views
+                                .iter()
+                                .map(|v| ViewRecord {
+                                    crop: v.crop,
+                                    flip: v.flip,
+                                    tokens: tokens.next().unwrap_or_default(),
+                                })
+                                .collect();
+                            let captions = match text {
+                                Some(t) => row.captions.iter().map(|c| t.encode(c)).collect::<Result<Vec<_>>>()?,
+                                None => Vec::new(),
+                            };
+                            writer
+                                .write(&TokenRecord {
+                                    sample_id: row.sample_id,
+                                    views,
+                                    captions,
+                                    label: row.label,
+                                    split: match row.split {
+                                        imglish_ingest::Split::Train => Split::Train,
+                                        imglish_ingest::Split::Val => Split::Val,
+                                    },
+                                    pixels,
+                                })
+                                .map_err(|e| pack_err(&part_path, e))?;
+                            summary.images += 1;
+                            summary.views += config.views as u64;
+                        }
+                        Err(r) => {
+                            summary.rejected += 1;
+                            rejects.push((
+                                row.source.clone(),
+                                row.key.clone(),
+                                r.reason.code().to_string(),
+                                r.message,
+                            ));
+                        }
+                    }
+                    progress(1);
+                }
+            }
+            Ok(())
+        })?;
+        let entry = writer.finish().map_err(|e| pack_err(&part_path, e))?;
+        let done = PartDone { entry, rejects };
+        let bytes = serde_json::to_vec_pretty(&done).unwrap_or_default();
+        imglish_ingest::write_atomic(&done_path(out, n), &bytes).map_err(|e| Error::Model {
+            model: out.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        summary.parts_written += 1;
+    }
+
+    // Once every part is done (by this or other workers), write the stage's manifest and rejects.
+    let mut entries = Vec::with_capacity(n_parts);
+    let mut all_rejects = Vec::new();
+    for n in 0..n_parts {
+        match read_done(out, n, &info.fingerprint) {
+            Some(d) => {
+                entries.push(d.entry);
+                all_rejects.extend(d.rejects.into_iter().map(|(source, key, reason, message)| RejectRow {
+                    source,
+                    key,
+                    reason,
+                    message,
+                }));
+            }
+            None => {
+                summary.seconds = started.elapsed().as_secs_f64();
+                return Ok(summary);
+            }
+        }
+    }
+    all_rejects.sort();
+    imglish_ingest::write_rejects_parquet(&out.join("rejects.parquet"), &all_rejects).map_err(|e| Error::Model {
+        model: out.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut tm = TokensManifest::new(info, entries);
+    tm.extra
+        .insert("manifest_fingerprint".into(), manifest.fingerprint.clone().into());
+    tm.extra.insert(
+        "config".into(),
+        serde_json::json!({"views": config.views, "seed": config.seed, "part_samples": config.part_samples,
+            "pixels": config.pixels, "crop": config.crop}),
+    );
+    tm.extra.insert("rejected".into(), (all_rejects.len() as u64).into());
+    tm.write(out).map_err(|e| pack_err(out, e))?;
+    summary.complete = true;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn pack_err(path: &Path, e: imglish_pack::PackError) -> Error {
+    Error::Model {
+        model: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
