@@ -1,0 +1,181 @@
+//! The pipeline through the real binary on a small demo corpus: ingest (thread-count independent), fitting the
+//! tokenizers, tokenize (split across workers = one run), pack, verify.
+
+use std::path::Path;
+use std::process::Command;
+
+fn imglish(dir: &Path, args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_imglish"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("spawn");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().expect("name").to_string_lossy().into_owned(),
+                std::fs::read(&p).expect("read"),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn demo_corpus_to_verified_dataset() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path();
+    imglish(d, &["-q", "demo-corpus", "--images", "40", "--out", "demo"]);
+    let ingest = |threads: &str, out: &str| {
+        imglish(
+            d,
+            &[
+                "-q",
+                "--threads",
+                threads,
+                "ingest",
+                "--images",
+                "demo/images",
+                "demo/shards/demo-00000.tar",
+                "--captions",
+                "demo/captions/coco_captions.json",
+                "--labels",
+                "from-folders",
+                "--val-fraction",
+                "0.25",
+                "--out",
+                out,
+            ],
+        )
+    };
+    ingest("1", "m1");
+    ingest("2", "m2");
+    for f in ["samples.parquet", "rejects.parquet", "classes.json"] {
+        assert_eq!(
+            std::fs::read(d.join("m1").join(f)).expect("m1"),
+            std::fs::read(d.join("m2").join(f)).expect("m2"),
+            "{f}"
+        );
+    }
+    let out = imglish(
+        d,
+        &[
+            "--log-format",
+            "json",
+            "tokenizer",
+            "fit",
+            "--manifest",
+            "m1",
+            "--patch",
+            "8",
+            "--input-size",
+            "32",
+            "--codebook",
+            "32",
+            "--iterations",
+            "4",
+            "--out",
+            "tok/v.onnx",
+        ],
+    );
+    let fit: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json line");
+    assert!(fit["usage"].as_f64().expect("usage") > 0.3, "{fit}");
+    imglish(
+        d,
+        &[
+            "-q",
+            "tokenizer",
+            "fit-text",
+            "--manifest",
+            "m1",
+            "--vocab-size",
+            "300",
+            "--out",
+            "tok/t.json",
+        ],
+    );
+    let tokenize = |extra: &[&str], out: &str| {
+        let mut args = vec![
+            "-q",
+            "tokenize",
+            "--manifest",
+            "m1",
+            "--tokenizer",
+            "tok/v.onnx",
+            "--text-tokenizer",
+            "tok/t.json",
+            "--views",
+            "2",
+            "--part-samples",
+            "16",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        imglish(d, &args);
+    };
+    tokenize(&[], "tokens");
+    tokenize(&["--worker", "1/2"], "split");
+    assert!(
+        !d.join("split/tokenize.json").exists(),
+        "incomplete until worker 0 is done"
+    );
+    tokenize(&["--worker", "0/2"], "split");
+    assert_eq!(files(&d.join("tokens")), files(&d.join("split")));
+
+    imglish(
+        d,
+        &[
+            "-q",
+            "pack",
+            "--tokens",
+            "tokens",
+            "--manifest",
+            "m1",
+            "--out",
+            "dataset",
+            "--shuffle-seed",
+            "3",
+        ],
+    );
+    let out = imglish(d, &["--log-format", "json", "verify", "dataset"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json line");
+    let m1 = std::fs::read_to_string(d.join("m1/ingest.json")).expect("ingest.json");
+    let accepted = serde_json::from_str::<serde_json::Value>(&m1).expect("json")["counts"]["accepted"].as_u64();
+    assert_eq!(v["ok"], true);
+    assert_eq!(Some(v["train"].as_u64().expect("train") + v["val"].as_u64().expect("val")), accepted);
+
+    // A device this build cannot use: exit 1 with a clear message.
+    let out = Command::new(env!("CARGO_BIN_EXE_imglish"))
+        .current_dir(d)
+        .args([
+            "tokenize",
+            "--manifest",
+            "m1",
+            "--tokenizer",
+            "tok/v.onnx",
+            "--out",
+            "x",
+            "--device",
+            "cuda",
+        ])
+        .output()
+        .expect("spawn");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("device cuda:0: "), "{err}");
+}
