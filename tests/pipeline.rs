@@ -157,7 +157,10 @@ fn demo_corpus_to_verified_dataset() {
     let m1 = std::fs::read_to_string(d.join("m1/ingest.json")).expect("ingest.json");
     let accepted = serde_json::from_str::<serde_json::Value>(&m1).expect("json")["counts"]["accepted"].as_u64();
     assert_eq!(v["ok"], true);
-    assert_eq!(Some(v["train"].as_u64().expect("train") + v["val"].as_u64().expect("val")), accepted);
+    assert_eq!(
+        Some(v["train"].as_u64().expect("train") + v["val"].as_u64().expect("val")),
+        accepted
+    );
 
     // A device this build cannot use: exit 1 with a clear message.
     let out = Command::new(env!("CARGO_BIN_EXE_imglish"))
