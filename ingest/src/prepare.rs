@@ -272,7 +272,10 @@ pub fn render_view(decoded: &Decoded, view: &ViewParams, size: u32, filter: Filt
     let sx = iw / decoded.source_width.max(1) as f64;
     let sy = ih / decoded.source_height.max(1) as f64;
     let [x, y, w, h] = view.crop;
-    let (cx, cy) = ((x as f64 * sx).min(iw - 1.0).max(0.0), (y as f64 * sy).min(ih - 1.0).max(0.0));
+    let (cx, cy) = (
+        (x as f64 * sx).min(iw - 1.0).max(0.0),
+        (y as f64 * sy).min(ih - 1.0).max(0.0),
+    );
     let cw = (w as f64 * sx).max(1.0).min(iw - cx);
     let ch = (h as f64 * sy).max(1.0).min(ih - cy);
     let src = ImageRef::new(
