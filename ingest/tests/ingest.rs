@@ -370,3 +370,48 @@ fn require_captions_turns_uncaptioned_images_into_rejects() {
     assert_eq!(s.counts.accepted, 0);
     assert_eq!(s.counts.by_reason["missing-caption"] as usize, summary.images);
 }
+
+#[test]
+fn csv_and_parquet_caption_sets_agree_with_jsonl() {
+    use polars::prelude::*;
+    let (root, _) = demo();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = demo_images();
+    // CSV with a header in another column order, quoted captions.
+    let mut csv = String::from("file_name,caption\n");
+    let (mut paths, mut caps) = (Vec::new(), Vec::new());
+    for (p, cs) in &images {
+        for c in cs {
+            csv.push_str(&format!("{p},\"{c}\"\n"));
+        }
+        paths.push(p.clone());
+        caps.push(Series::new("".into(), cs.clone()));
+    }
+    let csv_path = dir.path().join("caps.csv");
+    std::fs::write(&csv_path, csv).expect("csv");
+    let pq_path = dir.path().join("caps.parquet");
+    let mut df = DataFrame::new(
+        paths.len(),
+        vec![
+            Column::from(Series::new("image".into(), paths)),
+            Column::from(Series::new("captions".into(), caps)),
+        ],
+    )
+    .expect("df");
+    ParquetWriter::new(std::fs::File::create(&pq_path).expect("create"))
+        .finish(&mut df)
+        .expect("write");
+    let mut results = Vec::new();
+    for file in [root.join("captions/captions.jsonl"), csv_path, pq_path] {
+        let out = dir
+            .path()
+            .join(format!("m-{}", file.extension().expect("ext").to_string_lossy()));
+        let config = IngestConfig::try_new(vec![root.join("images")])
+            .expect("config")
+            .with_captions(vec![file]);
+        run(&config, &out);
+        results.push(captions_of(&out));
+    }
+    assert_eq!(results[0], results[1], "csv");
+    assert_eq!(results[0], results[2], "parquet");
+}
