@@ -23,7 +23,7 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .expect("ls")
         .map(|e| e.expect("entry").path())
-        .filter(|p| p.is_file())
+        .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .map(|p| {
             (
                 p.file_name().expect("name").to_string_lossy().into_owned(),
@@ -120,22 +120,50 @@ fn demo_corpus_to_verified_dataset() {
             "tok/t.json",
             "--views",
             "2",
-            "--part-samples",
-            "16",
             "--out",
             out,
         ];
         args.extend_from_slice(extra);
         imglish(d, &args);
     };
-    tokenize(&[], "tokens");
-    tokenize(&["--worker", "1/2"], "split");
+    tokenize(&["--part-samples", "16"], "tokens");
+    tokenize(&["--part-samples", "16", "--worker", "1/2"], "split");
     assert!(
         !d.join("split/tokenize.json").exists(),
         "incomplete until worker 0 is done"
     );
-    tokenize(&["--worker", "0/2"], "split");
+    tokenize(&["--part-samples", "16", "--worker", "0/2"], "split");
     assert_eq!(files(&d.join("tokens")), files(&d.join("split")));
+
+    // Killed at some point during a run (wherever that falls), then re-run: the same bytes as a clean run.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imglish"))
+        .current_dir(d)
+        .args([
+            "-q",
+            "--threads",
+            "1",
+            "tokenize",
+            "--manifest",
+            "m1",
+            "--tokenizer",
+            "tok/v.onnx",
+            "--text-tokenizer",
+            "tok/t.json",
+            "--views",
+            "2",
+            "--part-samples",
+            "4",
+            "--out",
+            "killed",
+        ])
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let _ = child.kill();
+    let _ = child.wait();
+    tokenize(&["--part-samples", "4"], "killed");
+    tokenize(&["--part-samples", "4"], "clean");
+    assert_eq!(files(&d.join("killed")), files(&d.join("clean")));
 
     imglish(
         d,
