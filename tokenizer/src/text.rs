@@ -37,6 +37,7 @@ pub struct TextTokenizer {
     max_len: usize,
     special: BTreeMap<String, u32>,
     overridden: Vec<String>,
+    fingerprint: String,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -60,6 +61,19 @@ impl TextTokenizer {
     /// Loads a `tokenizer.json`. Padding and truncation baked into the file are removed (and reported by
     /// [`TextTokenizer::overridden`]); ids are truncated to `max_len` after special tokens are added.
     pub fn load(path: &Path, max_len: usize) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let fingerprint = crate::card::sha256_hex(
+            format!("{max_len}\0")
+                .as_bytes()
+                .iter()
+                .chain(&bytes)
+                .copied()
+                .collect::<Vec<u8>>()
+                .as_slice(),
+        );
         let mut inner = Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
         let mut overridden = Vec::new();
         if inner.get_padding().is_some() {
@@ -84,12 +98,18 @@ impl TextTokenizer {
             max_len,
             special,
             overridden,
+            fingerprint,
         })
     }
 
     /// What baked-in settings were overridden on load (`padding`, `truncation`).
     pub fn overridden(&self) -> &[String] {
         &self.overridden
+    }
+
+    /// sha256 over the tokenizer file and `max_len`: what determines the ids.
+    pub fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
     }
 
     /// Vocabulary size including added tokens.

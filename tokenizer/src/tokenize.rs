@@ -122,6 +122,8 @@ impl TokenizeSummary {
 /// The sidecar that marks a part done.
 #[derive(Debug, Serialize, Deserialize)]
 struct PartDone {
+    /// Fingerprint of everything that determines the part's bytes (tokenizers, config, manifest).
+    run: String,
     entry: PartEntry,
     rejects: Vec<(String, String, String, String)>,
 }
@@ -137,10 +139,13 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-fn read_done(out: &Path, n: usize, fingerprint: &str) -> Option<PartDone> {
+fn read_done(out: &Path, n: usize, run: &str) -> Option<PartDone> {
     let done: PartDone = serde_json::from_slice(&std::fs::read(done_path(out, n)).ok()?).ok()?;
-    let reader = imglish_pack::PartReader::open(out.join(&done.entry.file)).ok()?;
-    (reader.info().fingerprint == fingerprint && reader.rows() == done.entry.rows).then_some(done)
+    if done.run != run {
+        return None;
+    }
+    let bytes = std::fs::read(out.join(&done.entry.file)).ok()?;
+    (crate::card::sha256_hex(&bytes) == done.entry.sha256).then_some(done)
 }
 
 /// A sample's views, their pixels, and the kept working image.
@@ -228,13 +233,27 @@ pub fn tokenize(
         crop: config.crop,
         seed: config.seed,
     };
+    let run_fingerprint = crate::card::sha256_hex(
+        serde_json::json!({
+            "visual": info.fingerprint,
+            "text": text.map(TextTokenizer::fingerprint),
+            "manifest": manifest.fingerprint,
+            "views": config.views,
+            "seed": config.seed,
+            "part_samples": config.part_samples,
+            "pixels": config.pixels,
+            "crop": config.crop,
+        })
+        .to_string()
+        .as_bytes(),
+    );
     let rows = &manifest.rows;
     let n_parts = rows.len().div_ceil(config.part_samples).max(1);
     let mut summary = TokenizeSummary::default();
     let images_per_batch = config.batch_size.div_ceil(config.views as usize).max(1);
 
     for n in 0..n_parts {
-        if read_done(out, n, &info.fingerprint).is_some() {
+        if read_done(out, n, &run_fingerprint).is_some() {
             summary.parts_skipped += 1;
             continue;
         }
@@ -332,7 +351,11 @@ pub fn tokenize(
             Ok(())
         })?;
         let entry = writer.finish().map_err(|e| pack_err(&part_path, e))?;
-        let done = PartDone { entry, rejects };
+        let done = PartDone {
+            run: run_fingerprint.clone(),
+            entry,
+            rejects,
+        };
         let bytes = serde_json::to_vec_pretty(&done).unwrap_or_default();
         imglish_ingest::write_atomic(&done_path(out, n), &bytes).map_err(|e| Error::Model {
             model: out.display().to_string(),
@@ -345,7 +368,7 @@ pub fn tokenize(
     let mut entries = Vec::with_capacity(n_parts);
     let mut all_rejects = Vec::new();
     for n in 0..n_parts {
-        match read_done(out, n, &info.fingerprint) {
+        match read_done(out, n, &run_fingerprint) {
             Some(d) => {
                 entries.push(d.entry);
                 all_rejects.extend(d.rejects.into_iter().map(|(source, key, reason, message)| RejectRow {

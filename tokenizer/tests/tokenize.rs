@@ -402,6 +402,15 @@ fn workers_and_resume_give_the_same_bytes_as_one_run() {
     assert_eq!((r.parts_written, r.parts_skipped), (1, 3));
     assert_eq!(tree(&single), tree(&resumed));
 
+    // Another configuration never reuses parts made with the old one.
+    let mut vt = VisualTokenizer::load(&path, &SessionOptions::default()).expect("load");
+    let other = TokenizeConfig {
+        views: 2,
+        ..config.clone()
+    };
+    let o = tokenize(manifest(), &resumed, &mut vt, Some(&text), &other, &|_| {}).expect("tokenize");
+    assert_eq!((o.parts_written, o.parts_skipped), (4, 0));
+
     let (info, records) = imglish_pack::read_part(single.join("part-00000.parquet")).expect("read part");
     assert_eq!(info.views_per_sample, 3);
     assert_eq!(
