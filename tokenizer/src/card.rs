@@ -99,8 +99,9 @@ impl Card {
         }
     }
 
-    /// The BEiT v2 VQ-KD tokenizer preset (224 input, ImageNet mean/std as in the unilm export, 8192 codes on
-    /// 14x14, indices).
+    /// The BEiT v2 VQ-KD tokenizer preset (224 input, 8192 codes on 14x14, indices). The VQ-KD model applies its
+    /// own ImageNet scaling to pixels in [0, 1], so the card feeds x / 255 (`tokenizer/export/export_beit_v2.py`
+    /// exports it that way).
     pub fn beit_v2(onnx_sha256: &str) -> Card {
         Card {
             card_version: CARD_VERSION,
@@ -108,8 +109,8 @@ impl Card {
             input_size: 224,
             layout: "NCHW".into(),
             normalization: Normalization::MeanStd {
-                mean: [0.485, 0.456, 0.406],
-                std: [0.229, 0.224, 0.225],
+                mean: [0.0; 3],
+                std: [1.0; 3],
             },
             resize_filter: Filter::Bicubic,
             output: OutputKind::Indices,

@@ -435,3 +435,21 @@ fn cuda_without_gpu_support_is_a_clear_error() {
         "cpu"
     );
 }
+
+#[test]
+fn export_scripts_cards_parse_to_the_presets() {
+    // The keys and values tokenizer/export/*.py write (common.write_card adds hash, version and layout).
+    let dalle = serde_json::json!({
+        "name": "dall-e-dvae-encoder", "input_size": 112,
+        "normalization": {"kind": "logit-laplace", "eps": 0.1}, "resize_filter": "lanczos3", "output": "logits",
+        "grid": [14, 14], "vocab_size": 8192, "onnx_sha256": "ab", "card_version": 1, "layout": "NCHW"
+    });
+    assert_eq!(serde_json::from_value::<Card>(dalle).expect("card"), Card::dall_e("ab"));
+    let beit = serde_json::json!({
+        "name": "beit-v2-vqkd", "input_size": 224,
+        "normalization": {"kind": "mean-std", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+        "resize_filter": "bicubic", "output": "indices", "grid": [14, 14], "vocab_size": 8192,
+        "onnx_sha256": "cd", "card_version": 1, "layout": "NCHW"
+    });
+    assert_eq!(serde_json::from_value::<Card>(beit).expect("card"), Card::beit_v2("cd"));
+}
