@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run -p imglish-ingest --example bench_prepare -- time  LIST MIN_SECONDS THREADS
 //! cargo run -p imglish-ingest --example bench_prepare -- views LIST OUT_DIR
+//! cargo run -p imglish-ingest --example bench_prepare -- breakdown LIST SIZE
 //! ```
 //!
 //! `LIST` has one image per line: `group<TAB>path`. Images are read into memory first, so only decode + centre
@@ -18,6 +19,8 @@
 //! `views` writes, for every image, the raw RGB8 224 bicubic and 112 Lanczos3 centre views from the full and
 //! the reduced decode (`OUT/NNNN.{full,reduced}{224,112}.rgb`) and `OUT/views.tsv` (index, path, upright
 //! source width and height, the crop box, the reduced decode's scale).
+//!
+//! `breakdown` prints, per image, the milliseconds to decode (reduced and full) and to render the view.
 
 use std::fs;
 use std::path::PathBuf;
