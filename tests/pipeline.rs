@@ -135,6 +135,30 @@ fn demo_corpus_to_verified_dataset() {
     tokenize(&["--part-samples", "16", "--worker", "0/2"], "split");
     assert_eq!(files(&d.join("tokens")), files(&d.join("split")));
 
+    // From another directory: the manifest's relative source paths are found through its base directory.
+    let elsewhere = tempfile::tempdir().expect("tmp");
+    let abs = |p: &str| d.join(p).display().to_string();
+    imglish(
+        elsewhere.path(),
+        &[
+            "-q",
+            "tokenize",
+            "--manifest",
+            &abs("m1"),
+            "--tokenizer",
+            &abs("tok/v.onnx"),
+            "--text-tokenizer",
+            &abs("tok/t.json"),
+            "--views",
+            "2",
+            "--part-samples",
+            "16",
+            "--out",
+            &abs("moved"),
+        ],
+    );
+    assert_eq!(files(&d.join("tokens")), files(&d.join("moved")));
+
     // Killed at some point during a run (wherever that falls), then re-run: the same bytes as a clean run.
     let mut child = Command::new(env!("CARGO_BIN_EXE_imglish"))
         .current_dir(d)

@@ -189,6 +189,8 @@ struct CaptionRecord {
 #[derive(Serialize)]
 struct IngestRecord<'a> {
     manifest_version: u32,
+    /// The working directory relative source paths were given from (used to find them from elsewhere).
+    base_dir: String,
     imglish_version: &'static str,
     config: &'a IngestConfig,
     sources: Vec<SourceRecord>,
@@ -460,6 +462,9 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
     let wall_seconds = started.elapsed().as_secs_f64();
     let record = IngestRecord {
         manifest_version: MANIFEST_VERSION,
+        base_dir: std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
         imglish_version: env!("CARGO_PKG_VERSION"),
         config,
         sources: source_records,
@@ -519,8 +524,32 @@ impl Manifest {
             })?,
             Err(_) => BTreeMap::new(),
         };
+        let mut rows = parquet_io::read_samples(&dir.join("samples.parquet"))?;
+        // Sources given as relative paths are found from the current directory, or else from the directory
+        // ingest ran in.
+        if let Some(base) = record
+            .get("base_dir")
+            .and_then(|b| b.as_str())
+            .filter(|b| !b.is_empty())
+        {
+            let mut resolved: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+            for row in &mut rows {
+                let relocate = *resolved.entry(row.source.clone()).or_insert_with(|| {
+                    let p = Path::new(&row.source);
+                    p.is_relative() && !p.exists() && Path::new(base).join(p).exists()
+                });
+                if relocate {
+                    let join = |p: &mut String| *p = Path::new(base).join(&*p).display().to_string();
+                    match &mut row.locator {
+                        Locator::File { path } => join(path),
+                        Locator::TarMember { tar, .. } => join(tar),
+                        Locator::ParquetRow { file, .. } => join(file),
+                    }
+                }
+            }
+        }
         Ok(Manifest {
-            rows: parquet_io::read_samples(&dir.join("samples.parquet"))?,
+            rows,
             classes,
             fingerprint: record
                 .get("fingerprint")

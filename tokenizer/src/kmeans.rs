@@ -110,6 +110,9 @@ pub struct Codebook {
 
 const CHUNK: usize = 1024;
 
+/// Codebooks up to this size are seeded with k-means++.
+const KMEANS_PP_MAX: usize = 1024;
+
 impl Codebook {
     /// Number of codes.
     pub fn len(&self) -> usize {
@@ -457,8 +460,20 @@ pub fn fit_codebook(
     } else {
         all
     };
-    let init_n = x.nrows().min(20_000.max(4 * config.codebook as usize));
-    let mut centers = kmeans_pp(x.slice(ndarray::s![..init_n, ..]), config.codebook as usize, &mut rng);
+    // k-means++ is O(K·n·d) and sequential in K: for large codebooks the seeding is a seeded draw of distinct
+    // patches instead (Lloyd's iterations then do the work).
+    let k = config.codebook as usize;
+    let mut centers = if k <= KMEANS_PP_MAX {
+        let init_n = x.nrows().min(20_000.max(4 * k));
+        kmeans_pp(x.slice(ndarray::s![..init_n, ..]), k, &mut rng)
+    } else {
+        let mut idx: Vec<usize> = (0..x.nrows()).collect();
+        for i in 0..k {
+            let j = i + rng.below((idx.len() - i) as u64) as usize;
+            idx.swap(i, j);
+        }
+        x.select(Axis(0), &idx[..k])
+    };
     for _ in 0..config.iterations {
         lloyd_step(x.view(), &mut centers);
     }
