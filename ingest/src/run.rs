@@ -451,6 +451,10 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
         fp.update(c.sha256.as_bytes());
     }
     let fingerprint = hex(&fp.finalize());
+    // Free what the manifest no longer needs before the Parquet writer builds its columns (peak memory).
+    drop(checked);
+    drop(by_hash);
+    drop(caption_index);
 
     fs::create_dir_all(out).at(out)?;
     // ingest.json is written last: its presence marks a complete manifest.
