@@ -269,6 +269,8 @@ pub fn tokenize(
         let (tx, rx) = sync_channel::<Vec<Prepared>>(2);
         let pixels = config.pixels;
         std::thread::scope(|scope| -> Result<()> {
+            // Owned here, so that an early return drops the receiver and the producer stops instead of blocking.
+            let rx = rx;
             scope.spawn(|| {
                 for (ci, chunk) in part_rows.chunks(images_per_batch).enumerate() {
                     let prepared: Vec<Prepared> = chunk

@@ -453,3 +453,25 @@ fn export_scripts_cards_parse_to_the_presets() {
     });
     assert_eq!(serde_json::from_value::<Card>(beit).expect("card"), Card::beit_v2("cd"));
 }
+
+#[test]
+fn a_model_error_mid_run_is_reported_not_hung() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (path, _) = fitted(dir.path());
+    // The card claims fewer codes than the model emits: the first batch fails after the producer has queued more.
+    let mut card: Card = serde_json::from_slice(&std::fs::read(Card::path_for(&path)).expect("card")).expect("json");
+    card.vocab_size = 2;
+    std::fs::write(Card::path_for(&path), serde_json::to_vec(&card).expect("json")).expect("write");
+    let mut vt = VisualTokenizer::load(&path, &SessionOptions::default()).expect("load");
+    let config = TokenizeConfig {
+        views: 1,
+        batch_size: 2,
+        ..TokenizeConfig::default()
+    };
+    let err = tokenize(manifest(), &dir.path().join("t"), &mut vt, None, &config, &|_| {}).expect_err("must fail");
+    assert!(err.to_string().contains("outside the vocabulary of 2"), "{err}");
+    assert!(
+        !dir.path().join("t/part-00000.parquet").exists(),
+        "no half-visible part"
+    );
+}
