@@ -60,15 +60,7 @@ fn list(item_type: DataType, lengths: impl IntoIterator<Item = usize>, values: A
 
 fn records_to_part_batch(schema: &SchemaRef, records: &[TokenRecord]) -> std::result::Result<RecordBatch, String> {
     let ids = UInt64Array::from_iter_values(records.iter().map(|r| r.sample_id));
-    let tokens: Vec<u16> = records
-        .iter()
-        .flat_map(|r| r.views.iter().flat_map(|v| v.tokens.iter().copied()))
-        .collect();
-    let crops: Vec<u32> = records
-        .iter()
-        .flat_map(|r| r.views.iter().flat_map(|v| v.crop))
-        .collect();
-    let flips: Vec<bool> = records.iter().flat_map(|r| r.views.iter().map(|v| v.flip)).collect();
+    let (tokens, crops, flips) = crate::record::flatten_views(records);
     let caption_tokens: Vec<u32> = records
         .iter()
         .flat_map(|r| r.captions.iter().flatten().copied())

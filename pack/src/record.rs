@@ -229,3 +229,14 @@ impl TokenizerInfo {
         Ok(())
     }
 }
+
+/// The views of `records` flattened column-wise: all tokens, all crop boxes (4 values each), all flips, in
+/// record then view order (the layout both the part and the shard writers store).
+pub(crate) fn flatten_views(records: &[TokenRecord]) -> (Vec<u16>, Vec<u32>, Vec<bool>) {
+    let views = || records.iter().flat_map(|r| r.views.iter());
+    (
+        views().flat_map(|v| v.tokens.iter().copied()).collect(),
+        views().flat_map(|v| v.crop).collect(),
+        views().map(|v| v.flip).collect(),
+    )
+}

@@ -123,15 +123,7 @@ pub(crate) fn records_to_batch(
     records: &[TokenRecord],
 ) -> std::result::Result<RecordBatch, String> {
     let (k, g) = (info.views(), info.tokens_per_view());
-    let tokens: Vec<u16> = records
-        .iter()
-        .flat_map(|r| r.views.iter().flat_map(|v| v.tokens.iter().copied()))
-        .collect();
-    let crops: Vec<u32> = records
-        .iter()
-        .flat_map(|r| r.views.iter().flat_map(|v| v.crop))
-        .collect();
-    let flips: Vec<bool> = records.iter().flat_map(|r| r.views.iter().map(|v| v.flip)).collect();
+    let (tokens, crops, flips) = crate::record::flatten_views(records);
     let view_tokens = fsl(Arc::new(UInt16Array::from(tokens)), item(DataType::UInt16), g)?;
     let view_tokens_type = view_tokens.data_type().clone();
     let view_crops = fsl(Arc::new(UInt32Array::from(crops)), item(DataType::UInt32), 4)?;
