@@ -6,8 +6,10 @@ use crate::commands::demo::DemoCorpusArgs;
 use crate::commands::ingest::IngestArgs;
 use crate::commands::inspect::InspectArgs;
 use crate::commands::pack::PackArgs;
+use crate::commands::probe::ProbeArgs;
 use crate::commands::tokenize::TokenizeArgs;
 use crate::commands::tokenizer::TokenizerArgs;
+use crate::commands::train::TrainArgs;
 use crate::commands::verify::VerifyArgs;
 
 const AFTER_HELP: &str = "\
@@ -18,6 +20,7 @@ Exit codes:
 
 Environment:
   ORT_DYLIB_PATH   path of libonnxruntime.so (default: installed by scripts/setup-onnxruntime)
+  RANK, WORLD_SIZE this process's data partition in `imglish train` (or --rank/--world-size)
   IMGLISH_LOG      log filter, e.g. `debug` or `imglish_ingest=trace` (default: info)";
 
 /// imglish: image corpora and captions into compressed shards of discrete tokens for masked-modeling
@@ -76,4 +79,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Sizes, splits, compression, visual-code usage and caption lengths of a dataset.
     Inspect(InspectArgs),
+    /// Pretrain a BEiT-style encoder by masked image modeling, streaming a packed dataset.
+    Train(TrainArgs),
+    /// Linear probe of a checkpoint's frozen encoder (vs a randomly initialised one) on the dataset's labels.
+    Probe(ProbeArgs),
 }

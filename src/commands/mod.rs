@@ -5,8 +5,10 @@ mod doctor;
 pub mod ingest;
 pub mod inspect;
 pub mod pack;
+pub mod probe;
 pub mod tokenize;
 pub mod tokenizer;
+pub mod train;
 pub mod verify;
 
 use anyhow::Context;
@@ -34,5 +36,7 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Pack(args) => pack::run(&args, out),
         Command::Verify(args) => verify::run(&args, out),
         Command::Inspect(args) => inspect::run(&args, out),
+        Command::Train(args) => train::run(&args, threads, out),
+        Command::Probe(args) => probe::run(&args, threads, out),
     }
 }

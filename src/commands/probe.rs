@@ -1,0 +1,71 @@
+//! `imglish probe`: linear probe of a checkpoint's frozen encoder vs a random encoder.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use imglish_train::{probe, ProbeConfig, TorchDevice};
+
+use crate::output::Output;
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// A checkpoint directory (`RUN/checkpoints/step-NNNNNNNN`) or a run directory (its newest checkpoint).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+
+    /// Dataset directory (labels from `ingest --labels from-folders`).
+    #[arg(long, value_name = "DIR")]
+    pub dataset: PathBuf,
+
+    /// Classifier iterations (full-batch Adam).
+    #[arg(long, default_value_t = ProbeConfig::default().iterations)]
+    pub iterations: usize,
+
+    /// Classifier learning rate.
+    #[arg(long, default_value_t = ProbeConfig::default().lr)]
+    pub lr: f64,
+
+    /// At most this many samples per split.
+    #[arg(long, default_value_t = ProbeConfig::default().max_samples)]
+    pub max_samples: usize,
+
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    imglish_train::set_threads(threads);
+    let device: TorchDevice = args.device.parse()?;
+    let checkpoint = match imglish_train::latest_checkpoint(&args.checkpoint)? {
+        Some(latest) if !args.checkpoint.join("state.json").exists() => latest,
+        _ => args.checkpoint.clone(),
+    };
+    let config = ProbeConfig {
+        iterations: args.iterations,
+        lr: args.lr,
+        max_samples: args.max_samples,
+        ..ProbeConfig::default()
+    };
+    let started = std::time::Instant::now();
+    let report = probe(&args.dataset, &checkpoint, &config, device)
+        .with_context(|| format!("probing {} on {} failed", checkpoint.display(), args.dataset.display()))?;
+    let text = format!(
+        "probe: val accuracy {:.3} (random encoder {:.3}, majority class {:.3}); {} classes, {} train / {} val \
+         samples; checkpoint {} ({:.1}s)",
+        report.accuracy,
+        report.random_accuracy,
+        report.majority_accuracy,
+        report.classes,
+        report.train_samples,
+        report.val_samples,
+        checkpoint.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut json = serde_json::to_value(&report).unwrap_or_default();
+    json["event"] = "probe".into();
+    json["checkpoint"] = checkpoint.display().to_string().into();
+    out.summary(&text, &json);
+    Ok(())
+}

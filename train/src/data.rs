@@ -1,0 +1,408 @@
+//! The data path: pack's streaming reader on a background thread, turned into batches of model input, targets
+//! and masks with bounded prefetch; and fixed evaluation sets (centre view, fixed masks).
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use imglish_ingest::{decode_rgb, render_view, DecodeOptions, Filter, Resizer, ViewParams};
+use imglish_pack::{Dataset, Partition, Sample, Shuffle, Split, StreamOptions, StreamState, TokenRecord};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{InputKind, ModelConfig};
+use crate::error::{Result, TrainError};
+use crate::masking::Masking;
+use crate::model::Input;
+
+/// The `epoch` key of evaluation masks (never a training epoch).
+const EVAL_EPOCH: u64 = u64::MAX;
+
+/// A batch as the loader builds it (plain vectors; tensors are made on the training thread).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The samples, in stream order.
+    pub sample_ids: Vec<u64>,
+    /// Class labels (`-1` for none).
+    pub labels: Vec<i64>,
+    /// Token ids `[B * N]` (token input) or normalised pixels `[B * 3 * H * W]` (pixel input).
+    input: BatchInput,
+    /// The views' tokens `[B * N]`: the prediction targets.
+    pub targets: Vec<i64>,
+    /// `[B * N]`, `true` = masked.
+    pub mask: Vec<bool>,
+    /// The stream's state after this batch (what a checkpoint records).
+    pub state: StreamState,
+    /// Samples skipped while building this batch (bad stored pixels), with the reason.
+    pub skipped: Vec<(u64, String)>,
+}
+
+#[derive(Debug, Clone)]
+enum BatchInput {
+    Tokens,
+    Pixels(Vec<f32>),
+}
+
+/// A batch on the device.
+#[derive(Debug)]
+pub struct DeviceBatch {
+    /// Model input.
+    pub input: Input,
+    /// `[B, N]` bool.
+    pub mask: Tensor,
+    /// Targets of the masked positions, `[M]` int64 in row-major `(b, n)` order.
+    pub targets: Tensor,
+    /// Labels `[B]` int64 (`-1`: none).
+    pub labels: Tensor,
+}
+
+impl Batch {
+    /// Samples in the batch.
+    pub fn len(&self) -> usize {
+        self.sample_ids.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.sample_ids.is_empty()
+    }
+
+    /// The tensors on `device`.
+    pub fn to_device(&self, config: &ModelConfig, device: Device) -> DeviceBatch {
+        let b = self.len() as i64;
+        let n = config.num_patches();
+        let input = match &self.input {
+            BatchInput::Tokens => Input::Tokens(Tensor::from_slice(&self.targets).view([b, n]).to_device(device)),
+            BatchInput::Pixels(p) => {
+                let [h, w] = config.image_size();
+                Input::Pixels(Tensor::from_slice(p).view([b, 3, h, w]).to_device(device))
+            }
+        };
+        let masked: Vec<i64> = self
+            .targets
+            .iter()
+            .zip(&self.mask)
+            .filter(|(_, &m)| m)
+            .map(|(&t, _)| t)
+            .collect();
+        DeviceBatch {
+            input,
+            mask: Tensor::from_slice(&self.mask).view([b, n]).to_device(device),
+            targets: Tensor::from_slice(&masked).to_device(device),
+            labels: Tensor::from_slice(&self.labels).to_device(device),
+        }
+    }
+}
+
+/// Turns samples into batches: masks, targets, and (pixel input) the view rebuilt from the stored working image.
+#[derive(Clone)]
+pub(crate) struct Builder {
+    pub(crate) config: ModelConfig,
+    pub(crate) masking: Masking,
+    pub(crate) seed: u64,
+}
+
+struct Pending {
+    ids: Vec<u64>,
+    labels: Vec<i64>,
+    targets: Vec<i64>,
+    mask: Vec<bool>,
+    pixels: Vec<f32>,
+    skipped: Vec<(u64, String)>,
+}
+
+impl Builder {
+    fn pending(&self) -> Pending {
+        Pending {
+            ids: Vec::new(),
+            labels: Vec::new(),
+            targets: Vec::new(),
+            mask: Vec::new(),
+            pixels: Vec::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Adds one view of one sample; a sample whose pixels cannot be rebuilt is recorded in `skipped`.
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        p: &mut Pending,
+        resizer: &mut Resizer,
+        sample_id: u64,
+        epoch: u64,
+        tokens: &[u16],
+        crop: [u32; 4],
+        flip: bool,
+        pixels: Option<&[u8]>,
+        label: Option<i32>,
+    ) {
+        if tokens.len() != self.config.num_patches() as usize {
+            p.skipped.push((
+                sample_id,
+                format!("{} tokens, the model's grid has {}", tokens.len(), self.config.num_patches()),
+            ));
+            return;
+        }
+        if self.config.input == InputKind::Pixels {
+            match self.render(pixels, crop, flip, resizer) {
+                Ok(px) => p.pixels.extend(px),
+                Err(reason) => {
+                    p.skipped.push((sample_id, reason));
+                    return;
+                }
+            }
+        }
+        p.ids.push(sample_id);
+        p.labels.push(label.map_or(-1, i64::from));
+        p.targets.extend(tokens.iter().map(|&t| i64::from(t)));
+        p.mask.extend(self.masking.mask(self.seed, epoch, sample_id));
+    }
+
+    /// The view's `[3, H, W]` input: crop box from the stored working image, bicubic to the model's image size,
+    /// mirrored if the view is, normalised with mean = std = 0.5.
+    fn render(&self, pixels: Option<&[u8]>, crop: [u32; 4], flip: bool, resizer: &mut Resizer) -> Result<Vec<f32>, String> {
+        let bytes = pixels.ok_or("the dataset has no pixels (pack with --include-pixels)")?;
+        let decoded = decode_rgb(bytes, &DecodeOptions::default(), 1.0).map_err(|r| format!("stored pixels: {}", r.message))?;
+        let [h, w] = self.config.image_size();
+        if h != w {
+            return Err(format!("pixel input needs a square image size, not {h}x{w}"));
+        }
+        let img = render_view(&decoded, &ViewParams { crop, flip }, h as u32, Filter::Bicubic, resizer);
+        let plane = (h * w) as usize;
+        let mut out = vec![0f32; 3 * plane];
+        for (i, px) in img.pixels().enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = (f32::from(px[c]) / 255.0 - 0.5) / 0.5;
+            }
+        }
+        Ok(out)
+    }
+
+    fn finish(&self, p: Pending, state: StreamState) -> Batch {
+        Batch {
+            input: if self.config.input == InputKind::Pixels {
+                BatchInput::Pixels(p.pixels)
+            } else {
+                BatchInput::Tokens
+            },
+            sample_ids: p.ids,
+            labels: p.labels,
+            targets: p.targets,
+            mask: p.mask,
+            state,
+            skipped: p.skipped,
+        }
+    }
+}
+
+/// How the training stream reads the dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamConfig {
+    /// Samples per (micro-)batch.
+    pub batch_size: usize,
+    /// Epoch order.
+    pub shuffle: Shuffle,
+    /// This process's rank.
+    pub rank: u32,
+    /// Number of ranks.
+    pub world_size: u32,
+    /// Batches the loader may hold ready ahead of the trainer.
+    pub prefetch: usize,
+    /// Skip samples of corrupt shards instead of failing (counted and reported).
+    pub skip_corrupt: bool,
+}
+
+/// Batches from a background thread: the training stream, epoch after epoch.
+pub struct Loader {
+    rx: Receiver<Result<Batch>>,
+    handle: Option<JoinHandle<()>>,
+    waited: Duration,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader").field("waited", &self.waited).finish()
+    }
+}
+
+impl Loader {
+    /// Starts streaming the train split from `start` (epochs follow each other; a batch may span two).
+    pub(crate) fn spawn(dataset: Dataset, builder: Builder, stream: StreamConfig, start: StreamState) -> Result<Loader> {
+        if dataset.index().counts.train == 0 {
+            return Err(TrainError::Dataset {
+                path: dataset.dir().to_path_buf(),
+                reason: "the train split is empty".into(),
+            });
+        }
+        let (tx, rx) = sync_channel(stream.prefetch.max(1));
+        let handle = std::thread::Builder::new()
+            .name("imglish-train-loader".into())
+            .spawn(move || {
+                let mut resizer = Resizer::new();
+                let mut state = start;
+                let mut pending = builder.pending();
+                loop {
+                    let options = StreamOptions {
+                        split: Some(Split::Train),
+                        shuffle: stream.shuffle,
+                        seed: builder.seed,
+                        partition: Partition::rank(stream.rank, stream.world_size),
+                        skip_corrupt: stream.skip_corrupt,
+                        ..StreamOptions::default()
+                    };
+                    let mut samples = match dataset.stream(&options, state) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into()));
+                            return;
+                        }
+                    };
+                    let epoch = state.epoch;
+                    let mut delivered = 0u64;
+                    while let Some(sample) = samples.next() {
+                        let s: Sample = match sample {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into()));
+                                return;
+                            }
+                        };
+                        delivered += 1;
+                        builder.push(
+                            &mut pending,
+                            &mut resizer,
+                            s.sample_id,
+                            epoch,
+                            &s.tokens,
+                            s.crop,
+                            s.flip,
+                            s.pixels.as_deref(),
+                            s.label,
+                        );
+                        if pending.ids.len() == stream.batch_size {
+                            let full = std::mem::replace(&mut pending, builder.pending());
+                            if tx.send(Ok(builder.finish(full, samples.state()))).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if delivered == 0 && state.position == 0 {
+                        let _ = tx.send(Err(TrainError::Dataset {
+                            path: dataset.dir().to_path_buf(),
+                            reason: format!("rank {} of {} gets no training samples", stream.rank, stream.world_size),
+                        }));
+                        return;
+                    }
+                    state = samples.state();
+                }
+            })
+            .map_err(|e| TrainError::Io {
+                path: "imglish-train-loader".into(),
+                source: e,
+            })?;
+        Ok(Loader {
+            rx,
+            handle: Some(handle),
+            waited: Duration::ZERO,
+        })
+    }
+
+    /// The next batch (blocks while the loader is behind; the time is counted in [`Loader::waited`]).
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let t = Instant::now();
+        let b = self.rx.recv().map_err(|_| TrainError::Config("the data loader stopped".into()))?;
+        self.waited += t.elapsed();
+        b
+    }
+
+    /// Total time spent waiting for data.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Closing the channel stops the thread at its next send.
+        let (_, dead) = sync_channel(1);
+        self.rx = dead;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A fixed set of batches: every sample of a split, its centre view (view 0), masks keyed by a reserved epoch.
+/// Used for validation loss during training and for features in `probe`.
+#[derive(Debug, Clone)]
+pub struct FixedSet {
+    /// The batches.
+    pub batches: Vec<Batch>,
+    /// Samples.
+    pub samples: usize,
+    /// Samples skipped (bad stored pixels).
+    pub skipped: Vec<(u64, String)>,
+}
+
+impl FixedSet {
+    /// Up to `limit` samples of `split` in dataset order.
+    pub(crate) fn load(dataset: &Dataset, split: Split, builder: &Builder, batch_size: usize, limit: usize) -> Result<FixedSet> {
+        let mut resizer = Resizer::new();
+        let mut batches = Vec::new();
+        let mut skipped = Vec::new();
+        let mut pending = builder.pending();
+        let mut samples = 0usize;
+        let add = |pending: &mut Pending, r: &TokenRecord, resizer: &mut Resizer| {
+            let v = &r.views[0];
+            builder.push(
+                pending,
+                resizer,
+                r.sample_id,
+                EVAL_EPOCH,
+                &v.tokens,
+                v.crop,
+                v.flip,
+                r.pixels.as_deref(),
+                r.label,
+            );
+        };
+        'outer: for (i, shard) in dataset.shards().iter().enumerate() {
+            if shard.split != split {
+                continue;
+            }
+            for b in 0..shard.batches as usize {
+                for r in dataset.batch_records(i, b)? {
+                    if samples >= limit {
+                        break 'outer;
+                    }
+                    samples += 1;
+                    add(&mut pending, &r, &mut resizer);
+                    if pending.ids.len() == batch_size {
+                        let full = std::mem::replace(&mut pending, builder.pending());
+                        skipped.extend(full.skipped.iter().cloned());
+                        batches.push(builder.finish(full, StreamState::default()));
+                    }
+                }
+            }
+        }
+        if !pending.ids.is_empty() || !pending.skipped.is_empty() {
+            skipped.extend(pending.skipped.iter().cloned());
+            if !pending.ids.is_empty() {
+                batches.push(builder.finish(pending, StreamState::default()));
+            }
+        }
+        let kept = batches.iter().map(Batch::len).sum();
+        Ok(FixedSet {
+            batches,
+            samples: kept,
+            skipped,
+        })
+    }
+
+    /// Labels as a `[samples]` tensor (`-1` for none).
+    pub fn labels(&self) -> Tensor {
+        let all: Vec<i64> = self.batches.iter().flat_map(|b| b.labels.iter().copied()).collect();
+        Tensor::from_slice(&all).to_kind(Kind::Int64)
+    }
+}

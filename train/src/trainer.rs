@@ -1,0 +1,670 @@
+//! The training loop: streaming batches, masked-token cross-entropy, AdamW with warmup + cosine, gradient
+//! accumulation and clipping, validation with fixed masks, checkpoints that resume exactly, metrics as JSON
+//! lines and a `loss.png`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use imglish_ingest::{mix64, write_atomic};
+use imglish_pack::{Dataset, Split, StreamState};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::ModelConfig;
+use crate::data::{Batch, Builder, FixedSet, Loader, StreamConfig};
+use crate::device::{Precision, TorchDevice};
+use crate::error::{io_err, Result, TrainError};
+use crate::masking::Masking;
+use crate::model::Beit;
+use crate::optim::{AdamW, OptimConfig};
+use crate::plot::plot_losses;
+
+/// Checkpoint format version (`state.json`).
+pub const CHECKPOINT_VERSION: u32 = 1;
+
+/// Where the batches come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataMode {
+    /// pack's streaming reader on a background thread (the normal mode).
+    Stream,
+    /// Every batch the run needs is read before the clock starts and replayed from memory (benchmarking the
+    /// data path's overhead; same batches as `Stream`).
+    Memory,
+}
+
+/// Everything that decides what a run computes. Resuming requires the same values (rank, world size, device,
+/// and the logging/evaluation/checkpoint intervals may change).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The model.
+    pub model: ModelConfig,
+    /// The optimiser and schedule.
+    pub optim: OptimConfig,
+    /// The masks.
+    pub masking: Masking,
+    /// Optimiser steps of the whole run.
+    pub steps: u64,
+    /// Micro-batches per optimiser step.
+    pub accum: u32,
+    /// Seed of the initialisation, order, views, masks and stochastic depth.
+    pub seed: u64,
+    /// The stream (batch size, order, rank, prefetch).
+    pub stream: StreamConfig,
+}
+
+/// How a run is carried out (may differ between a run and its resumption).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The device.
+    pub device: TorchDevice,
+    /// Float precision of the forward pass.
+    pub precision: Precision,
+    /// Log metrics every this many steps.
+    pub log_every: u64,
+    /// Evaluate on the validation split every this many steps (0: at the start and the end only).
+    pub eval_every: u64,
+    /// Validation samples used (the first ones in dataset order).
+    pub eval_samples: usize,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted).
+    pub keep_checkpoints: usize,
+    /// Stop after this step (a checkpoint is written there) even though the run has more steps.
+    pub stop_at: Option<u64>,
+    /// Continue from the newest checkpoint in the output directory.
+    pub resume: bool,
+    /// Streaming or in-memory batches.
+    pub data: DataMode,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            device: TorchDevice::Cpu,
+            precision: Precision::F32,
+            log_every: 10,
+            eval_every: 0,
+            eval_samples: 2048,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            stop_at: None,
+            resume: false,
+            data: DataMode::Stream,
+        }
+    }
+}
+
+/// Metrics of one log interval (one JSON line in `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Always `"train"`.
+    pub kind: String,
+    /// Optimiser steps done.
+    pub step: u64,
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// Mean masked-token cross-entropy over the interval.
+    pub loss: f64,
+    /// Masked-token accuracy over the interval.
+    pub accuracy: f64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Gradient norm before clipping, last step.
+    pub grad_norm: f64,
+    /// Samples per second over the interval.
+    pub samples_per_s: f64,
+    /// Input tokens (patches) per second over the interval.
+    pub tokens_per_s: f64,
+    /// Fraction of the interval spent waiting for data.
+    pub data_wait: f64,
+}
+
+/// Validation metrics (one JSON line in `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Always `"val"`.
+    pub kind: String,
+    /// Optimiser steps done.
+    pub step: u64,
+    /// Masked-token cross-entropy over the validation samples (fixed masks, centre view).
+    pub loss: f64,
+    /// Masked-token accuracy.
+    pub accuracy: f64,
+    /// Validation samples.
+    pub samples: usize,
+}
+
+/// What the run reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The run starts (or resumes) at this step.
+    Started {
+        /// First step to run.
+        step: u64,
+        /// Last step of this run.
+        until: u64,
+        /// Model parameters.
+        parameters: i64,
+        /// The device in words.
+        device: String,
+    },
+    /// A step finished.
+    Step(u64),
+    /// A log interval.
+    Train(StepMetrics),
+    /// An evaluation.
+    Val(EvalMetrics),
+    /// A checkpoint was written.
+    Checkpoint(PathBuf),
+    /// A sample was skipped.
+    Skipped(u64, String),
+}
+
+/// The end of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    /// Steps done in total (including resumed ones).
+    pub steps: u64,
+    /// Steps run by this process.
+    pub steps_this_run: u64,
+    /// Validation loss at step 0 (from the metrics history), if evaluated.
+    pub initial_val_loss: Option<f64>,
+    /// The last validation metrics.
+    pub final_val: Option<EvalMetrics>,
+    /// Training samples processed by this process.
+    pub samples: u64,
+    /// Wall time of the training loop (excluding the initial and final evaluation).
+    pub train_seconds: f64,
+    /// Fraction of the loop spent waiting for data.
+    pub data_wait: f64,
+    /// Samples skipped (bad stored pixels or corrupt shards).
+    pub skipped: u64,
+    /// The last checkpoint.
+    pub checkpoint: Option<PathBuf>,
+    /// The loss plot.
+    pub plot: PathBuf,
+}
+
+/// `state.json` of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    format_version: u32,
+    imglish_version: String,
+    step: u64,
+    stream: StreamState,
+    samples: u64,
+    dataset_fingerprint: String,
+    config: TrainConfig,
+}
+
+/// The checkpoint directory name of `step`.
+pub fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// The newest complete checkpoint under `out/checkpoints`, if any.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
+    let dir = out.join("checkpoints");
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let mut best: Option<(u64, PathBuf)> = None;
+    for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+        let entry = entry.map_err(io_err(&dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        if entry.path().join("state.json").exists() && best.as_ref().is_none_or(|(s, _)| step > *s) {
+            best = Some((step, entry.path()));
+        }
+    }
+    Ok(best.map(|(_, p)| p))
+}
+
+/// Reads a checkpoint's model configuration and builds the model with its weights.
+pub fn load_model(checkpoint: &Path, device: Device) -> Result<(Beit, TrainConfig)> {
+    let state = read_state(checkpoint)?;
+    let mut model = Beit::new(&state.config.model, device, state.config.seed)?;
+    model.load(&checkpoint.join("model.safetensors"))?;
+    Ok((model, state.config))
+}
+
+fn read_state(checkpoint: &Path) -> Result<CheckpointState> {
+    let path = checkpoint.join("state.json");
+    let bytes = fs::read(&path).map_err(|e| TrainError::Checkpoint {
+        path: checkpoint.to_path_buf(),
+        reason: format!("cannot read state.json ({e}); not a checkpoint directory?"),
+    })?;
+    let state: CheckpointState = serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
+        path: path.clone(),
+        reason: format!("malformed: {e}"),
+    })?;
+    if state.format_version != CHECKPOINT_VERSION {
+        return Err(TrainError::Checkpoint {
+            path,
+            reason: format!(
+                "format version {} (this imglish reads {CHECKPOINT_VERSION})",
+                state.format_version
+            ),
+        });
+    }
+    Ok(state)
+}
+
+fn write_json_line(path: &Path, value: &impl Serialize) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let line = serde_json::to_string(value).map_err(|e| TrainError::Config(e.to_string()))?;
+    writeln!(f, "{line}").map_err(io_err(path))
+}
+
+/// Keeps the metrics lines of steps `<= step` (a resumed run rewrites what came after its checkpoint).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes()).map_err(|e| TrainError::Config(e.to_string()))
+}
+
+/// Masked-token loss (sum over masked positions) and correct predictions of one batch.
+fn batch_loss(model: &Beit, b: &crate::data::DeviceBatch, train: Option<u64>) -> (Tensor, Tensor) {
+    let logits = model.mim_logits(&b.input, &b.mask, train).to_kind(Kind::Float);
+    let loss = logits.cross_entropy_loss::<Tensor>(&b.targets, None, tch::Reduction::Sum, -100, 0.0);
+    let correct = logits.argmax(-1, false).eq_tensor(&b.targets).sum(Kind::Int64);
+    (loss, correct)
+}
+
+/// Validation loss and accuracy over a fixed set.
+pub fn evaluate(model: &Beit, set: &FixedSet) -> (f64, f64) {
+    tch::no_grad(|| {
+        let (mut loss, mut correct, mut count) = (0.0, 0i64, 0i64);
+        for b in &set.batches {
+            let d = b.to_device(model.config(), model.device());
+            let (l, c) = batch_loss(model, &d, None);
+            loss += l.double_value(&[]);
+            correct += c.int64_value(&[]);
+            count += d.targets.size()[0];
+        }
+        let n = count.max(1) as f64;
+        (loss / n, correct as f64 / n)
+    })
+}
+
+/// Trains on `dataset_dir`, writing checkpoints, `metrics.jsonl` and `loss.png` under `out`.
+pub fn train(
+    dataset_dir: &Path,
+    out: &Path,
+    config: &TrainConfig,
+    options: &RunOptions,
+    observer: &mut dyn FnMut(&Event),
+) -> Result<TrainSummary> {
+    config.model.validate()?;
+    config.optim.validate()?;
+    if config.steps == 0 || config.accum == 0 || config.stream.batch_size == 0 {
+        return Err(TrainError::Config("steps, accum and batch size must be positive".into()));
+    }
+    if config.stream.world_size == 0 || config.stream.rank >= config.stream.world_size {
+        return Err(TrainError::Config(format!(
+            "rank {} is not below world size {}",
+            config.stream.rank, config.stream.world_size
+        )));
+    }
+    let device = options.device.resolve()?;
+    let dataset = Dataset::open(dataset_dir)?;
+    check_dataset(&dataset, &config.model)?;
+    fs::create_dir_all(out.join("checkpoints")).map_err(io_err(out))?;
+    let metrics_path = out.join("metrics.jsonl");
+
+    let mut model = Beit::new(&config.model, device, config.seed)?;
+    model.set_compute_kind(options.precision.compute_kind());
+    let mut opt = AdamW::new(model.named_parameters(), config.optim.clone())?;
+    let (mut step, mut stream_state, mut samples) = (0u64, StreamState::default(), 0u64);
+    if options.resume {
+        if let Some(ckpt) = latest_checkpoint(out)? {
+            let state = read_state(&ckpt)?;
+            if state.config != *config {
+                return Err(TrainError::Checkpoint {
+                    path: ckpt,
+                    reason: format!("written by a run with other settings: {}", config_diff(&state.config, config)),
+                });
+            }
+            if state.dataset_fingerprint != dataset.index().build_fingerprint {
+                return Err(TrainError::Checkpoint {
+                    path: ckpt,
+                    reason: "written for another dataset (build fingerprints differ)".into(),
+                });
+            }
+            model.load(&ckpt.join("model.safetensors"))?;
+            opt.load(&ckpt.join("optimizer.safetensors"))?;
+            (step, stream_state, samples) = (state.step, state.stream, state.samples);
+            truncate_metrics(&metrics_path, step)?;
+        }
+    } else if latest_checkpoint(out)?.is_some() {
+        return Err(TrainError::Config(format!(
+            "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
+            out.display()
+        )));
+    } else {
+        let _ = fs::remove_file(&metrics_path);
+    }
+    fs::write(
+        out.join("config.json"),
+        serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?,
+    )
+    .map_err(io_err(out.join("config.json")))?;
+
+    let until = options.stop_at.map_or(config.steps, |s| s.min(config.steps));
+    let builder = Builder {
+        config: config.model.clone(),
+        masking: config.masking.clone(),
+        seed: config.seed,
+    };
+    let val = FixedSet::load(&dataset, Split::Val, &builder, config.stream.batch_size, options.eval_samples)?;
+    observer(&Event::Started {
+        step,
+        until,
+        parameters: model.num_parameters(),
+        device: options.device.describe(device),
+    });
+    let mut skipped = val.skipped.len() as u64;
+    for (id, why) in &val.skipped {
+        observer(&Event::Skipped(*id, why.clone()));
+    }
+    let eval = |model: &Beit, step: u64, observer: &mut dyn FnMut(&Event)| -> Result<Option<EvalMetrics>> {
+        if val.samples == 0 {
+            return Ok(None);
+        }
+        let (loss, accuracy) = evaluate(model, &val);
+        let m = EvalMetrics {
+            kind: "val".into(),
+            step,
+            loss,
+            accuracy,
+            samples: val.samples,
+        };
+        write_json_line(&metrics_path, &m)?;
+        observer(&Event::Val(m.clone()));
+        Ok(Some(m))
+    };
+    let mut last_val = None;
+    if step == 0 {
+        last_val = eval(&model, 0, observer)?;
+    }
+
+    let mut source = match options.data {
+        DataMode::Stream => Source::Stream(Loader::spawn(
+            dataset.clone(),
+            builder.clone(),
+            config.stream.clone(),
+            stream_state,
+        )?),
+        DataMode::Memory => {
+            let mut loader = Loader::spawn(dataset.clone(), builder.clone(), config.stream.clone(), stream_state)?;
+            let need = (until.saturating_sub(step) * u64::from(config.accum)) as usize;
+            let batches = (0..need).map(|_| loader.next_batch()).collect::<Result<Vec<_>>>()?;
+            Source::Memory(batches.into_iter())
+        }
+    };
+
+    let started = Instant::now();
+    let first_step = step;
+    let mut window = Window::new(source.waited());
+    let mut last_ckpt = None;
+    let n_patches = config.model.num_patches() as f64;
+    while step < until {
+        let lr = config.optim.lr_at(step, config.steps);
+        opt.zero_grad();
+        for micro in 0..config.accum {
+            let batch = source.next()?;
+            for (id, why) in &batch.skipped {
+                skipped += 1;
+                observer(&Event::Skipped(*id, why.clone()));
+            }
+            stream_state = batch.state;
+            samples += batch.len() as u64;
+            if batch.is_empty() {
+                continue;
+            }
+            // Stochastic depth draws are keyed by (seed, step, micro-batch): a resumed run draws the same.
+            let key = mix64(config.seed ^ mix64(step.wrapping_mul(1024).wrapping_add(u64::from(micro))));
+            let d = batch.to_device(&config.model, device);
+            let masked = d.targets.size()[0].max(1);
+            let (loss, correct) = batch_loss(&model, &d, Some(key));
+            (&loss / (masked as f64 * f64::from(config.accum))).backward();
+            window.add(loss.double_value(&[]), correct.int64_value(&[]), masked, batch.len());
+        }
+        let grad_norm = match config.optim.clip_grad {
+            Some(max) => opt.clip(max),
+            None => opt.grad_norm(),
+        };
+        opt.step(lr);
+        step += 1;
+        window.lr = lr;
+        window.grad_norm = grad_norm;
+        if !window.loss_sum.is_finite() {
+            return Err(TrainError::Diverged {
+                step,
+                loss: window.loss_sum,
+            });
+        }
+        observer(&Event::Step(step));
+        if step % options.log_every.max(1) == 0 || step == until {
+            let m = window.metrics(step, stream_state.epoch, n_patches, source.waited());
+            write_json_line(&metrics_path, &m)?;
+            observer(&Event::Train(m));
+            window = Window::new(source.waited());
+        }
+        if options.eval_every > 0 && step % options.eval_every == 0 && step < until {
+            last_val = eval(&model, step, observer)?;
+            plot_losses(&metrics_path, &out.join("loss.png"))?;
+        }
+        if (options.checkpoint_every > 0 && step % options.checkpoint_every == 0) || step == until {
+            let state = CheckpointState {
+                format_version: CHECKPOINT_VERSION,
+                imglish_version: env!("CARGO_PKG_VERSION").into(),
+                step,
+                stream: stream_state,
+                samples,
+                dataset_fingerprint: dataset.index().build_fingerprint.clone(),
+                config: config.clone(),
+            };
+            let path = write_checkpoint(out, &model, &opt, &state, options.keep_checkpoints)?;
+            observer(&Event::Checkpoint(path.clone()));
+            last_ckpt = Some(path);
+        }
+    }
+    let train_seconds = started.elapsed().as_secs_f64();
+    let waited = source.waited().as_secs_f64();
+    drop(source);
+    if step > first_step || last_val.is_none() {
+        last_val = eval(&model, step, observer)?;
+    }
+    let plot = out.join("loss.png");
+    plot_losses(&metrics_path, &plot)?;
+    Ok(TrainSummary {
+        steps: step,
+        steps_this_run: step - first_step,
+        initial_val_loss: initial_val_loss(&metrics_path),
+        final_val: last_val,
+        samples,
+        train_seconds,
+        data_wait: if train_seconds > 0.0 { waited / train_seconds } else { 0.0 },
+        skipped,
+        checkpoint: last_ckpt.or(latest_checkpoint(out)?),
+        plot,
+    })
+}
+
+fn initial_val_loss(metrics: &Path) -> Option<f64> {
+    let text = fs::read_to_string(metrics).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<EvalMetrics>(l).ok())
+        .find(|m| m.kind == "val" && m.step == 0)
+        .map(|m| m.loss)
+}
+
+fn config_diff(a: &TrainConfig, b: &TrainConfig) -> String {
+    let (a, b) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
+    let mut diffs = Vec::new();
+    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+        for (k, va) in a {
+            if b.get(k) != Some(va) {
+                diffs.push(format!("{k}: checkpoint {va}, now {}", b.get(k).cloned().unwrap_or_default()));
+            }
+        }
+    }
+    diffs.join("; ")
+}
+
+fn check_dataset(dataset: &Dataset, model: &ModelConfig) -> Result<()> {
+    let info = dataset.tokenizer();
+    let bad = |reason: String| TrainError::Dataset {
+        path: dataset.dir().to_path_buf(),
+        reason,
+    };
+    let grid = [i64::from(info.grid[0]), i64::from(info.grid[1])];
+    if grid != model.grid {
+        return Err(bad(format!("token grid {grid:?}, the model expects {:?}", model.grid)));
+    }
+    if i64::from(info.vocab_size) != model.vocab_size {
+        return Err(bad(format!(
+            "visual vocabulary of {}, the model expects {}",
+            info.vocab_size, model.vocab_size
+        )));
+    }
+    if model.input == crate::config::InputKind::Pixels && !dataset.index().config.include_pixels {
+        return Err(bad("--input pixels needs a dataset packed with --include-pixels".into()));
+    }
+    Ok(())
+}
+
+fn write_checkpoint(out: &Path, model: &Beit, opt: &AdamW, state: &CheckpointState, keep: usize) -> Result<PathBuf> {
+    let root = out.join("checkpoints");
+    let name = checkpoint_name(state.step);
+    let tmp = root.join(format!(".tmp-{name}"));
+    let dst = root.join(&name);
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    model.save(&tmp.join("model.safetensors"))?;
+    opt.save(&tmp.join("optimizer.safetensors"))?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?;
+    write_atomic(&tmp.join("state.json"), &json).map_err(|e| TrainError::Config(e.to_string()))?;
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let p = tmp.join(f);
+        fs::File::open(&p).and_then(|f| f.sync_all()).map_err(io_err(&p))?;
+    }
+    let _ = fs::remove_dir_all(&dst);
+    fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+    if let Ok(d) = fs::File::open(&root) {
+        let _ = d.sync_all();
+    }
+    // Keep the newest `keep` checkpoints.
+    let mut steps: Vec<(u64, PathBuf)> = fs::read_dir(&root)
+        .map_err(io_err(&root))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix("step-").and_then(|s| s.parse().ok()).map(|s| (s, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep.max(1));
+    for (_, p) in steps.into_iter().take(excess) {
+        let _ = fs::remove_dir_all(p);
+    }
+    Ok(dst)
+}
+
+enum Source {
+    Stream(Loader),
+    Memory(std::vec::IntoIter<Batch>),
+}
+
+impl Source {
+    fn next(&mut self) -> Result<Batch> {
+        match self {
+            Source::Stream(l) => l.next_batch(),
+            Source::Memory(it) => it
+                .next()
+                .ok_or_else(|| TrainError::Config("in-memory batches exhausted".into())),
+        }
+    }
+
+    fn waited(&self) -> std::time::Duration {
+        match self {
+            Source::Stream(l) => l.waited(),
+            Source::Memory(_) => std::time::Duration::ZERO,
+        }
+    }
+}
+
+struct Window {
+    start: Instant,
+    waited_before: std::time::Duration,
+    loss_sum: f64,
+    correct: i64,
+    masked: i64,
+    samples: usize,
+    lr: f64,
+    grad_norm: f64,
+}
+
+impl Window {
+    fn new(waited_before: std::time::Duration) -> Window {
+        Window {
+            start: Instant::now(),
+            waited_before,
+            loss_sum: 0.0,
+            correct: 0,
+            masked: 0,
+            samples: 0,
+            lr: 0.0,
+            grad_norm: 0.0,
+        }
+    }
+
+    fn add(&mut self, loss_sum: f64, correct: i64, masked: i64, samples: usize) {
+        self.loss_sum += loss_sum;
+        self.correct += correct;
+        self.masked += masked;
+        self.samples += samples;
+    }
+
+    fn metrics(&self, step: u64, epoch: u64, n_patches: f64, waited: std::time::Duration) -> StepMetrics {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        let wait = waited.saturating_sub(self.waited_before);
+        let m = self.masked.max(1) as f64;
+        StepMetrics {
+            kind: "train".into(),
+            step,
+            epoch,
+            loss: self.loss_sum / m,
+            accuracy: self.correct as f64 / m,
+            lr: self.lr,
+            grad_norm: self.grad_norm,
+            samples_per_s: self.samples as f64 / secs,
+            tokens_per_s: self.samples as f64 * n_patches / secs,
+            data_wait: (wait.as_secs_f64() / secs).min(1.0),
+        }
+    }
+}
