@@ -233,4 +233,82 @@ fn demo_corpus_to_verified_dataset() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("device cuda:0: "), "{err}");
+
+    // Stage 4 on the same dataset: a small model for a few steps, with checkpoints, then the probe.
+    let train = [
+        "--log-format",
+        "json",
+        "train",
+        "--dataset",
+        "dataset",
+        "--out",
+        "run",
+        "--preset",
+        "tiny",
+        "--dim",
+        "32",
+        "--depth",
+        "2",
+        "--heads",
+        "2",
+        "--steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "3",
+    ];
+    let out = imglish(d, &train);
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let summary: serde_json::Value = serde_json::from_str(&last).expect("train summary json");
+    assert_eq!(summary["event"], "train");
+    assert_eq!(summary["steps"], 6);
+    assert!(
+        summary["final_val"]["loss"].as_f64().expect("val loss")
+            < summary["initial_val_loss"].as_f64().expect("initial")
+    );
+    for f in [
+        "run/metrics.jsonl",
+        "run/loss.png",
+        "run/config.json",
+        "run/checkpoints/step-00000006/model.safetensors",
+    ] {
+        assert!(d.join(f).exists(), "{f}");
+    }
+    let out = imglish(
+        d,
+        &[
+            "--log-format",
+            "json",
+            "probe",
+            "--checkpoint",
+            "run",
+            "--dataset",
+            "dataset",
+            "--iterations",
+            "50",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe json");
+    assert_eq!(v["event"], "probe");
+    assert_eq!(v["classes"], 6);
+    assert!(v["accuracy"].as_f64().is_some() && v["random_accuracy"].as_f64().is_some());
+
+    // Training on a GPU that is not there: exit 1 with a clear message, before any work.
+    let out = Command::new(env!("CARGO_BIN_EXE_imglish"))
+        .current_dir(d)
+        .args(["train", "--dataset", "dataset", "--out", "gpu-run", "--device", "cuda"])
+        .output()
+        .expect("spawn");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--device cuda:0: CUDA is not available (libtorch sees no CUDA device"),
+        "{err}"
+    );
+    assert!(!d.join("gpu-run/checkpoints").exists());
 }

@@ -6,8 +6,8 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use imglish_pack::{Dataset, Shuffle};
 use imglish_train::{
-    train, DataMode, Event, InputKind, MaskKind, Masking, ModelConfig, OptimConfig, Precision, RelPosBias,
-    RunOptions, StreamConfig, TorchDevice, TrainConfig,
+    train, DataMode, Event, InputKind, MaskKind, Masking, ModelConfig, OptimConfig, Precision, RelPosBias, RunOptions,
+    StreamConfig, TorchDevice, TrainConfig,
 };
 
 use crate::output::Output;
@@ -253,8 +253,8 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
     imglish_train::set_threads(threads);
     let device: TorchDevice = args.device.parse()?;
     let precision: Precision = args.precision.parse()?;
-    let dataset = Dataset::open(&args.dataset)
-        .with_context(|| format!("cannot open the dataset {}", args.dataset.display()))?;
+    let dataset =
+        Dataset::open(&args.dataset).with_context(|| format!("cannot open the dataset {}", args.dataset.display()))?;
     let config = args.config(&dataset)?;
     let options = RunOptions {
         device,
@@ -266,7 +266,11 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         keep_checkpoints: args.keep_checkpoints,
         stop_at: args.stop_at,
         resume: args.resume,
-        data: if args.in_memory { DataMode::Memory } else { DataMode::Stream },
+        data: if args.in_memory {
+            DataMode::Memory
+        } else {
+            DataMode::Stream
+        },
     };
     let bar = out.progress(0, "training");
     let mut observer = |e: &Event| match e {
@@ -332,7 +336,10 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         val.map_or("-".into(), |v| format!("{:.4}", v.loss)),
         val.map_or("-".into(), |v| format!("{:.3}", v.accuracy)),
         summary.skipped,
-        summary.checkpoint.as_ref().map_or("-".into(), |p| p.display().to_string()),
+        summary
+            .checkpoint
+            .as_ref()
+            .map_or("-".into(), |p| p.display().to_string()),
         summary.plot.display()
     );
     let mut json = serde_json::to_value(&summary).unwrap_or_default();

@@ -124,7 +124,10 @@ impl ModelConfig {
             return bad(format!("mlp_ratio must be positive (got {})", self.mlp_ratio));
         }
         if self.grid[0] <= 0 || self.grid[1] <= 0 || self.patch_size <= 0 {
-            return bad(format!("grid {:?} and patch_size {} must be positive", self.grid, self.patch_size));
+            return bad(format!(
+                "grid {:?} and patch_size {} must be positive",
+                self.grid, self.patch_size
+            ));
         }
         if self.vocab_size < 2 || self.vocab_size > 65536 {
             return bad(format!("vocab_size must be in 2..=65536 (got {})", self.vocab_size));
@@ -132,7 +135,9 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.drop_path) {
             return bad(format!("drop_path must be in [0, 1) (got {})", self.drop_path));
         }
-        if !(self.layer_norm_eps > 0.0) || !(self.init_std > 0.0) {
+        if self.layer_norm_eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+            || self.init_std.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
             return bad("layer_norm_eps and init_std must be positive".into());
         }
         if let Some(ls) = self.layer_scale_init {

@@ -140,7 +140,11 @@ impl Builder {
         if tokens.len() != self.config.num_patches() as usize {
             p.skipped.push((
                 sample_id,
-                format!("{} tokens, the model's grid has {}", tokens.len(), self.config.num_patches()),
+                format!(
+                    "{} tokens, the model's grid has {}",
+                    tokens.len(),
+                    self.config.num_patches()
+                ),
             ));
             return;
         }
@@ -161,9 +165,16 @@ impl Builder {
 
     /// The view's `[3, H, W]` input: crop box from the stored working image, bicubic to the model's image size,
     /// mirrored if the view is, normalised with mean = std = 0.5.
-    fn render(&self, pixels: Option<&[u8]>, crop: [u32; 4], flip: bool, resizer: &mut Resizer) -> Result<Vec<f32>, String> {
+    fn render(
+        &self,
+        pixels: Option<&[u8]>,
+        crop: [u32; 4],
+        flip: bool,
+        resizer: &mut Resizer,
+    ) -> Result<Vec<f32>, String> {
         let bytes = pixels.ok_or("the dataset has no pixels (pack with --include-pixels)")?;
-        let decoded = decode_rgb(bytes, &DecodeOptions::default(), 1.0).map_err(|r| format!("stored pixels: {}", r.message))?;
+        let decoded =
+            decode_rgb(bytes, &DecodeOptions::default(), 1.0).map_err(|r| format!("stored pixels: {}", r.message))?;
         let [h, w] = self.config.image_size();
         if h != w {
             return Err(format!("pixel input needs a square image size, not {h}x{w}"));
@@ -228,7 +239,12 @@ impl std::fmt::Debug for Loader {
 
 impl Loader {
     /// Starts streaming the train split from `start` (epochs follow each other; a batch may span two).
-    pub(crate) fn spawn(dataset: Dataset, builder: Builder, stream: StreamConfig, start: StreamState) -> Result<Loader> {
+    pub(crate) fn spawn(
+        dataset: Dataset,
+        builder: Builder,
+        stream: StreamConfig,
+        start: StreamState,
+    ) -> Result<Loader> {
         if dataset.index().counts.train == 0 {
             return Err(TrainError::Dataset {
                 path: dataset.dir().to_path_buf(),
@@ -311,7 +327,10 @@ impl Loader {
     /// The next batch (blocks while the loader is behind; the time is counted in [`Loader::waited`]).
     pub fn next_batch(&mut self) -> Result<Batch> {
         let t = Instant::now();
-        let b = self.rx.recv().map_err(|_| TrainError::Config("the data loader stopped".into()))?;
+        let b = self
+            .rx
+            .recv()
+            .map_err(|_| TrainError::Config("the data loader stopped".into()))?;
         self.waited += t.elapsed();
         b
     }
@@ -347,7 +366,13 @@ pub struct FixedSet {
 
 impl FixedSet {
     /// Up to `limit` samples of `split` in dataset order.
-    pub(crate) fn load(dataset: &Dataset, split: Split, builder: &Builder, batch_size: usize, limit: usize) -> Result<FixedSet> {
+    pub(crate) fn load(
+        dataset: &Dataset,
+        split: Split,
+        builder: &Builder,
+        batch_size: usize,
+        limit: usize,
+    ) -> Result<FixedSet> {
         let mut resizer = Resizer::new();
         let mut batches = Vec::new();
         let mut skipped = Vec::new();

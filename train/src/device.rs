@@ -58,7 +58,14 @@ impl TorchDevice {
     pub fn describe(self, device: Device) -> String {
         match device {
             Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
-            Device::Cuda(n) => format!("cuda:{n}{}", if tch::Cuda::cudnn_is_available() { " (cuDNN)" } else { "" }),
+            Device::Cuda(n) => format!(
+                "cuda:{n}{}",
+                if tch::Cuda::cudnn_is_available() {
+                    " (cuDNN)"
+                } else {
+                    ""
+                }
+            ),
             other => format!("{other:?}"),
         }
     }

@@ -56,7 +56,7 @@ pub use optim::{decays, AdamW, OptimConfig};
 pub use plot::plot_losses;
 pub use probe::{probe, ProbeConfig, ProbeReport};
 pub use trainer::{
-    checkpoint_name, evaluate, latest_checkpoint, load_model, train, DataMode, Event, EvalMetrics, RunOptions,
+    checkpoint_name, evaluate, latest_checkpoint, load_model, train, DataMode, EvalMetrics, Event, RunOptions,
     StepMetrics, TrainConfig, TrainSummary, CHECKPOINT_VERSION,
 };
 

@@ -205,7 +205,7 @@ mod tests {
     fn settings_are_validated() {
         let m = beit();
         assert_eq!(
-            m.clone().try_with_count(0).unwrap_err().to_string(),
+            m.clone().try_with_count(0).expect_err("count 0").to_string(),
             "invalid configuration: masking: count 0 is not in 1..=196"
         );
         assert!(m.clone().try_with_ratio(1.5).is_err());
@@ -225,7 +225,8 @@ mod tests {
                 let n = [(0i64, 1i64), (1, 0), (0, -1), (-1, 0)];
                 for (di, dj) in n {
                     let (a, b) = (i as i64 + di, j as i64 + dj);
-                    if a >= 0 && b >= 0 && (a as usize) < gh && (b as usize) < gw && mask[a as usize * gw + b as usize] {
+                    if a >= 0 && b >= 0 && (a as usize) < gh && (b as usize) < gw && mask[a as usize * gw + b as usize]
+                    {
                         pairs += 1;
                     }
                 }
@@ -267,8 +268,14 @@ mod tests {
         // exactly 75 in 67.5% of draws and masks 74.49 patches on average.
         let exact = blocks_only as f64 / draws as f64;
         let mean_raw = raw_total as f64 / draws as f64;
-        assert!((0.62..0.73).contains(&exact), "block loop reached the target in {exact}");
-        assert!((mean_raw - 74.49).abs() < 0.25, "block loop masked {mean_raw} on average");
+        assert!(
+            (0.62..0.73).contains(&exact),
+            "block loop reached the target in {exact}"
+        );
+        assert!(
+            (mean_raw - 74.49).abs() < 0.25,
+            "block loop masked {mean_raw} on average"
+        );
         // Every cell is masked sometimes; the centre more often than the corners (blocks overlap the centre).
         let corner = per_cell[0] as f64 / draws as f64;
         let centre = per_cell[7 * 14 + 7] as f64 / draws as f64;

@@ -81,9 +81,7 @@ pub fn relative_position_index(grid: [i64; 2]) -> Vec<i64> {
             index[(a + 1) * (n + 1) + b + 1] = (ya - yb + h - 1) * (2 * w - 1) + (xa - xb + w - 1);
         }
     }
-    for j in 0..=n {
-        index[j] = distances - 3;
-    }
+    index[..=n].fill(distances - 3);
     for i in 0..=n {
         index[i * (n + 1)] = distances - 2;
     }
@@ -188,16 +186,27 @@ impl Beit {
         let std = self.config.init_std;
         tch::no_grad(|| {
             for (name, mut t) in self.named_parameters() {
-                let key = mix64(seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| mix64(h ^ u64::from(b))));
+                let key = mix64(
+                    seed ^ name
+                        .bytes()
+                        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| mix64(h ^ u64::from(b))),
+                );
                 if name.contains("norm") {
-                    let _ = if name.ends_with(".weight") { t.fill_(1.0) } else { t.zero_() };
+                    let _ = if name.ends_with(".weight") {
+                        t.fill_(1.0)
+                    } else {
+                        t.zero_()
+                    };
                 } else if name.starts_with("patch_embed.") {
                     // PyTorch's default Conv2d initialisation (as in BEiT): U(±1/sqrt(fan_in)) for both tensors.
                     let fan_in = 3 * self.config.patch_size * self.config.patch_size;
                     uniform_(&mut t, 1.0 / (fan_in as f64).sqrt(), key);
                 } else if name.ends_with("gamma_1") || name.ends_with("gamma_2") {
                     let _ = t.fill_(self.config.layer_scale_init.unwrap_or(1.0));
-                } else if name.contains("relative_position_bias_table") || name.ends_with("_bias") || name.ends_with(".bias") {
+                } else if name.contains("relative_position_bias_table")
+                    || name.ends_with("_bias")
+                    || name.ends_with(".bias")
+                {
                     let _ = t.zero_();
                 } else {
                     // Linear weights, the token embedding, cls/mask tokens, pos_embed.
@@ -247,7 +256,14 @@ impl Beit {
                 None => conv.forward(p),
                 Some(k) => p
                     .to_kind(k)
-                    .conv2d(&conv.ws.to_kind(k), conv.bs.as_ref().map(|b| b.to_kind(k)), [self.config.patch_size; 2], [0, 0], [1, 1], 1)
+                    .conv2d(
+                        &conv.ws.to_kind(k),
+                        conv.bs.as_ref().map(|b| b.to_kind(k)),
+                        [self.config.patch_size; 2],
+                        [0, 0],
+                        [1, 1],
+                        1,
+                    )
                     .to_kind(Kind::Float),
             }
             .flatten(2, -1)
@@ -281,12 +297,16 @@ impl Beit {
         let cls = self.cls_token.expand([b, 1, self.config.dim], false);
         let mut x = Tensor::cat(&[cls, x], 1);
         if let Some(p) = &self.pos_embed {
-            x = x + p;
+            x += p;
         }
         let shared = self.shared_rel.as_ref().map(|t| self.rel_bias(t));
         for (i, block) in self.blocks.iter().enumerate() {
             let key = train.map(|k| mix64(k ^ mix64(i as u64 + 1)));
-            let bias = block.rel_table.as_ref().map(|t| self.rel_bias(t)).or_else(|| shared.as_ref().map(Tensor::shallow_clone));
+            let bias = block
+                .rel_table
+                .as_ref()
+                .map(|t| self.rel_bias(t))
+                .or_else(|| shared.as_ref().map(Tensor::shallow_clone));
             x = block.forward(&x, bias.as_ref(), &self.config, key, self.cast);
         }
         self.norm.forward(&x)
@@ -330,7 +350,9 @@ impl Beit {
             .collect();
         let params = self.named_parameters();
         if let Some(extra) = stored.keys().find(|k| !params.contains_key(*k)) {
-            return Err(bad(format!("unexpected tensor '{extra}' (does the model config match?)")));
+            return Err(bad(format!(
+                "unexpected tensor '{extra}' (does the model config match?)"
+            )));
         }
         tch::no_grad(|| {
             for (name, mut p) in params {
@@ -363,14 +385,25 @@ fn lin(l: &nn::Linear, x: &Tensor, cast: Option<Kind>) -> Tensor {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, rel_bias: Option<&Tensor>, c: &ModelConfig, key: Option<u64>, cast: Option<Kind>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rel_bias: Option<&Tensor>,
+        c: &ModelConfig,
+        key: Option<u64>,
+        cast: Option<Kind>,
+    ) -> Tensor {
         let y = self.attention(&self.norm1.forward(x), rel_bias, c, cast);
         let y = match &self.gamma {
             Some((g1, _)) => y * g1,
             None => y,
         };
         let x = x + drop_path(&y, self.drop_path, key.map(|k| mix64(k ^ 1)));
-        let y = lin(&self.fc2, &lin(&self.fc1, &self.norm2.forward(&x), cast).gelu("none"), cast);
+        let y = lin(
+            &self.fc2,
+            &lin(&self.fc1, &self.norm2.forward(&x), cast).gelu("none"),
+            cast,
+        );
         let y = match &self.gamma {
             Some((_, g2)) => y * g2,
             None => y,
@@ -392,7 +425,7 @@ impl Block {
         let q = q * (hd as f64).powf(-0.5);
         let mut attn = q.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float);
         if let Some(bias) = rel_bias {
-            attn = attn + bias;
+            attn += bias;
         }
         let out = attn
             .softmax(-1, Kind::Float)
@@ -414,9 +447,18 @@ fn drop_path(x: &Tensor, p: f64, key: Option<u64>) -> Tensor {
     let keep = 1.0 - p;
     let mut rng = Rng::new(key);
     let scale: Vec<f32> = (0..x.size()[0])
-        .map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 })
+        .map(|_| {
+            if rng.next_f64() < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
         .collect();
-    let scale = Tensor::from_slice(&scale).view([-1, 1, 1]).to_device(x.device()).to_kind(x.kind());
+    let scale = Tensor::from_slice(&scale)
+        .view([-1, 1, 1])
+        .to_device(x.device())
+        .to_kind(x.kind());
     x * scale
 }
 
@@ -430,13 +472,18 @@ fn trunc_normal_(t: &mut Tensor, std: f64, key: u64) {
         // Box-Muller: two normals per pair of uniforms.
         let (u1, u2) = (rng.next_f64().max(f64::MIN_POSITIVE), rng.next_f64());
         let r = (-2.0 * u1.ln()).sqrt();
-        for z in [r * (std::f64::consts::TAU * u2).cos(), r * (std::f64::consts::TAU * u2).sin()] {
+        for z in [
+            r * (std::f64::consts::TAU * u2).cos(),
+            r * (std::f64::consts::TAU * u2).sin(),
+        ] {
             if z.abs() <= 1.0 && values.len() < n {
                 values.push((z * std) as f32);
             }
         }
     }
-    let src = Tensor::from_slice(&values).view(t.size().as_slice()).to_device(t.device());
+    let src = Tensor::from_slice(&values)
+        .view(t.size().as_slice())
+        .to_device(t.device());
     t.copy_(&src);
 }
 
@@ -444,7 +491,9 @@ fn trunc_normal_(t: &mut Tensor, std: f64, key: u64) {
 fn uniform_(t: &mut Tensor, bound: f64, key: u64) {
     let mut rng = Rng::new(key);
     let values: Vec<f32> = (0..t.numel()).map(|_| rng.uniform(-bound, bound) as f32).collect();
-    let src = Tensor::from_slice(&values).view(t.size().as_slice()).to_device(t.device());
+    let src = Tensor::from_slice(&values)
+        .view(t.size().as_slice())
+        .to_device(t.device());
     t.copy_(&src);
 }
 

@@ -73,7 +73,8 @@ impl OptimConfig {
 
 /// Whether weight decay applies to a parameter (BEiT: not to 1-d tensors, biases, position and special tokens).
 pub fn decays(name: &str, dims: usize) -> bool {
-    let special = ["cls_token", "mask_token", "pos_embed"].contains(&name) || name.contains("relative_position_bias_table");
+    let special =
+        ["cls_token", "mask_token", "pos_embed"].contains(&name) || name.contains("relative_position_bias_table");
     dims > 1 && !name.ends_with(".bias") && !special
 }
 
@@ -116,7 +117,11 @@ impl AdamW {
                 tensor,
             })
             .collect();
-        Ok(AdamW { config, params, step: 0 })
+        Ok(AdamW {
+            config,
+            params,
+            step: 0,
+        })
     }
 
     /// Updates taken so far.
@@ -196,7 +201,10 @@ impl AdamW {
         let mut named: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.params.len() + 1);
         for p in &self.params {
             named.push((format!("exp_avg.{}", p.name), p.exp_avg.to_device(tch::Device::Cpu)));
-            named.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.to_device(tch::Device::Cpu)));
+            named.push((
+                format!("exp_avg_sq.{}", p.name),
+                p.exp_avg_sq.to_device(tch::Device::Cpu),
+            ));
         }
         named.push(("step".into(), Tensor::from_slice(&[self.step as i64])));
         Tensor::write_safetensors(&named, path).map_err(torch_err(format!("cannot write {}", path.display())))
@@ -220,9 +228,15 @@ impl AdamW {
             for p in &mut self.params {
                 for (prefix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
                     let key = format!("{prefix}.{}", p.name);
-                    let t = stored.get(&key).ok_or_else(|| bad(format!("tensor '{key}' is missing")))?;
+                    let t = stored
+                        .get(&key)
+                        .ok_or_else(|| bad(format!("tensor '{key}' is missing")))?;
                     if t.size() != dst.size() {
-                        return Err(bad(format!("tensor '{key}' has shape {:?}, expected {:?}", t.size(), dst.size())));
+                        return Err(bad(format!(
+                            "tensor '{key}' has shape {:?}, expected {:?}",
+                            t.size(),
+                            dst.size()
+                        )));
                     }
                     dst.copy_(t);
                 }
@@ -271,7 +285,9 @@ mod tests {
     /// (decoupled decay, bias-corrected moments, eps outside the square root).
     #[test]
     fn matches_the_adamw_update_rule() {
-        let p = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).view([1, 3]).set_requires_grad(true);
+        let p = Tensor::from_slice(&[1.0f32, -2.0, 3.0])
+            .view([1, 3])
+            .set_requires_grad(true);
         let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).view([1, 3]);
         let mut params = BTreeMap::new();
         params.insert("x.weight".to_string(), p.shallow_clone());

@@ -62,7 +62,9 @@ pub struct ProbeReport {
 /// Probes the encoder of `checkpoint` on `dataset_dir`.
 pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device: TorchDevice) -> Result<ProbeReport> {
     if config.iterations == 0 || config.batch_size == 0 || config.lr <= 0.0 {
-        return Err(TrainError::Config("probe: iterations, batch size and lr must be positive".into()));
+        return Err(TrainError::Config(
+            "probe: iterations, batch size and lr must be positive".into(),
+        ));
     }
     let device = device.resolve()?;
     let dataset = Dataset::open(dataset_dir)?;
@@ -94,7 +96,11 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
     let ytr = ytr.masked_select(&keep_tr);
     let yva = yva.masked_select(&keep_va);
     let majority = ytr.bincount::<Tensor>(None, classes).argmax(0, false).int64_value(&[]);
-    let majority_accuracy = yva.eq(majority).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    let majority_accuracy = yva
+        .eq(majority)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
 
     let score = |model: &Beit| -> Result<f64> {
         let ftr = features(model, &train)?.index(&[Some(keep_tr.shallow_clone())]);
@@ -119,7 +125,11 @@ fn features(model: &Beit, set: &FixedSet) -> Result<Tensor> {
         let parts: Vec<Tensor> = set
             .batches
             .iter()
-            .map(|b| model.pooled(&b.to_device(model.config(), model.device()).input).to_device(Device::Cpu))
+            .map(|b| {
+                model
+                    .pooled(&b.to_device(model.config(), model.device()).input)
+                    .to_device(Device::Cpu)
+            })
             .collect();
         Tensor::f_cat(&parts, 0).map_err(torch_err("probe features"))
     })
@@ -138,9 +148,12 @@ fn fit_and_score(xtr: &Tensor, ytr: &Tensor, xva: &Tensor, yva: &Tensor, classes
         bias: true,
     };
     let head = nn::linear(vs.root(), xtr.size()[1], classes, zeros);
-    let mut opt = nn::Adam::default().build(&vs, c.lr).map_err(torch_err("probe optimiser"))?;
+    let mut opt = nn::Adam::default()
+        .build(&vs, c.lr)
+        .map_err(torch_err("probe optimiser"))?;
     for _ in 0..c.iterations {
-        let loss = head.forward(&xtr).cross_entropy_for_logits(ytr) + head.ws.square().sum(Kind::Float) * c.weight_decay;
+        let loss =
+            head.forward(&xtr).cross_entropy_for_logits(ytr) + head.ws.square().sum(Kind::Float) * c.weight_decay;
         opt.backward_step(&loss);
     }
     let acc = tch::no_grad(|| head.forward(&xva).accuracy_for_logits(yva).double_value(&[]));

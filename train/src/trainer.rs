@@ -318,7 +318,9 @@ pub fn train(
     config.model.validate()?;
     config.optim.validate()?;
     if config.steps == 0 || config.accum == 0 || config.stream.batch_size == 0 {
-        return Err(TrainError::Config("steps, accum and batch size must be positive".into()));
+        return Err(TrainError::Config(
+            "steps, accum and batch size must be positive".into(),
+        ));
     }
     if config.stream.world_size == 0 || config.stream.rank >= config.stream.world_size {
         return Err(TrainError::Config(format!(
@@ -342,7 +344,10 @@ pub fn train(
             if state.config != *config {
                 return Err(TrainError::Checkpoint {
                     path: ckpt,
-                    reason: format!("written by a run with other settings: {}", config_diff(&state.config, config)),
+                    reason: format!(
+                        "written by a run with other settings: {}",
+                        config_diff(&state.config, config)
+                    ),
                 });
             }
             if state.dataset_fingerprint != dataset.index().build_fingerprint {
@@ -376,7 +381,13 @@ pub fn train(
         masking: config.masking.clone(),
         seed: config.seed,
     };
-    let val = FixedSet::load(&dataset, Split::Val, &builder, config.stream.batch_size, options.eval_samples)?;
+    let val = FixedSet::load(
+        &dataset,
+        Split::Val,
+        &builder,
+        config.stream.batch_size,
+        options.eval_samples,
+    )?;
     observer(&Event::Started {
         step,
         until,
@@ -505,7 +516,11 @@ pub fn train(
         final_val: last_val,
         samples,
         train_seconds,
-        data_wait: if train_seconds > 0.0 { waited / train_seconds } else { 0.0 },
+        data_wait: if train_seconds > 0.0 {
+            waited / train_seconds
+        } else {
+            0.0
+        },
         skipped,
         checkpoint: last_ckpt.or(latest_checkpoint(out)?),
         plot,
@@ -529,7 +544,10 @@ fn config_diff(a: &TrainConfig, b: &TrainConfig) -> String {
     if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
         for (k, va) in a {
             if b.get(k) != Some(va) {
-                diffs.push(format!("{k}: checkpoint {va}, now {}", b.get(k).cloned().unwrap_or_default()));
+                diffs.push(format!(
+                    "{k}: checkpoint {va}, now {}",
+                    b.get(k).cloned().unwrap_or_default()
+                ));
             }
         }
     }
@@ -584,7 +602,9 @@ fn write_checkpoint(out: &Path, model: &Beit, opt: &AdamW, state: &CheckpointSta
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
-            n.strip_prefix("step-").and_then(|s| s.parse().ok()).map(|s| (s, e.path()))
+            n.strip_prefix("step-")
+                .and_then(|s| s.parse().ok())
+                .map(|s| (s, e.path()))
         })
         .collect();
     steps.sort();

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use imglish_train::{Beit, InputKind, Input, MaskKind, Masking, ModelConfig, RelPosBias};
+use imglish_train::{Beit, Input, InputKind, MaskKind, Masking, ModelConfig, RelPosBias};
 use tch::{Device, Kind, Tensor};
 
 fn repo() -> PathBuf {
@@ -54,7 +54,10 @@ fn check(config: ModelConfig, name: &str) {
     let mask = Tensor::from_slice(&mask).view([b, n]);
     let targets = Tensor::randint(config.vocab_size, [b, n], (Kind::Int64, Device::Cpu));
     let (input, raw) = match config.input {
-        InputKind::Tokens => (Input::Tokens(targets.shallow_clone()), ("tokens", targets.shallow_clone())),
+        InputKind::Tokens => (
+            Input::Tokens(targets.shallow_clone()),
+            ("tokens", targets.shallow_clone()),
+        ),
         InputKind::Pixels => {
             let [h, w] = config.image_size();
             let px = Tensor::rand([b, 3, h, w], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
@@ -63,7 +66,11 @@ fn check(config: ModelConfig, name: &str) {
     };
     let inputs = dir.path().join("inputs.safetensors");
     Tensor::write_safetensors(
-        &[(raw.0, raw.1), ("mask", mask.to_kind(Kind::Uint8)), ("targets", targets.shallow_clone())],
+        &[
+            (raw.0, raw.1),
+            ("mask", mask.to_kind(Kind::Uint8)),
+            ("targets", targets.shallow_clone()),
+        ],
         &inputs,
     )
     .expect("inputs");

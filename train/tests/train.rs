@@ -4,8 +4,7 @@
 use std::path::Path;
 
 use imglish_pack::{
-    pack_dataset, part_file_name, PackConfig, PartWriter, Split, TokenRecord, TokenizerInfo, TokensManifest,
-    ViewRecord,
+    pack_dataset, part_file_name, PackConfig, PartWriter, Split, TokenRecord, TokenizerInfo, TokensManifest, ViewRecord,
 };
 use imglish_train::{
     probe, train, Beit, DataMode, Event, Input, InputKind, MaskKind, Masking, ModelConfig, OptimConfig, ProbeConfig,
@@ -115,7 +114,10 @@ fn every_preset_builds_with_the_right_shapes() {
         let model = Beit::new(&config, Device::Cpu, 0).expect("model");
         let params = model.named_parameters();
         assert_eq!(params["blocks.0.attn.qkv.weight"].size(), [3 * dim, dim]);
-        assert_eq!(params["rel_pos_bias.relative_position_bias_table"].size(), [3 * 3 + 3, heads]);
+        assert_eq!(
+            params["rel_pos_bias.relative_position_bias_table"].size(),
+            [3 * 3 + 3, heads]
+        );
         assert_eq!(params["lm_head.weight"].size(), [32, dim]);
         assert!(params.contains_key(&format!("blocks.{}.gamma_2", depth - 1)));
         assert!(!params.contains_key("blocks.0.attn.k_bias"));
@@ -276,9 +278,17 @@ fn dataset_mismatches_are_reported() {
     let mut config = small_config(1);
     config.model.grid = [14, 14];
     let err = train(&dataset, &dir.path().join("a"), &config, &options(), &mut |_| {}).expect_err("grid");
-    assert!(err.to_string().ends_with("token grid [4, 4], the model expects [14, 14]"), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("token grid [4, 4], the model expects [14, 14]"),
+        "{err}"
+    );
     let mut config = small_config(1);
     config.model.input = InputKind::Pixels;
     let err = train(&dataset, &dir.path().join("b"), &config, &options(), &mut |_| {}).expect_err("pixels");
-    assert!(err.to_string().contains("--input pixels needs a dataset packed with --include-pixels"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("--input pixels needs a dataset packed with --include-pixels"),
+        "{err}"
+    );
 }
