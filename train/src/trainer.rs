@@ -504,8 +504,11 @@ pub fn train(
     let train_seconds = started.elapsed().as_secs_f64();
     let waited = source.waited().as_secs_f64();
     drop(source);
-    if step > first_step || last_val.is_none() {
+    if step > first_step || (last_val.is_none() && !options.resume) {
         last_val = eval(&model, step, observer)?;
+    } else if last_val.is_none() {
+        // Resumed at the end: the metrics already hold this step's validation.
+        last_val = val_history(&metrics_path).pop();
     }
     let plot = out.join("loss.png");
     plot_losses(&metrics_path, &plot)?;
@@ -527,12 +530,17 @@ pub fn train(
     })
 }
 
-fn initial_val_loss(metrics: &Path) -> Option<f64> {
-    let text = fs::read_to_string(metrics).ok()?;
-    text.lines()
+fn val_history(metrics: &Path) -> Vec<EvalMetrics> {
+    fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
         .filter_map(|l| serde_json::from_str::<EvalMetrics>(l).ok())
-        .find(|m| m.kind == "val" && m.step == 0)
-        .map(|m| m.loss)
+        .filter(|m| m.kind == "val")
+        .collect()
+}
+
+fn initial_val_loss(metrics: &Path) -> Option<f64> {
+    val_history(metrics).into_iter().find(|m| m.step == 0).map(|m| m.loss)
 }
 
 fn config_diff(a: &TrainConfig, b: &TrainConfig) -> String {

@@ -18,6 +18,30 @@ const VOCAB: u32 = 64;
 /// `n` samples of 4 classes; a sample's tokens follow a class-specific pattern over the grid, so masked tokens
 /// are predictable from the visible ones and classes are linearly separable after pooling.
 fn make_dataset(root: &Path, n: u64) -> std::path::PathBuf {
+    make_dataset_with(root, n, false)
+}
+
+/// A 48x40 JPEG working image in the class's colour (sample `bad` gets bytes that do not decode).
+fn working_image(class: u16, bad: bool) -> Vec<u8> {
+    if bad {
+        return b"definitely not a jpeg".to_vec();
+    }
+    let c = [(class * 60) as u8, 255 - (class * 50) as u8, 90];
+    let img = image::RgbImage::from_fn(48, 40, |x, y| {
+        if (x / 8 + y / 8) % 2 == 0 {
+            image::Rgb(c)
+        } else {
+            image::Rgb([20, 20, 20])
+        }
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .expect("jpeg");
+    out
+}
+
+fn make_dataset_with(root: &Path, n: u64, pixels: bool) -> std::path::PathBuf {
     let tokens = root.join("tokens");
     std::fs::create_dir_all(&tokens).expect("mkdir");
     let info = TokenizerInfo {
@@ -45,7 +69,7 @@ fn make_dataset(root: &Path, n: u64) -> std::path::PathBuf {
             captions: vec![],
             label: Some(i32::from(class)),
             split: if id % 5 == 0 { Split::Val } else { Split::Train },
-            pixels: None,
+            pixels: pixels.then(|| working_image(class, id == 3)),
         })
         .expect("write");
     }
@@ -55,6 +79,7 @@ fn make_dataset(root: &Path, n: u64) -> std::path::PathBuf {
     let out = root.join("dataset");
     let config = PackConfig {
         batch_rows: 16,
+        include_pixels: pixels,
         ..PackConfig::default()
     };
     pack_dataset(&tokens, None, &out, &config, &|_| {}).expect("pack");
@@ -269,6 +294,33 @@ fn cuda_without_a_gpu_is_a_clear_error() {
         "gpu".parse::<TorchDevice>().expect_err("bad").to_string(),
         "invalid configuration: unknown device 'gpu' (cpu, cuda or cuda:N)"
     );
+}
+
+#[test]
+fn pixel_input_rebuilds_views_from_the_stored_working_images() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = make_dataset_with(dir.path(), 40, true);
+    let mut config = small_config(3);
+    config.model.input = InputKind::Pixels;
+    config.stream.shuffle = imglish_pack::Shuffle::None;
+    let mut skipped = Vec::new();
+    let summary = train(&dataset, &dir.path().join("run"), &config, &options(), &mut |e| {
+        if let Event::Skipped(id, why) = e {
+            skipped.push((*id, why.clone()));
+        }
+    })
+    .expect("pixel run");
+    assert_eq!(summary.steps, 3);
+    // Sample 3 (id 3 * 7919 + 13) has undecodable pixels: skipped and reported by id, never a crash.
+    assert!(summary.skipped >= 1);
+    assert!(skipped.iter().any(|(id, why)| *id == 3 * 7919 + 13 && why.starts_with("stored pixels: ")), "{skipped:?}");
+    let weights: std::collections::BTreeMap<String, Tensor> =
+        Tensor::read_safetensors(dir.path().join("run/checkpoints/step-00000003/model.safetensors"))
+            .expect("weights")
+            .into_iter()
+            .collect();
+    assert_eq!(weights["patch_embed.proj.weight"].size(), [32, 3, 16, 16]);
+    assert!(!weights.contains_key("token_embed.weight"));
 }
 
 #[test]
