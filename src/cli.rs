@@ -7,6 +7,7 @@ use crate::commands::ingest::IngestArgs;
 use crate::commands::inspect::InspectArgs;
 use crate::commands::pack::PackArgs;
 use crate::commands::probe::ProbeArgs;
+use crate::commands::quickstart::QuickstartArgs;
 use crate::commands::tokenize::TokenizeArgs;
 use crate::commands::tokenizer::TokenizerArgs;
 use crate::commands::train::TrainArgs;
@@ -63,6 +64,9 @@ pub enum LogFormat {
 /// The subcommands; each one's arguments live in its module under `src/commands/`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Everything on the embedded demo corpus in a few minutes: demo corpus, ingest, tokenizers, tokenize, pack,
+    /// verify, train a tiny model, probe it.
+    Quickstart(QuickstartArgs),
     /// Write the deterministic synthetic demo corpus (images, captions, tar shards, bad inputs).
     DemoCorpus(DemoCorpusArgs),
     /// Check the installation: ONNX Runtime library, execution providers, threads.

@@ -6,6 +6,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod pack;
 pub mod probe;
+pub mod quickstart;
 pub mod tokenize;
 pub mod tokenizer;
 pub mod train;
@@ -27,7 +28,12 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         .num_threads(threads)
         .build_global()
         .context("cannot start the worker thread pool")?;
-    match cli.command {
+    dispatch(cli.command, threads, out)
+}
+
+/// Runs one command with the pool already set up (`quickstart` runs the stages through here).
+pub fn dispatch(command: Command, threads: usize, out: &Output) -> anyhow::Result<()> {
+    match command {
         Command::DemoCorpus(args) => demo::run(&args, out),
         Command::Doctor => doctor::run(threads, out),
         Command::Ingest(args) => ingest::run(&args, out),
@@ -38,5 +44,6 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(&args, out),
         Command::Train(args) => train::run(&args, threads, out),
         Command::Probe(args) => probe::run(&args, threads, out),
+        Command::Quickstart(args) => quickstart::run(&args, threads, out),
     }
 }

@@ -1,0 +1,244 @@
+//! `imglish quickstart`: the whole pipeline on the embedded demo corpus, no external data or weights: demo corpus
+//! → ingest → fit a visual codebook and a text tokenizer → tokenize → pack → verify → train a tiny model → probe.
+//! Each stage runs through the same code (and argument parser) as its own subcommand and prints its summary;
+//! the end lists every artifact, the loss curve and the probe next to the random-encoder baseline.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser};
+use imglish_train::{probe, ProbeConfig, TorchDevice};
+
+use crate::cli::Cli;
+use crate::output::Output;
+
+#[derive(Debug, Args)]
+pub struct QuickstartArgs {
+    /// Directory for every artifact. It must be new, empty, or an earlier quickstart's directory (whose stage
+    /// outputs are then replaced: `imglish build` is the command that reuses finished stages).
+    #[arg(long, value_name = "DIR", default_value = "quickstart")]
+    pub out: PathBuf,
+    /// Demo images to draw.
+    #[arg(long, default_value_t = 240)]
+    pub images: usize,
+    /// Views tokenized per image.
+    #[arg(long, default_value_t = 4)]
+    pub views: u32,
+    /// Visual codebook size.
+    #[arg(long, default_value_t = 512)]
+    pub codebook: u32,
+    /// Text tokenizer vocabulary.
+    #[arg(long, default_value_t = 2000)]
+    pub text_vocab: u32,
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Override the preset's width.
+    #[arg(long)]
+    pub dim: Option<i64>,
+    /// Override the preset's depth.
+    #[arg(long)]
+    pub depth: Option<i64>,
+    /// Override the preset's heads.
+    #[arg(long)]
+    pub heads: Option<i64>,
+    /// Training steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: u64,
+    /// Samples per training step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Seed of every stage.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Marks a directory as quickstart's, so that a re-run may replace what it wrote there (and nothing else).
+const MARKER: &str = ".imglish-quickstart";
+const STAGE_DIRS: [&str; 6] = ["demo", "manifest", "tokenizers", "tokens", "dataset", "run"];
+
+fn prepare_dir(d: &Path) -> anyhow::Result<()> {
+    let exists_nonempty = std::fs::read_dir(d).map(|mut r| r.next().is_some()).unwrap_or(false);
+    if exists_nonempty {
+        if !d.join(MARKER).exists() {
+            anyhow::bail!(
+                "{} is not empty and was not made by quickstart; choose a new --out directory",
+                d.display()
+            );
+        }
+        for sub in STAGE_DIRS {
+            let p = d.join(sub);
+            if p.exists() {
+                std::fs::remove_dir_all(&p).with_context(|| format!("cannot clear {}", p.display()))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    std::fs::write(d.join(MARKER), b"imglish quickstart output directory\n")
+        .with_context(|| format!("cannot write {}", d.join(MARKER).display()))
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+pub fn run(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    let d = &args.out;
+    prepare_dir(d)?;
+    let (demo, manifest, tok, tokens, dataset, run_dir) = (
+        d.join("demo"),
+        d.join("manifest"),
+        d.join("tokenizers"),
+        d.join("tokens"),
+        d.join("dataset"),
+        d.join("run"),
+    );
+    let (visual, text) = (tok.join("visual.onnx"), tok.join("text.json"));
+    let seed = args.seed.to_string();
+    let mut train = vec![
+        "train".to_string(),
+        "--dataset".into(),
+        path(&dataset),
+        "--out".into(),
+        path(&run_dir),
+        "--preset".into(),
+        args.preset.clone(),
+        "--steps".into(),
+        args.steps.to_string(),
+        "--batch-size".into(),
+        args.batch_size.to_string(),
+        "--warmup-steps".into(),
+        (args.steps / 10).to_string(),
+        "--eval-every".into(),
+        (args.steps / 4).max(1).to_string(),
+        "--checkpoint-every".into(),
+        (args.steps / 4).max(1).to_string(),
+        "--seed".into(),
+        seed.clone(),
+    ];
+    for (flag, v) in [("--dim", args.dim), ("--depth", args.depth), ("--heads", args.heads)] {
+        if let Some(v) = v {
+            train.extend([flag.to_string(), v.to_string()]);
+        }
+    }
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let stages: Vec<Vec<String>> = vec![
+        s(&["demo-corpus", "--out", &path(&demo), "--images", &args.images.to_string(), "--seed", &seed]),
+        s(&[
+            "ingest",
+            "--images",
+            &path(&demo.join("images")),
+            "--captions",
+            &path(&demo.join("captions/coco_captions.json")),
+            "--labels",
+            "from-folders",
+            "--val-fraction",
+            "0.2",
+            "--seed",
+            &seed,
+            "--out",
+            &path(&manifest),
+        ]),
+        s(&[
+            "tokenizer",
+            "fit",
+            "--manifest",
+            &path(&manifest),
+            "--patch",
+            "8",
+            "--input-size",
+            "112",
+            "--codebook",
+            &args.codebook.to_string(),
+            "--seed",
+            &seed,
+            "--out",
+            &path(&visual),
+        ]),
+        s(&[
+            "tokenizer",
+            "fit-text",
+            "--manifest",
+            &path(&manifest),
+            "--vocab-size",
+            &args.text_vocab.to_string(),
+            "--out",
+            &path(&text),
+        ]),
+        s(&[
+            "tokenize",
+            "--manifest",
+            &path(&manifest),
+            "--tokenizer",
+            &path(&visual),
+            "--text-tokenizer",
+            &path(&text),
+            "--views",
+            &args.views.to_string(),
+            "--seed",
+            &seed,
+            "--out",
+            &path(&tokens),
+        ]),
+        s(&[
+            "pack",
+            "--tokens",
+            &path(&tokens),
+            "--manifest",
+            &path(&manifest),
+            "--out",
+            &path(&dataset),
+            "--shuffle-seed",
+            &seed,
+        ]),
+        s(&["verify", &path(&dataset)]),
+        train,
+    ];
+    let started = std::time::Instant::now();
+    for argv in stages {
+        let stage = argv[..argv.len().min(2)].join(" ");
+        let cli = Cli::try_parse_from(std::iter::once("imglish".to_string()).chain(argv))
+            .with_context(|| format!("quickstart: bad arguments for `{stage}`"))?;
+        super::dispatch(cli.command, threads, out).with_context(|| format!("quickstart: `{stage}` failed"))?;
+    }
+    let checkpoint = imglish_train::latest_checkpoint(&run_dir)?.context("quickstart: training wrote no checkpoint")?;
+    let report = probe(&dataset, &checkpoint, &ProbeConfig::default(), TorchDevice::Cpu)
+        .with_context(|| format!("quickstart: probing {} failed", checkpoint.display()))?;
+    let vals: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "val")
+        .collect();
+    let loss_at = |v: Option<&serde_json::Value>| v.and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
+    let (first, last) = (loss_at(vals.first()), loss_at(vals.last()));
+    let text = format!(
+        "quickstart done in {:.0}s. Artifacts under {}:\n  demo/        the generated corpus (images, captions, tar shards, bad inputs)\n  \
+         manifest/    samples.parquet, rejects.parquet, classes.json, ingest.json\n  tokenizers/  visual.onnx + \
+         visual.card.json (k-means codebook), text.json\n  tokens/      token parts + tokenize.json\n  dataset/     \
+         Arrow IPC shards + index.json\n  run/         checkpoints/, metrics.jsonl, config.json, loss.png\n\
+         validation MIM loss {first:.3} at step 0 -> {last:.3} at the end; curve: {}\n\
+         linear probe (val accuracy): {:.3} trained encoder vs {:.3} random encoder (majority class {:.3}, {} classes)",
+        started.elapsed().as_secs_f64(),
+        d.display(),
+        run_dir.join("loss.png").display(),
+        report.accuracy,
+        report.random_accuracy,
+        report.majority_accuracy,
+        report.classes,
+    );
+    out.summary(
+        &text,
+        &serde_json::json!({
+            "event": "quickstart",
+            "out": d,
+            "initial_val_loss": first,
+            "final_val_loss": last,
+            "loss_png": run_dir.join("loss.png"),
+            "checkpoint": checkpoint,
+            "probe": report,
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    );
+    Ok(())
+}

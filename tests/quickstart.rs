@@ -1,0 +1,83 @@
+//! `imglish quickstart` end to end, at a small size: every stage runs, the artifacts are where the summary says,
+//! the dataset verifies, a re-run into the same directory starts over cleanly, a foreign directory is refused.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn imglish(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_imglish"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("spawn imglish")
+}
+
+const SMALL: [&str; 14] = [
+    "--images",
+    "60",
+    "--steps",
+    "4",
+    "--dim",
+    "32",
+    "--depth",
+    "2",
+    "--heads",
+    "2",
+    "--batch-size",
+    "16",
+    "--out",
+    "qs",
+];
+
+fn quickstart(dir: &Path) -> serde_json::Value {
+    let mut args = vec!["--log-format", "json", "quickstart"];
+    args.extend(SMALL);
+    let out = imglish(dir, &args);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().expect("summary line");
+    serde_json::from_str(last).expect("json summary")
+}
+
+#[test]
+fn quickstart_runs_every_stage_and_reruns_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let v = quickstart(d);
+    assert_eq!(v["event"], "quickstart");
+    assert!(v["final_val_loss"].as_f64().expect("final") < v["initial_val_loss"].as_f64().expect("initial"));
+    assert_eq!(v["probe"]["classes"], 6);
+    assert!(v["probe"]["random_accuracy"].as_f64().is_some());
+    for f in [
+        "qs/demo/demo.json",
+        "qs/manifest/samples.parquet",
+        "qs/manifest/rejects.parquet",
+        "qs/tokenizers/visual.onnx",
+        "qs/tokenizers/text.json",
+        "qs/tokens/tokenize.json",
+        "qs/dataset/index.json",
+        "qs/run/loss.png",
+        "qs/run/metrics.jsonl",
+        "qs/run/checkpoints/step-00000004/model.safetensors",
+    ] {
+        assert!(d.join(f).exists(), "{f} missing");
+    }
+    let verify = imglish(d, &["verify", "qs/dataset"]);
+    assert_eq!(verify.status.code(), Some(0));
+
+    // Again into the same directory: it starts over and gives the same validation losses.
+    let again = quickstart(d);
+    assert_eq!(again["initial_val_loss"], v["initial_val_loss"]);
+    assert_eq!(again["final_val_loss"], v["final_val_loss"]);
+
+    // A directory quickstart did not make is refused, untouched.
+    std::fs::create_dir_all(d.join("mine")).expect("mkdir");
+    std::fs::write(d.join("mine/keep.txt"), b"data").expect("write");
+    let out = imglish(d, &["quickstart", "--out", "mine"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: mine is not empty and was not made by quickstart; choose a new --out directory"
+    );
+    assert!(d.join("mine/keep.txt").exists());
+}
