@@ -123,7 +123,15 @@ pub fn run(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Resul
     }
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let stages: Vec<Vec<String>> = vec![
-        s(&["demo-corpus", "--out", &path(&demo), "--images", &args.images.to_string(), "--seed", &seed]),
+        s(&[
+            "demo-corpus",
+            "--out",
+            &path(&demo),
+            "--images",
+            &args.images.to_string(),
+            "--seed",
+            &seed,
+        ]),
         s(&[
             "ingest",
             "--images",

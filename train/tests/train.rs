@@ -313,7 +313,12 @@ fn pixel_input_rebuilds_views_from_the_stored_working_images() {
     assert_eq!(summary.steps, 3);
     // Sample 3 (id 3 * 7919 + 13) has undecodable pixels: skipped and reported by id, never a crash.
     assert!(summary.skipped >= 1);
-    assert!(skipped.iter().any(|(id, why)| *id == 3 * 7919 + 13 && why.starts_with("stored pixels: ")), "{skipped:?}");
+    assert!(
+        skipped
+            .iter()
+            .any(|(id, why)| *id == 3 * 7919 + 13 && why.starts_with("stored pixels: ")),
+        "{skipped:?}"
+    );
     let weights: std::collections::BTreeMap<String, Tensor> =
         Tensor::read_safetensors(dir.path().join("run/checkpoints/step-00000003/model.safetensors"))
             .expect("weights")
