@@ -10,6 +10,7 @@ use clap::{Args, Parser};
 use imglish_train::{probe, ProbeConfig, TorchDevice};
 
 use crate::cli::Cli;
+use crate::commands::train::SizeArgs;
 use crate::output::Output;
 
 #[derive(Debug, Args)]
@@ -33,15 +34,8 @@ pub struct QuickstartArgs {
     /// Model preset.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
-    /// Override the preset's width.
-    #[arg(long)]
-    pub dim: Option<i64>,
-    /// Override the preset's depth.
-    #[arg(long)]
-    pub depth: Option<i64>,
-    /// Override the preset's heads.
-    #[arg(long)]
-    pub heads: Option<i64>,
+    #[command(flatten)]
+    pub size: SizeArgs,
     /// Training steps.
     #[arg(long, default_value_t = 100)]
     pub steps: u64,
@@ -116,7 +110,7 @@ pub fn run(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Resul
         "--seed".into(),
         seed.clone(),
     ];
-    for (flag, v) in [("--dim", args.dim), ("--depth", args.depth), ("--heads", args.heads)] {
+    for (flag, v) in args.size.flags() {
         if let Some(v) = v {
             train.extend([flag.to_string(), v.to_string()]);
         }

@@ -45,6 +45,27 @@ pub enum RelPosArg {
     Off,
 }
 
+/// Overrides of a preset's size (shared by `train` and `quickstart`).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SizeArgs {
+    /// Override the preset's width.
+    #[arg(long)]
+    pub dim: Option<i64>,
+    /// Override the preset's depth.
+    #[arg(long)]
+    pub depth: Option<i64>,
+    /// Override the preset's heads.
+    #[arg(long)]
+    pub heads: Option<i64>,
+}
+
+impl SizeArgs {
+    /// The overrides as `(flag, value)` pairs.
+    pub fn flags(&self) -> [(&'static str, Option<i64>); 3] {
+        [("--dim", self.dim), ("--depth", self.depth), ("--heads", self.heads)]
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Dataset directory written by `imglish pack`.
@@ -63,15 +84,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "preset")]
     pub model_config: Option<PathBuf>,
 
-    /// Override the preset's width.
-    #[arg(long)]
-    pub dim: Option<i64>,
-    /// Override the preset's depth.
-    #[arg(long)]
-    pub depth: Option<i64>,
-    /// Override the preset's heads.
-    #[arg(long)]
-    pub heads: Option<i64>,
+    #[command(flatten)]
+    pub size: SizeArgs,
     /// Stochastic depth rate of the last block.
     #[arg(long)]
     pub drop_path: Option<f64>,
@@ -182,15 +196,9 @@ impl TrainArgs {
             }
             None => ModelConfig::preset(&self.preset, grid, i64::from(info.vocab_size))?,
         };
-        if let Some(d) = self.dim {
-            model.dim = d;
-        }
-        if let Some(d) = self.depth {
-            model.depth = d;
-        }
-        if let Some(h) = self.heads {
-            model.heads = h;
-        }
+        model.dim = self.size.dim.unwrap_or(model.dim);
+        model.depth = self.size.depth.unwrap_or(model.depth);
+        model.heads = self.size.heads.unwrap_or(model.heads);
         if let Some(p) = self.drop_path {
             model.drop_path = p;
         }

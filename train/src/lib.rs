@@ -44,6 +44,7 @@ mod model;
 mod optim;
 mod plot;
 mod probe;
+mod tensors;
 mod trainer;
 
 pub use config::{InputKind, ModelConfig, RelPosBias, PRESETS};

@@ -11,7 +11,8 @@ use tch::{Device, Kind, Tensor};
 use imglish_ingest::{mix64, Rng};
 
 use crate::config::{InputKind, ModelConfig, RelPosBias};
-use crate::error::{torch_err, Result, TrainError};
+use crate::error::Result;
+use crate::tensors::{self, Stored};
 
 /// A BEiT encoder + MIM head and the variables it owns.
 pub struct Beit {
@@ -327,49 +328,28 @@ impl Beit {
             .mean_dim(1, false, Kind::Float)
     }
 
-    /// Writes every parameter to a safetensors file (PyTorch names; see `docs/training.md`).
+    /// Writes every parameter to a safetensors file (float32, PyTorch names; see `docs/training.md`).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let named: Vec<(String, Tensor)> = self
+        let named = self
             .named_parameters()
             .into_iter()
-            .map(|(n, t)| (n, t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous()))
+            .map(|(n, t)| (n, t.to_kind(Kind::Float)))
             .collect();
-        Tensor::write_safetensors(&named, path).map_err(torch_err(format!("cannot write {}", path.display())))
+        tensors::write(named, path)
     }
 
     /// Loads every parameter from a safetensors file written by [`Beit::save`] (or by PyTorch with the same
     /// names); a missing, extra or misshaped tensor is an error naming it.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let bad = |reason: String| TrainError::Checkpoint {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let stored: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
-            .map_err(|e| bad(format!("cannot read the weights: {e}")))?
-            .into_iter()
-            .collect();
+        let stored = Stored::read(path, "weights")?;
         let params = self.named_parameters();
-        if let Some(extra) = stored.keys().find(|k| !params.contains_key(*k)) {
-            return Err(bad(format!(
-                "unexpected tensor '{extra}' (does the model config match?)"
-            )));
+        if let Some(extra) = stored.names().find(|k| !params.contains_key(*k)) {
+            return Err(stored.bad(format!("unexpected tensor '{extra}' (does the model config match?)")));
         }
-        tch::no_grad(|| {
-            for (name, mut p) in params {
-                let t = stored
-                    .get(&name)
-                    .ok_or_else(|| bad(format!("tensor '{name}' is missing")))?;
-                if t.size() != p.size() {
-                    return Err(bad(format!(
-                        "tensor '{name}' has shape {:?}, the model expects {:?}",
-                        t.size(),
-                        p.size()
-                    )));
-                }
-                p.copy_(t);
-            }
-            Ok(())
-        })
+        for (name, mut p) in params {
+            stored.copy_into(&name, &mut p)?;
+        }
+        Ok(())
     }
 }
 

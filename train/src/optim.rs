@@ -7,7 +7,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::error::{torch_err, Result, TrainError};
+use crate::error::{Result, TrainError};
+use crate::tensors::{self, Stored};
 
 /// Optimiser and schedule settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,50 +201,22 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut named: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.params.len() + 1);
         for p in &self.params {
-            named.push((format!("exp_avg.{}", p.name), p.exp_avg.to_device(tch::Device::Cpu)));
-            named.push((
-                format!("exp_avg_sq.{}", p.name),
-                p.exp_avg_sq.to_device(tch::Device::Cpu),
-            ));
+            named.push((format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()));
+            named.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone()));
         }
         named.push(("step".into(), Tensor::from_slice(&[self.step as i64])));
-        Tensor::write_safetensors(&named, path).map_err(torch_err(format!("cannot write {}", path.display())))
+        tensors::write(named, path)
     }
 
     /// Restores what [`AdamW::save`] wrote; every tensor must be present with the parameter's shape.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let bad = |reason: String| TrainError::Checkpoint {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let stored: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
-            .map_err(|e| bad(format!("cannot read the optimiser state: {e}")))?
-            .into_iter()
-            .collect();
-        let step = stored
-            .get("step")
-            .ok_or_else(|| bad("no 'step' entry".into()))?
-            .int64_value(&[0]);
-        tch::no_grad(|| {
-            for p in &mut self.params {
-                for (prefix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
-                    let key = format!("{prefix}.{}", p.name);
-                    let t = stored
-                        .get(&key)
-                        .ok_or_else(|| bad(format!("tensor '{key}' is missing")))?;
-                    if t.size() != dst.size() {
-                        return Err(bad(format!(
-                            "tensor '{key}' has shape {:?}, expected {:?}",
-                            t.size(),
-                            dst.size()
-                        )));
-                    }
-                    dst.copy_(t);
-                }
-            }
-            Ok(())
-        })?;
-        self.step = u64::try_from(step).map_err(|_| bad(format!("negative step {step}")))?;
+        let stored = Stored::read(path, "optimiser state")?;
+        let step = stored.get("step")?.int64_value(&[0]);
+        for p in &mut self.params {
+            stored.copy_into(&format!("exp_avg.{}", p.name), &mut p.exp_avg)?;
+            stored.copy_into(&format!("exp_avg_sq.{}", p.name), &mut p.exp_avg_sq)?;
+        }
+        self.step = u64::try_from(step).map_err(|_| stored.bad(format!("negative step {step}")))?;
         Ok(())
     }
 }
