@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::commands::build::BuildArgs;
 use crate::commands::demo::DemoCorpusArgs;
 use crate::commands::ingest::IngestArgs;
 use crate::commands::inspect::InspectArgs;
@@ -67,6 +68,9 @@ pub enum Command {
     /// Everything on the embedded demo corpus in a few minutes: demo corpus, ingest, tokenizers, tokenize, pack,
     /// verify, train a tiny model, probe it.
     Quickstart(QuickstartArgs),
+    /// A whole shard build from one versioned config file (TOML): stages in order, finished ones skipped,
+    /// interrupted ones resumed; a build record next to the dataset.
+    Build(BuildArgs),
     /// Write the deterministic synthetic demo corpus (images, captions, tar shards, bad inputs).
     DemoCorpus(DemoCorpusArgs),
     /// Check the installation: ONNX Runtime library, execution providers, threads.

@@ -1,5 +1,6 @@
 //! One module per subcommand; each turns parsed arguments into calls of a stage crate.
 
+pub mod build;
 pub mod demo;
 mod doctor;
 pub mod ingest;
@@ -45,5 +46,6 @@ pub fn dispatch(command: Command, threads: usize, out: &Output) -> anyhow::Resul
         Command::Train(args) => train::run(&args, threads, out),
         Command::Probe(args) => probe::run(&args, threads, out),
         Command::Quickstart(args) => quickstart::run(&args, threads, out),
+        Command::Build(args) => build::run(&args, threads, out),
     }
 }

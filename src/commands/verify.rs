@@ -33,15 +33,21 @@ pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
             lines.join("\n  ")
         );
     }
+    let record = super::build::check_record(&args.dataset, &dataset)?;
     let seconds = started.elapsed().as_secs_f64();
     let text = format!(
-        "verify: {} ok: {} shards, {} samples ({} train, {} val), {:.1} MB ({seconds:.1}s)",
+        "verify: {} ok: {} shards, {} samples ({} train, {} val), {:.1} MB{} ({seconds:.1}s)",
         args.dataset.display(),
         report.shards,
         report.counts.total(),
         report.counts.train,
         report.counts.val,
         dataset.index().bytes() as f64 / 1e6,
+        if record.is_some() {
+            ", matches its build record"
+        } else {
+            ""
+        },
     );
     out.summary(
         &text,
@@ -52,6 +58,7 @@ pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
             "shards": report.shards,
             "train": report.counts.train,
             "val": report.counts.val,
+            "build_record": record.is_some(),
             "seconds": seconds,
         }),
     );
