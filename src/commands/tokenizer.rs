@@ -75,8 +75,9 @@ pub struct FitTextArgs {
     /// Vocabulary size.
     #[arg(long, default_value_t = 2000)]
     pub vocab_size: usize,
-    /// Tokenizer model.
-    #[arg(long, value_enum, default_value_t = Model::Wordpiece)]
+    /// Tokenizer model. BPE (the default) trains deterministically: the same captions give the same file. HF's
+    /// WordPiece and Unigram trainers break ties in hash-map order, so their output can differ between runs.
+    #[arg(long, value_enum, default_value_t = Model::Bpe)]
     pub model: Model,
     /// Output tokenizer.json.
     #[arg(long, value_name = "FILE")]

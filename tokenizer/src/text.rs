@@ -209,54 +209,11 @@ pub fn fit_text_tokenizer(captions: &[String], model: TextModel, vocab_size: usi
         .build()
         .map_err(|e| tok_err(out, e))?;
     tok.with_post_processor(Some(post));
-    let mut json: serde_json::Value =
-        serde_json::from_str(&tok.to_string(false).map_err(|e| tok_err(out, e))?).map_err(|e| tok_err(out, e))?;
-    canonical_vocab(&mut json);
-    let bytes = serde_json::to_vec(&json).map_err(|e| tok_err(out, e))?;
     let tmp = out.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, out))
-        .map_err(|source| Error::Io {
-            path: out.to_path_buf(),
-            source,
-        })?;
+    tok.save(&tmp, false).map_err(|e| tok_err(out, e))?;
+    std::fs::rename(&tmp, out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
     Ok(())
-}
-
-/// HF's trainers break frequency ties in hash-map order, so the same captions can give the same tokens under
-/// different ids from run to run. Re-number every non-special token of a map vocabulary (WordPiece, BPE) in
-/// byte order over the same id slots, and write the map in id order: the file then depends only on the input.
-fn canonical_vocab(json: &mut serde_json::Value) {
-    let specials: std::collections::HashSet<String> = json["added_tokens"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["content"].as_str().map(str::to_string))
-        .collect();
-    let Some(vocab) = json["model"]["vocab"].as_object() else {
-        return;
-    };
-    let mut fixed: Vec<(String, u64)> = Vec::new();
-    let mut others: Vec<String> = Vec::new();
-    let mut slots: Vec<u64> = Vec::new();
-    for (token, id) in vocab {
-        let Some(id) = id.as_u64() else {
-            return;
-        };
-        if specials.contains(token) {
-            fixed.push((token.clone(), id));
-        } else {
-            others.push(token.clone());
-            slots.push(id);
-        }
-    }
-    others.sort();
-    slots.sort_unstable();
-    fixed.extend(others.into_iter().zip(slots));
-    fixed.sort_by_key(|(_, id)| *id);
-    let mut map = serde_json::Map::new();
-    for (token, id) in fixed {
-        map.insert(token, id.into());
-    }
-    json["model"]["vocab"] = serde_json::Value::Object(map);
 }
