@@ -77,8 +77,18 @@ fn path(p: &Path) -> String {
 }
 
 pub fn run(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
-    let d = &args.out;
-    prepare_dir(d)?;
+    prepare_dir(&args.out)?;
+    // The stages run inside the output directory with relative paths, so that what they record (ingest's source
+    // paths, from which sample ids derive) and hence every result is the same wherever the directory lives.
+    let home = std::env::current_dir().context("cannot read the working directory")?;
+    std::env::set_current_dir(&args.out).with_context(|| format!("cannot enter {}", args.out.display()))?;
+    let result = run_in_place(args, threads, out);
+    std::env::set_current_dir(&home).context("cannot return to the working directory")?;
+    result
+}
+
+fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    let d = Path::new("");
     let (demo, manifest, tok, tokens, dataset, run_dir) = (
         d.join("demo"),
         d.join("manifest"),
@@ -222,8 +232,8 @@ pub fn run(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Resul
          validation MIM loss {first:.3} at step 0 -> {last:.3} at the end; curve: {}\n\
          linear probe (val accuracy): {:.3} trained encoder vs {:.3} random encoder (majority class {:.3}, {} classes)",
         started.elapsed().as_secs_f64(),
-        d.display(),
-        run_dir.join("loss.png").display(),
+        args.out.display(),
+        args.out.join(run_dir.join("loss.png")).display(),
         report.accuracy,
         report.random_accuracy,
         report.majority_accuracy,
@@ -233,11 +243,11 @@ pub fn run(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Resul
         &text,
         &serde_json::json!({
             "event": "quickstart",
-            "out": d,
+            "out": args.out,
             "initial_val_loss": first,
             "final_val_loss": last,
-            "loss_png": run_dir.join("loss.png"),
-            "checkpoint": checkpoint,
+            "loss_png": args.out.join(run_dir.join("loss.png")),
+            "checkpoint": args.out.join(&checkpoint),
             "probe": report,
             "seconds": started.elapsed().as_secs_f64(),
         }),
