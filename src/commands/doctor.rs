@@ -26,16 +26,22 @@ pub fn run(threads: usize, out: &Output) -> anyhow::Result<()> {
         },
         "ONNX Runtime self-test gave a wrong result: {y:?}"
     );
+    imglish_train::set_threads(threads);
+    let torch = imglish_train::torch_self_test()?;
     let gpu = if cfg!(feature = "cuda") {
         "compiled in (feature `cuda`)"
     } else {
         "not compiled in"
     };
     let text = format!(
-        "imglish {}\nonnx runtime: {}\n  {}\n  self-test: ok\ngpu execution providers: {gpu}\nthreads: {threads}",
+        "imglish {}\nonnx runtime: {}\n  {}\n  self-test: ok\ngpu execution providers: {gpu}\nlibtorch {} \
+         (trainer): self-test ok, {} CUDA device(s){}\nthreads: {threads}",
         env!("CARGO_PKG_VERSION"),
         rt.library().display(),
         rt.build_info().trim(),
+        torch.version,
+        torch.cuda_devices,
+        if torch.cudnn { ", cuDNN" } else { "" },
     );
     out.summary(
         &text,
@@ -45,6 +51,7 @@ pub fn run(threads: usize, out: &Output) -> anyhow::Result<()> {
             "onnxruntime": rt.library(),
             "onnxruntime_build": rt.build_info().trim(),
             "gpu": cfg!(feature = "cuda"),
+            "libtorch": torch,
             "threads": threads,
         }),
     );

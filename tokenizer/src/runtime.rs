@@ -51,8 +51,20 @@ fn repo_install_dir() -> PathBuf {
 
 const LIB_NAME: &str = "libonnxruntime.so";
 
+/// The machine-wide copy `scripts/setup-onnxruntime` also keeps (`$IMGLISH_CACHE`, default
+/// `~/.cache/imglish`): found even when the source tree this binary was built from has moved or gone (builds
+/// share a target directory across clones).
+fn cache_install_dir() -> Option<PathBuf> {
+    std::env::var_os("IMGLISH_CACHE")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("imglish")))
+        .map(|c| c.join("onnxruntime"))
+}
+
 /// Where the library is looked for, in order: `$ORT_DYLIB_PATH`; `libonnxruntime.so` next to the executable;
-/// the folder written by `scripts/setup-onnxruntime` (the GPU build first when compiled with `cuda`).
+/// the folder written by `scripts/setup-onnxruntime` in the source tree, then its machine-wide copy (the GPU
+/// build first when compiled with `cuda`).
 /// Returns the first that exists, or the last candidate when none does.
 pub fn library_path() -> PathBuf {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
@@ -66,11 +78,15 @@ pub fn library_path() -> PathBuf {
         candidates.push(dir.join(LIB_NAME));
     }
     let repo = repo_install_dir();
-    if cfg!(feature = "cuda") {
-        candidates.push(repo.join("gpu").join(LIB_NAME));
+    let dirs = std::iter::once(repo.clone()).chain(cache_install_dir());
+    for dir in dirs {
+        if cfg!(feature = "cuda") {
+            candidates.push(dir.join("gpu").join(LIB_NAME));
+        }
+        candidates.push(dir.join("cpu").join(LIB_NAME));
     }
-    candidates.push(repo.join("cpu").join(LIB_NAME));
-    let fallback = candidates.last().cloned().unwrap_or_else(|| PathBuf::from(LIB_NAME));
+    // Name the source tree's folder when nothing exists (what the setup script writes first).
+    let fallback = repo.join("cpu").join(LIB_NAME);
     candidates.into_iter().find(|c| c.exists()).unwrap_or(fallback)
 }
 

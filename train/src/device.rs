@@ -103,3 +103,34 @@ impl Precision {
         }
     }
 }
+
+/// What libtorch offers on this machine (for `imglish doctor`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TorchInfo {
+    /// The libtorch release tch is built for.
+    pub version: &'static str,
+    /// CUDA devices libtorch sees.
+    pub cuda_devices: i64,
+    /// Whether cuDNN is usable.
+    pub cudnn: bool,
+    /// Intra-op threads.
+    pub threads: i32,
+}
+
+/// Runs a tiny computation on libtorch (a 2x2 matrix product) and reports the devices it sees.
+pub fn torch_self_test() -> Result<TorchInfo> {
+    let a = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
+    let p: Vec<f32> = Vec::try_from(&a.matmul(&a).view([-1]))
+        .map_err(|e| TrainError::Device(format!("libtorch self-test failed: {e}")))?;
+    if p != [7.0, 10.0, 15.0, 22.0] {
+        return Err(TrainError::Device(format!(
+            "libtorch self-test gave a wrong result: {p:?}"
+        )));
+    }
+    Ok(TorchInfo {
+        version: "2.13.0",
+        cuda_devices: tch::Cuda::device_count(),
+        cudnn: tch::Cuda::cudnn_is_available(),
+        threads: tch::get_num_threads(),
+    })
+}

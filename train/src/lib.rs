@@ -49,7 +49,7 @@ mod trainer;
 
 pub use config::{InputKind, ModelConfig, RelPosBias, PRESETS};
 pub use data::{Batch, DeviceBatch, FixedSet, Loader, StreamConfig};
-pub use device::{Precision, TorchDevice};
+pub use device::{torch_self_test, Precision, TorchDevice, TorchInfo};
 pub use error::{Result, TrainError};
 pub use masking::{MaskKind, Masking};
 pub use model::{relative_position_index, Beit, Input};
