@@ -167,6 +167,50 @@ fn pack_verify_inspect_and_a_corrupt_shard() {
     ] {
         assert!(s.contains(needle), "{needle:?} not in\n{s}");
     }
+    // The sample drawn: 2 views of a 4x4 grid (cells of 56 px), no pixels in this dataset.
+    let png = work.path().join("sample-7.png");
+    let o = imglish(&[
+        "inspect",
+        d1.to_str().expect("utf8"),
+        "--sample",
+        "7",
+        "--png",
+        png.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("token grids only: the dataset has no pixels (pack with --include-pixels)"),
+        "{}",
+        text(&o.stdout)
+    );
+    let sheet = image::open(&png).expect("a PNG").to_rgb8();
+    assert_eq!(sheet.dimensions(), (8 + 2 * (224 + 8), 8 + 224 + 8));
+    let cell = |view: u32, t: u32| *sheet.get_pixel(8 + view * 232 + (t % 4) * 56 + 28, 8 + (t / 4) * 56 + 28);
+    let mut colours = std::collections::HashMap::new();
+    for view in 0..2u64 {
+        for t in 0..16u64 {
+            let code = mix(7 * 64 + view * 16 + t) % 40;
+            let c = cell(view as u32, t as u32);
+            assert_eq!(*colours.entry(code).or_insert(c), c, "code {code} drawn in two colours");
+        }
+    }
+    let distinct: std::collections::HashSet<_> = colours.values().collect();
+    assert_eq!(distinct.len(), colours.len(), "different codes share a colour");
+    let o = imglish(&[
+        "inspect",
+        d1.to_str().expect("utf8"),
+        "--png",
+        png.to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "--png needs --sample");
+    let o = imglish(&["inspect", d1.to_str().expect("utf8"), "--sample", "100000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("sample 100000 is not in "),
+        "{}",
+        text(&o.stderr)
+    );
+
     let o = imglish(&["--log-format", "json", "inspect", d1.to_str().expect("utf8")]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");

@@ -17,6 +17,11 @@ pub struct InspectArgs {
     /// Also print this sample (by sample id): its views' crops and tokens, captions and label.
     #[arg(long, value_name = "ID")]
     pub sample: Option<u64>,
+
+    /// With --sample: draw it as a PNG, one column per view: the view cut from the stored pixels (if the
+    /// dataset was packed with --include-pixels) above its token grid, one colour per code.
+    #[arg(long, value_name = "OUT.png", requires = "sample")]
+    pub png: Option<PathBuf>,
 }
 
 fn lengths(l: &LengthSummary) -> String {
@@ -85,6 +90,29 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
                 "\n  view {i}: crop {:?} flip {} tokens {:?}",
                 v.crop, v.flip, v.tokens
             ));
+        }
+        if let Some(png) = &args.png {
+            let info = dataset.tokenizer();
+            let sheet = super::sheet::render(&record, info.grid)
+                .map_err(|e| anyhow::anyhow!("cannot draw sample {id} of {}: {e}", args.dataset.display()))?;
+            let mut bytes = Vec::new();
+            sheet
+                .image
+                .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+                .context("cannot encode the PNG")?;
+            imglish_ingest::write_atomic(png, &bytes).with_context(|| format!("cannot write {}", png.display()))?;
+            text.push_str(&format!(
+                "\n  drawn to {} ({} views{})",
+                png.display(),
+                record.views.len(),
+                if sheet.has_pixels {
+                    ", pixels and token grids"
+                } else {
+                    ", token grids only: the dataset has no pixels (pack with --include-pixels)"
+                }
+            ));
+            json["png"] = serde_json::json!(png);
+            json["png_has_pixels"] = serde_json::json!(sheet.has_pixels);
         }
         json["sample"] = serde_json::json!({
             "sample_id": id,

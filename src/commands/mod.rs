@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod pack;
 pub mod probe;
 pub mod quickstart;
+mod sheet;
 pub mod tokenize;
 pub mod tokenizer;
 pub mod train;
