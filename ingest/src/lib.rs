@@ -25,6 +25,7 @@ mod captions;
 mod demo;
 mod error;
 mod fsutil;
+mod jpeg;
 mod parquet_io;
 mod prepare;
 mod rng;

@@ -1,5 +1,6 @@
 //! Image preparation for the tokenize stage: decode under explicit limits (with EXIF orientation, every colour
-//! type to RGB8, alpha composited on a background, reduced-scale JPEG decoding when the target is much smaller),
+//! type to RGB8, alpha composited on a background; JPEGs through libjpeg-turbo with DCT-domain scaling when the
+//! target is much smaller, the pure-Rust decoders for what it refuses),
 //! views (centre, random-resized-crop + flip, reproducible from (seed, sample id, view index)), and SIMD
 //! resizing with `fast_image_resize`.
 
@@ -72,15 +73,28 @@ fn composite(img: DynamicImage, bg: [u8; 3]) -> RgbImage {
     out
 }
 
-/// Decodes `bytes` to upright RGB8. `min_needed` is the smallest size (in source pixels per target pixel terms:
-/// the largest reduction factor) that keeps every requested view at or above its target size; JPEGs are then
-/// decoded at the largest DCT reduction (1/2, 1/4, 1/8) that still satisfies it.
+/// Decodes `bytes` to upright RGB8. `max_reduction` is the largest reduction (source pixels per target pixel)
+/// that keeps every requested view at or above its target size; JPEGs are then decoded by libjpeg-turbo at the
+/// largest DCT reduction (1/2, 1/4, 1/8) that keeps twice the target resolution. JPEGs libjpeg-turbo refuses
+/// (CMYK, damaged data) go to the pure-Rust decoders, whose verdict is the reject reason.
 pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> Result<Decoded, Rejection> {
     let format = image::guess_format(bytes)
         .map_err(|_| Rejection::new(Reason::UnsupportedFormat, "not a recognised image format"))?;
-    if format == ImageFormat::Jpeg && options.reduced_decode && max_reduction >= 4.0 {
-        if let Some(d) = decode_jpeg_reduced(bytes, options, max_reduction)? {
+    if format == ImageFormat::Jpeg {
+        let factor = if options.reduced_decode {
+            reduction_factor(max_reduction)
+        } else {
+            1
+        };
+        if let Some(d) = crate::jpeg::decode(bytes, &options.limits, factor)? {
             return Ok(d);
+        }
+        // libjpeg-turbo refused it (CMYK/YCCK, or damaged data): the pure-Rust decoders below decide, so a
+        // reject carries their reason and what they can recover is kept.
+        if factor > 1 {
+            if let Some(d) = decode_jpeg_reduced(bytes, options, factor)? {
+                return Ok(d);
+            }
         }
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
@@ -99,11 +113,44 @@ pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> 
     })
 }
 
-fn decode_jpeg_reduced(
-    bytes: &[u8],
-    options: &DecodeOptions,
-    max_reduction: f64,
-) -> Result<Option<Decoded>, Rejection> {
+/// The DCT reduction (1, 2, 4 or 8) for a largest allowed reduction: at least twice the target resolution is
+/// kept after the reduction, so the resampling filter still sees the detail it needs (scripts/bench-ingest
+/// measures the PSNR against a full decode + Pillow bicubic).
+fn reduction_factor(max_reduction: f64) -> u32 {
+    [8u32, 4, 2]
+        .into_iter()
+        .find(|f| *f as f64 * 2.0 <= max_reduction)
+        .unwrap_or(1)
+}
+
+/// `pixels` (RGB8, `width` x `height`, as stored) turned upright; the source size is `source` as stored.
+pub(crate) fn upright(
+    width: u32,
+    height: u32,
+    pixels: Vec<u8>,
+    source: (u32, u32),
+    orientation: image::metadata::Orientation,
+) -> Option<Decoded> {
+    let img = RgbImage::from_raw(width, height, pixels)?;
+    let mut dynimg = DynamicImage::ImageRgb8(img);
+    dynimg.apply_orientation(orientation);
+    let swap = matches!(
+        orientation,
+        image::metadata::Orientation::Rotate90
+            | image::metadata::Orientation::Rotate270
+            | image::metadata::Orientation::Rotate90FlipH
+            | image::metadata::Orientation::Rotate270FlipH
+    );
+    let (w, h) = source;
+    let (sw, sh) = if swap { (h, w) } else { (w, h) };
+    Some(Decoded {
+        image: dynimg.into_rgb8(),
+        source_width: sw,
+        source_height: sh,
+    })
+}
+
+fn decode_jpeg_reduced(bytes: &[u8], options: &DecodeOptions, factor: u32) -> Result<Option<Decoded>, Rejection> {
     let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
     dec.read_info().map_err(corrupt)?;
     let Some(info) = dec.info() else { return Ok(None) };
@@ -118,22 +165,12 @@ fn decode_jpeg_reduced(
         .exif_data()
         .and_then(image::metadata::Orientation::from_exif_chunk)
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    // Keep at least twice the target resolution after the DCT reduction, so the resampling filter still sees the
-    // detail it needs (scripts/bench-ingest measures the PSNR against a full decode + Pillow bicubic).
-    let factor = [8u32, 4, 2]
-        .into_iter()
-        .find(|f| *f as f64 * 2.0 <= max_reduction)
-        .unwrap_or(1);
-    if factor == 1 {
-        return Ok(None);
-    }
     let (rw, rh) = (w.div_ceil(factor), h.div_ceil(factor));
     let (ow, oh) = dec
         .scale(rw.min(u16::MAX as u32) as u16, rh.min(u16::MAX as u32) as u16)
         .map_err(corrupt)?;
     let pixels = dec.decode().map_err(corrupt)?;
     let Some(info) = dec.info() else { return Ok(None) };
-    let (ow, oh) = (ow as u32, oh as u32);
     let rgb: Vec<u8> = match info.pixel_format {
         jpeg_decoder::PixelFormat::RGB24 => pixels,
         jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
@@ -146,24 +183,7 @@ fn decode_jpeg_reduced(
             })
             .collect(),
     };
-    let Some(img) = RgbImage::from_raw(ow, oh, rgb) else {
-        return Ok(None);
-    };
-    let mut dynimg = DynamicImage::ImageRgb8(img);
-    dynimg.apply_orientation(orientation);
-    let swap = matches!(
-        orientation,
-        image::metadata::Orientation::Rotate90
-            | image::metadata::Orientation::Rotate270
-            | image::metadata::Orientation::Rotate90FlipH
-            | image::metadata::Orientation::Rotate270FlipH
-    );
-    let (sw, sh) = if swap { (h, w) } else { (w, h) };
-    Ok(Some(Decoded {
-        image: dynimg.into_rgb8(),
-        source_width: sw,
-        source_height: sh,
-    }))
+    Ok(upright(ow as u32, oh as u32, rgb, (w, h), orientation))
 }
 
 /// A view's geometry: the crop box in upright source pixels and whether it is mirrored.
