@@ -18,19 +18,19 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor>> = const { RefCell::new(None) };
 }
 
-/// Decodes a JPEG to upright RGB8 at `1/factor` scale (`factor` 1, 2, 4 or 8).
+/// Decodes a JPEG to upright RGB8 at `eighths/8` scale (`eighths` 1..=8: libjpeg-turbo's DCT scaling).
 ///
 /// `Ok(None)` when libjpeg-turbo does not take the file (CMYK/YCCK, lossless, damaged or truncated data, or
 /// anything it warns about): the caller then tries the pure-Rust decoders, which decide whether it is a reject.
 /// A size over the limits is a reject here, before anything is allocated.
-pub(crate) fn decode(bytes: &[u8], limits: &ValidationLimits, factor: u32) -> Result<Option<Decoded>, Rejection> {
+pub(crate) fn decode(bytes: &[u8], limits: &ValidationLimits, eighths: u32) -> Result<Option<Decoded>, Rejection> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Decompressor::new().ok();
         }
         match slot.as_mut() {
-            Some(d) => decode_with(d, bytes, limits, factor),
+            Some(d) => decode_with(d, bytes, limits, eighths),
             None => Ok(None),
         }
     })
@@ -40,7 +40,7 @@ fn decode_with(
     d: &mut Decompressor,
     bytes: &[u8],
     limits: &ValidationLimits,
-    factor: u32,
+    eighths: u32,
 ) -> Result<Option<Decoded>, Rejection> {
     let Ok(header) = d.read_header(bytes) else {
         return Ok(None);
@@ -55,7 +55,7 @@ fn decode_with(
             format!("{w}x{h} exceeds --max-pixels"),
         ));
     }
-    let scale = ScalingFactor::new(1, factor.clamp(1, 8) as usize);
+    let scale = ScalingFactor::new(eighths.clamp(1, 8) as usize, 8);
     let scaled = header.scaled(scale);
     if d.set_scaling_factor(scale).is_err() || d.set_scan_limit(SCAN_LIMIT).is_err() {
         return Ok(None);
@@ -162,23 +162,29 @@ mod tests {
             .encode_image(&img)
             .unwrap_or_else(|e| panic!("encode: {e}"));
         let limits = ValidationLimits::default();
-        for (factor, size) in [(1, (203, 97)), (2, (102, 49)), (4, (51, 25)), (8, (26, 13))] {
-            let d = decode(&jpeg, &limits, factor)
+        for (eighths, size) in [
+            (8, (203, 97)),
+            (4, (102, 49)),
+            (3, (77, 37)),
+            (2, (51, 25)),
+            (1, (26, 13)),
+        ] {
+            let d = decode(&jpeg, &limits, eighths)
                 .unwrap_or_else(|e| panic!("{e:?}"))
                 .unwrap_or_else(|| panic!("libjpeg-turbo refused a plain JPEG"));
-            assert_eq!(d.image.dimensions(), size, "factor {factor}");
+            assert_eq!(d.image.dimensions(), size, "scale {eighths}/8");
             assert_eq!((d.source_width, d.source_height), (203, 97));
         }
         let tight = ValidationLimits {
             max_pixels: 203 * 97 - 1,
             ..ValidationLimits::default()
         };
-        let err = decode(&jpeg, &tight, 1)
+        let err = decode(&jpeg, &tight, 8)
             .err()
             .unwrap_or_else(|| panic!("limit not applied"));
         assert_eq!(err.reason, Reason::TooLarge);
         assert_eq!(
-            decode(&jpeg[..jpeg.len() / 2], &limits, 1).ok().flatten().map(|_| ()),
+            decode(&jpeg[..jpeg.len() / 2], &limits, 8).ok().flatten().map(|_| ()),
             None
         );
     }
