@@ -27,7 +27,10 @@ pub(crate) fn decode(bytes: &[u8], limits: &ValidationLimits, eighths: u32) -> R
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            *slot = Decompressor::new().ok();
+            // Settings that never change are set once per thread, not per image.
+            *slot = Decompressor::new()
+                .ok()
+                .and_then(|mut d| d.set_scan_limit(SCAN_LIMIT).ok().map(|()| d));
         }
         match slot.as_mut() {
             Some(d) => decode_with(d, bytes, limits, eighths),
@@ -57,7 +60,7 @@ fn decode_with(
     }
     let scale = ScalingFactor::new(eighths.clamp(1, 8) as usize, 8);
     let scaled = header.scaled(scale);
-    if d.set_scaling_factor(scale).is_err() || d.set_scan_limit(SCAN_LIMIT).is_err() {
+    if d.set_scaling_factor(scale).is_err() {
         return Ok(None);
     }
     let mut pixels = vec![0u8; 3 * scaled.width * scaled.height];
