@@ -1,9 +1,9 @@
 //! The embedded demo corpus: deterministic synthetic images with captions, so every stage runs with no
 //! external data.
 //!
-//! Images are procedurally drawn: one or two shapes (the first one's class is the label) of named colours and
-//! sizes on a textured background, at sizes from 64 px to 1500 px and varied aspect ratios, as JPEG or PNG,
-//! some grayscale and some RGBA. Captions describe what is drawn. The same seed gives the same bytes.
+//! Images are procedurally drawn: a large centred shape whose class is the label and, in most images, a smaller
+//! second shape beside it (the caption says on which side), in named colours on a textured background, at
+//! sizes from 64 px to 1500 px and varied aspect ratios, as JPEG or PNG, some grayscale and some RGBA. Captions describe what is drawn. The same seed gives the same bytes.
 //!
 //! Layout written under the output directory:
 //!
@@ -32,7 +32,7 @@ use crate::fsutil::{sync_dir, write_atomic};
 use crate::rng::Rng;
 
 /// Version of the generator; bump when the bytes it writes change.
-pub const DEMO_VERSION: u32 = 1;
+pub const DEMO_VERSION: u32 = 2;
 
 /// The shape classes (the label of an image is the class of its first shape); class index = position here,
 /// which is also the sorted order of the folder names.
@@ -232,66 +232,53 @@ fn plan(seed: u64, index: usize) -> Plan {
     let bg_period = m / rng.uniform(4.0, 12.0);
 
     let class = index % CLASSES.len();
-    let mut shapes = Vec::new();
+    // The labelled shape is the subject: centred and large enough to dominate the centre view, so that its
+    // class shows in the visual tokens. The optional second shape is smaller and sits towards the edge on the
+    // side the caption names (drawn underneath, so the subject stays whole).
     let relation = if rng.chance(0.7) {
         Some(*rng.pick(&["above", "below", "to the left of", "to the right of"]))
     } else {
         None
     };
-    let size = |rng: &mut Rng, large: bool| {
-        if large {
-            m * rng.uniform(0.2, 0.26)
-        } else {
-            m * rng.uniform(0.1, 0.14)
-        }
-    };
     let large = rng.chance(0.5);
-    let r = size(&mut rng, large);
+    let r = m * if large {
+        rng.uniform(0.3, 0.38)
+    } else {
+        rng.uniform(0.2, 0.26)
+    };
     let color = rng.below(COLORS.len() as u64) as usize;
-    let jitter = |rng: &mut Rng| rng.uniform(-0.05, 0.05);
-    let (mut cx, mut cy) = (0.5 + jitter(&mut rng), 0.5 + jitter(&mut rng));
-    let mut second = None;
-    if let Some(rel) = relation {
-        let other_class = rng.below(CLASSES.len() as u64) as usize;
-        let other_large = rng.chance(0.5);
-        let other_r = size(&mut rng, other_large);
-        let mut other_color = rng.below(COLORS.len() as u64) as usize;
-        if other_color == color {
-            other_color = (other_color + 1) % COLORS.len();
-        }
-        let (ox, oy);
-        match rel {
-            "above" => {
-                (cy, oy, ox) = (0.7, 0.27, cx);
-            }
-            "below" => {
-                (cy, oy, ox) = (0.3, 0.73, cx);
-            }
-            "to the left of" => {
-                (cx, ox, oy) = (0.7, 0.27, cy);
-            }
-            _ => {
-                (cx, ox, oy) = (0.3, 0.73, cy);
-            }
-        }
-        second = Some(Shape {
-            class: other_class,
-            color: other_color,
-            large: other_large,
-            cx: ox * width,
-            cy: oy * height,
-            r: other_r,
-        });
-    }
-    shapes.push(Shape {
+    let (cx, cy) = (0.5 + rng.uniform(-0.04, 0.04), 0.5 + rng.uniform(-0.04, 0.04));
+    let mut shapes = vec![Shape {
         class,
         color,
         large,
         cx: cx * width,
         cy: cy * height,
         r,
-    });
-    shapes.extend(second);
+    }];
+    if let Some(rel) = relation {
+        let other_class = rng.below(CLASSES.len() as u64) as usize;
+        let other_r = m * rng.uniform(0.08, 0.11);
+        let mut other_color = rng.below(COLORS.len() as u64) as usize;
+        if other_color == color {
+            other_color = (other_color + 1) % COLORS.len();
+        }
+        // "subject REL other": the other shape is on the opposite side, a margin in from the border.
+        let (ox, oy) = match rel {
+            "above" => (cx * width, height - other_r * 1.25),
+            "below" => (cx * width, other_r * 1.25),
+            "to the left of" => (width - other_r * 1.25, cy * height),
+            _ => (other_r * 1.25, cy * height),
+        };
+        shapes.push(Shape {
+            class: other_class,
+            color: other_color,
+            large: false,
+            cx: ox,
+            cy: oy,
+            r: other_r,
+        });
+    }
     let mode = match rng.below(20) {
         0..=2 => Mode::Gray,
         3..=4 => Mode::Rgba,

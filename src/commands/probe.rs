@@ -26,9 +26,17 @@ pub struct ProbeArgs {
     #[arg(long, default_value_t = ProbeConfig::default().lr)]
     pub lr: f64,
 
+    /// L2 penalty on the classifier's weights.
+    #[arg(long, default_value_t = ProbeConfig::default().weight_decay)]
+    pub weight_decay: f64,
+
     /// At most this many samples per split.
     #[arg(long, default_value_t = ProbeConfig::default().max_samples)]
     pub max_samples: usize,
+
+    /// Train the classifier on the training images' centre views only (default: every stored view).
+    #[arg(long)]
+    pub centre_views_only: bool,
 
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -45,15 +53,17 @@ pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()>
     let config = ProbeConfig {
         iterations: args.iterations,
         lr: args.lr,
+        weight_decay: args.weight_decay,
         max_samples: args.max_samples,
+        train_all_views: !args.centre_views_only,
         ..ProbeConfig::default()
     };
     let started = std::time::Instant::now();
     let report = probe(&args.dataset, &checkpoint, &config, device)
         .with_context(|| format!("probing {} on {} failed", checkpoint.display(), args.dataset.display()))?;
     let text = format!(
-        "probe: val accuracy {:.3} (random encoder {:.3}, majority class {:.3}); {} classes, {} train / {} val \
-         samples; checkpoint {} ({:.1}s)",
+        "probe: val accuracy {:.3} (random encoder {:.3}, majority class {:.3}); {} classes, {} train \
+         examples / {} val samples; checkpoint {} ({:.1}s)",
         report.accuracy,
         report.random_accuracy,
         report.majority_accuracy,

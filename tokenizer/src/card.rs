@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::session::{Model, Output, SessionOptions};
+use crate::session::{Model, OutputView, SessionOptions};
 
 /// Version of the card format.
 pub const CARD_VERSION: u32 = 1;
@@ -322,57 +322,115 @@ impl VisualTokenizer {
     pub fn tokenize(&mut self, images: &[&[u8]]) -> Result<Vec<Vec<u16>>> {
         let s = self.card.input_size as usize;
         let input = self.preprocess(images);
-        let out = self.model.run_f32(&[images.len(), 3, s, s], &input)?;
-        self.tokens_from_output(out, images.len())
+        let (card, batch) = (&self.card, images.len());
+        self.model
+            .run_f32_with(&[batch, 3, s, s], &input, |out| tokens_from_output(card, out, batch))
+    }
+}
+
+/// Tokens from the model's output, read in place: indices checked against the vocabulary, or the argmax over
+/// the vocabulary axis of `[B, V, h, w]` logits (the first maximum on ties; NaN never wins).
+fn tokens_from_output(card: &Card, out: OutputView<'_>, batch: usize) -> Result<Vec<Vec<u16>>> {
+    let n = card.tokens_per_view();
+    let v = card.vocab_size as usize;
+    let bad = |reason: String| Error::Model {
+        model: card.name.clone(),
+        reason,
+    };
+    match out {
+        OutputView::F32 { shape, data } => {
+            if shape != [batch, v, card.grid[0] as usize, card.grid[1] as usize] {
+                return Err(bad(format!("logits of shape {shape:?}")));
+            }
+            // Class-major sweep: each class's plane is contiguous, so the running maxima stream through memory
+            // instead of striding by h·w floats per class.
+            Ok(data
+                .chunks_exact(v * n)
+                .map(|logits| {
+                    let mut best = vec![f32::NEG_INFINITY; n];
+                    let mut arg = vec![0u16; n];
+                    for (k, plane) in logits.chunks_exact(n).enumerate() {
+                        for ((b, a), &x) in best.iter_mut().zip(arg.iter_mut()).zip(plane) {
+                            if x > *b {
+                                *b = x;
+                                *a = k as u16;
+                            }
+                        }
+                    }
+                    arg
+                })
+                .collect())
+        }
+        OutputView::I64 { shape, data } => {
+            if shape != [batch, card.grid[0] as usize, card.grid[1] as usize] {
+                return Err(bad(format!("indices of shape {shape:?}")));
+            }
+            data.chunks(n)
+                .map(|c| {
+                    c.iter()
+                        .map(|&t| {
+                            u16::try_from(t)
+                                .ok()
+                                .filter(|t| (*t as usize) < v)
+                                .ok_or_else(|| bad(format!("token {t} outside the vocabulary of {v}")))
+                        })
+                        .collect()
+                })
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card(vocab: u32, grid: [u32; 2]) -> Card {
+        Card {
+            vocab_size: vocab,
+            grid,
+            ..Card::dall_e("")
+        }
     }
 
-    fn tokens_from_output(&self, out: Output, batch: usize) -> Result<Vec<Vec<u16>>> {
-        let n = self.card.tokens_per_view();
-        let v = self.card.vocab_size as usize;
-        let bad = |reason: String| Error::Model {
-            model: self.card.name.clone(),
-            reason,
+    #[test]
+    fn logits_argmax_takes_the_first_maximum_and_never_nan() {
+        // [B=2, V=3, 1, 2]: per image, class-major planes of 2 positions.
+        let data = [
+            0.0, 5.0, /* k=0 */ 1.0, 5.0, /* k=1 */ 1.0, 4.0, /* k=2: ties at position 0 go to k=1 */
+            f32::NAN, -1.0, /* image 1, k=0 */ -3.0, f32::NAN, /* k=1 */ -2.0, -1.0, /* k=2 */
+        ];
+        let out = OutputView::F32 {
+            shape: vec![2, 3, 1, 2],
+            data: &data,
         };
-        match out {
-            Output::F32 { shape, data } => {
-                if shape != [batch, v, self.card.grid[0] as usize, self.card.grid[1] as usize] {
-                    return Err(bad(format!("logits of shape {shape:?}")));
-                }
-                Ok((0..batch)
-                    .map(|b| {
-                        let base = b * v * n;
-                        (0..n)
-                            .map(|p| {
-                                let mut best = (f32::NEG_INFINITY, 0usize);
-                                for k in 0..v {
-                                    let x = data[base + k * n + p];
-                                    if x > best.0 {
-                                        best = (x, k);
-                                    }
-                                }
-                                best.1 as u16
-                            })
-                            .collect()
-                    })
-                    .collect())
-            }
-            Output::I64 { shape, data } => {
-                if shape != [batch, self.card.grid[0] as usize, self.card.grid[1] as usize] {
-                    return Err(bad(format!("indices of shape {shape:?}")));
-                }
-                data.chunks(n)
-                    .map(|c| {
-                        c.iter()
-                            .map(|&t| {
-                                u16::try_from(t)
-                                    .ok()
-                                    .filter(|t| (*t as usize) < v)
-                                    .ok_or_else(|| bad(format!("token {t} outside the vocabulary of {v}")))
-                            })
-                            .collect()
-                    })
-                    .collect()
-            }
-        }
+        let tokens = tokens_from_output(&card(3, [1, 2]), out, 2).expect("tokens");
+        assert_eq!(tokens, vec![vec![1, 0], vec![2, 0]]);
+    }
+
+    #[test]
+    fn indices_outside_the_vocabulary_and_wrong_shapes_are_errors() {
+        let c = card(4, [1, 2]);
+        let ok = OutputView::I64 {
+            shape: vec![1, 1, 2],
+            data: &[3, 0],
+        };
+        assert_eq!(tokens_from_output(&c, ok, 1).expect("tokens"), vec![vec![3, 0]]);
+        let out_of_vocab = OutputView::I64 {
+            shape: vec![1, 1, 2],
+            data: &[4, 0],
+        };
+        assert_eq!(
+            tokens_from_output(&c, out_of_vocab, 1).expect_err("vocab").to_string(),
+            "dall-e-dvae-encoder: token 4 outside the vocabulary of 4"
+        );
+        let shape = OutputView::F32 {
+            shape: vec![1, 4, 2, 1],
+            data: &[0.0; 8],
+        };
+        assert_eq!(
+            tokens_from_output(&c, shape, 1).expect_err("shape").to_string(),
+            "dall-e-dvae-encoder: logits of shape [1, 4, 2, 1]"
+        );
     }
 }

@@ -43,6 +43,6 @@ pub use card::{sha256_hex, Card, Normalization, OutputKind, VisualTokenizer, CAR
 pub use error::{Error, Result};
 pub use kmeans::{fit_codebook, Codebook, FitConfig, FitReport};
 pub use runtime::{library_path, runtime, Runtime};
-pub use session::{Device, Model, Output, SessionOptions, TensorInfo};
+pub use session::{Device, Model, Output, OutputView, SessionOptions, TensorInfo};
 pub use text::{fit_text_tokenizer, TextModel, TextTokenizer, SPECIAL_TOKENS};
 pub use tokenize::{tokenize, PixelsConfig, TokenizeConfig, TokenizeSummary};

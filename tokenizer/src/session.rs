@@ -141,6 +141,25 @@ pub enum Output {
     },
 }
 
+/// A model output read in place from ONNX Runtime's buffer (see [`Model::run_f32_with`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputView<'a> {
+    /// A float32 tensor.
+    F32 {
+        /// Dimensions.
+        shape: Vec<usize>,
+        /// Row-major values.
+        data: &'a [f32],
+    },
+    /// An int64 tensor.
+    I64 {
+        /// Dimensions.
+        shape: Vec<usize>,
+        /// Row-major values.
+        data: &'a [i64],
+    },
+}
+
 /// A loaded ONNX model with one float32 input, bound to a device.
 pub struct Model {
     session: Session,
@@ -330,8 +349,31 @@ impl Model {
         self.provider
     }
 
-    /// Runs the model on one float32 input of the given shape and returns its first output.
+    /// Runs the model on one float32 input of the given shape and returns a copy of its first output.
     pub fn run_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<Output> {
+        self.run_f32_with(shape, data, |out| {
+            Ok(match out {
+                OutputView::F32 { shape, data } => Output::F32 {
+                    shape,
+                    data: data.to_vec(),
+                },
+                OutputView::I64 { shape, data } => Output::I64 {
+                    shape,
+                    data: data.to_vec(),
+                },
+            })
+        })
+    }
+
+    /// Runs the model on one float32 input of the given shape and hands its first output, still in ONNX
+    /// Runtime's buffer, to `read`: nothing is copied (the input is borrowed too), which matters for models
+    /// whose output is a large logits tensor that is only reduced (argmax) afterwards.
+    pub fn run_f32_with<R>(
+        &mut self,
+        shape: &[usize],
+        data: &[f32],
+        read: impl FnOnce(OutputView<'_>) -> Result<R>,
+    ) -> Result<R> {
         let err = |e: &dyn fmt::Display| Error::Session {
             model: self.name.clone(),
             reason: e.to_string(),
@@ -358,16 +400,16 @@ impl Model {
         match elem {
             TensorElementType::Float32 => {
                 let (s, d) = value.try_extract_tensor::<f32>().map_err(|e| err(&e))?;
-                Ok(Output::F32 {
+                read(OutputView::F32 {
                     shape: to_usize(s),
-                    data: d.to_vec(),
+                    data: d,
                 })
             }
             TensorElementType::Int64 => {
                 let (s, d) = value.try_extract_tensor::<i64>().map_err(|e| err(&e))?;
-                Ok(Output::I64 {
+                read(OutputView::I64 {
                     shape: to_usize(s),
-                    data: d.to_vec(),
+                    data: d,
                 })
             }
             other => Err(Error::Model {

@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use imglish_ingest::{decode_rgb, render_view, DecodeOptions, Filter, Resizer, ViewParams};
-use imglish_pack::{Dataset, Partition, Sample, Shuffle, Split, StreamOptions, StreamState, TokenRecord};
+use imglish_pack::{Dataset, Partition, Sample, Shuffle, Split, StreamOptions, StreamState, TokenRecord, ViewRecord};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -352,8 +352,8 @@ impl Drop for Loader {
     }
 }
 
-/// A fixed set of batches: every sample of a split, its centre view (view 0), masks keyed by a reserved epoch.
-/// Used for validation loss during training and for features in `probe`.
+/// A fixed set of batches: every sample of a split, its centre view (view 0) or every stored view, masks keyed
+/// by a reserved epoch. Used for validation loss during training and for features in `probe`.
 #[derive(Debug, Clone)]
 pub struct FixedSet {
     /// The batches.
@@ -365,21 +365,22 @@ pub struct FixedSet {
 }
 
 impl FixedSet {
-    /// Up to `limit` samples of `split` in dataset order.
+    /// Up to `limit` samples of `split` in dataset order: their centre views, or with `all_views` every stored
+    /// view (the augmented crops too: `samples` then counts views).
     pub(crate) fn load(
         dataset: &Dataset,
         split: Split,
         builder: &Builder,
         batch_size: usize,
         limit: usize,
+        all_views: bool,
     ) -> Result<FixedSet> {
         let mut resizer = Resizer::new();
         let mut batches = Vec::new();
         let mut skipped = Vec::new();
         let mut pending = builder.pending();
         let mut samples = 0usize;
-        let add = |pending: &mut Pending, r: &TokenRecord, resizer: &mut Resizer| {
-            let v = &r.views[0];
+        let add = |pending: &mut Pending, r: &TokenRecord, v: &ViewRecord, resizer: &mut Resizer| {
             builder.push(
                 pending,
                 resizer,
@@ -402,11 +403,14 @@ impl FixedSet {
                         break 'outer;
                     }
                     samples += 1;
-                    add(&mut pending, &r, &mut resizer);
-                    if pending.ids.len() == batch_size {
-                        let full = std::mem::replace(&mut pending, builder.pending());
-                        skipped.extend(full.skipped.iter().cloned());
-                        batches.push(builder.finish(full, StreamState::default()));
+                    let views = if all_views { &r.views[..] } else { &r.views[..1] };
+                    for v in views {
+                        add(&mut pending, &r, v, &mut resizer);
+                        if pending.ids.len() == batch_size {
+                            let full = std::mem::replace(&mut pending, builder.pending());
+                            skipped.extend(full.skipped.iter().cloned());
+                            batches.push(builder.finish(full, StreamState::default()));
+                        }
                     }
                 }
             }

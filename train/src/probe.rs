@@ -1,5 +1,6 @@
-//! Linear probing: a frozen encoder, mean-pooled patch features of the centre view, a linear classifier trained
-//! on the training split's labels and scored on the validation split, next to the same probe on a randomly
+//! Linear probing: a frozen encoder, mean-pooled patch features, a linear classifier trained on the training
+//! split's labels (every stored view of each training image: the augmented crops are the usual probe-training
+//! augmentation) and scored on the centre views of the validation split, next to the same probe on a randomly
 //! initialised encoder of the same configuration (and the majority-class baseline).
 
 use std::path::Path;
@@ -28,6 +29,13 @@ pub struct ProbeConfig {
     pub batch_size: usize,
     /// At most this many samples per split.
     pub max_samples: usize,
+    /// Train the classifier on every stored view of the training images (default), not only their centre views.
+    #[serde(default = "yes")]
+    pub train_all_views: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for ProbeConfig {
@@ -38,6 +46,7 @@ impl Default for ProbeConfig {
             weight_decay: 1e-4,
             batch_size: 64,
             max_samples: 50_000,
+            train_all_views: true,
         }
     }
 }
@@ -47,7 +56,7 @@ impl Default for ProbeConfig {
 pub struct ProbeReport {
     /// Classes (largest label + 1).
     pub classes: i64,
-    /// Labelled training samples.
+    /// Labelled training examples (views, when training on every view).
     pub train_samples: i64,
     /// Labelled validation samples.
     pub val_samples: i64,
@@ -74,8 +83,15 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
         masking: run.masking.clone(),
         seed: run.seed,
     };
-    let train = FixedSet::load(&dataset, Split::Train, &builder, config.batch_size, config.max_samples)?;
-    let val = FixedSet::load(&dataset, Split::Val, &builder, config.batch_size, config.max_samples)?;
+    let train = FixedSet::load(
+        &dataset,
+        Split::Train,
+        &builder,
+        config.batch_size,
+        config.max_samples,
+        config.train_all_views,
+    )?;
+    let val = FixedSet::load(&dataset, Split::Val, &builder, config.batch_size, config.max_samples, false)?;
     let (ytr, yva) = (train.labels(), val.labels());
     let keep_tr = ytr.ge(0);
     let keep_va = yva.ge(0);

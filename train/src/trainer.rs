@@ -387,6 +387,7 @@ pub fn train(
         &builder,
         config.stream.batch_size,
         options.eval_samples,
+        false,
     )?;
     observer(&Event::Started {
         step,
