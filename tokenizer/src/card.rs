@@ -397,8 +397,18 @@ mod tests {
     fn logits_argmax_takes_the_first_maximum_and_never_nan() {
         // [B=2, V=3, 1, 2]: per image, class-major planes of 2 positions.
         let data = [
-            0.0, 5.0, /* k=0 */ 1.0, 5.0, /* k=1 */ 1.0, 4.0, /* k=2: ties at position 0 go to k=1 */
-            f32::NAN, -1.0, /* image 1, k=0 */ -3.0, f32::NAN, /* k=1 */ -2.0, -1.0, /* k=2 */
+            0.0,
+            5.0,
+            /* k=0 */ 1.0,
+            5.0,
+            /* k=1 */ 1.0,
+            4.0, /* k=2: ties at position 0 go to k=1 */
+            f32::NAN,
+            -1.0,
+            /* image 1, k=0 */ -3.0,
+            f32::NAN,
+            /* k=1 */ -2.0,
+            -1.0, /* k=2 */
         ];
         let out = OutputView::F32 {
             shape: vec![2, 3, 1, 2],

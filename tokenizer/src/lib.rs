@@ -33,6 +33,7 @@ mod card;
 mod error;
 mod kmeans;
 pub mod onnx;
+mod ordered;
 mod runtime;
 mod session;
 mod text;

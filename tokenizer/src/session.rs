@@ -68,6 +68,7 @@ pub struct SessionOptions {
     device: Device,
     intra_threads: usize,
     optimize: bool,
+    spinning: bool,
 }
 
 impl Default for SessionOptions {
@@ -76,6 +77,7 @@ impl Default for SessionOptions {
             device: Device::Cpu,
             intra_threads: 1,
             optimize: true,
+            spinning: false,
         }
     }
 }
@@ -102,6 +104,14 @@ impl SessionOptions {
     /// Enables (default) or disables ONNX Runtime's graph optimisations.
     pub fn with_optimization(mut self, on: bool) -> Self {
         self.optimize = on;
+        self
+    }
+
+    /// Lets ONNX Runtime's intra-op threads busy-wait between operators (off by default: in `tokenize` the
+    /// decode workers share the cores with the model, and spinning threads take cycles from them; measured in
+    /// `scripts/bench-tokenize`).
+    pub fn with_spinning(mut self, on: bool) -> Self {
+        self.spinning = on;
         self
     }
 
@@ -306,6 +316,8 @@ impl Model {
             .with_intra_threads(options.intra_threads)
             .map_err(|e| session_err(&e))?
             .with_inter_threads(1)
+            .map_err(|e| session_err(&e))?
+            .with_intra_op_spinning(options.spinning)
             .map_err(|e| session_err(&e))?;
         if !eps.is_empty() {
             builder = builder.with_execution_providers(eps).map_err(|e| Error::Device {

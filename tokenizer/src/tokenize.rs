@@ -7,7 +7,6 @@
 //! process. `tokenize.json` (and `rejects.parquet`) are written once every part is done.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
 use image::RgbImage;
@@ -17,11 +16,11 @@ use imglish_ingest::{
 use imglish_pack::{
     part_file_name, PartEntry, PartWriter, Split, TokenRecord, TokenizerInfo, TokensManifest, ViewRecord,
 };
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::card::VisualTokenizer;
 use crate::error::{Error, Result};
+use crate::ordered;
 use crate::text::TextTokenizer;
 use crate::views::{render_decoded, render_views, ViewSpec};
 
@@ -266,31 +265,20 @@ pub fn tokenize(
         let part_path = out.join(part_file_name(n));
         let mut writer = PartWriter::try_new(&part_path, &info).map_err(|e| pack_err(&part_path, e))?;
         let mut rejects = Vec::new();
-        let (tx, rx) = sync_channel::<Vec<Prepared>>(2);
         let pixels = config.pixels;
-        std::thread::scope(|scope| -> Result<()> {
-            // Owned here, so that an early return drops the receiver and the producer stops instead of blocking.
-            let rx = rx;
-            scope.spawn(|| {
-                for (ci, chunk) in part_rows.chunks(images_per_batch).enumerate() {
-                    let prepared: Vec<Prepared> = chunk
-                        .par_iter()
-                        .enumerate()
-                        .map_init(Resizer::new, |resizer, (i, row)| Prepared {
-                            row: ci * images_per_batch + i,
-                            ..prepare(row, &spec, pixels, resizer)
-                        })
-                        .collect();
-                    if tx.send(prepared).is_err() {
-                        break;
-                    }
-                }
-                drop(tx);
-            });
-            loop {
-                let wait = Instant::now();
-                let Ok(batch) = rx.recv() else { break };
-                summary.wait_seconds += wait.elapsed().as_secs_f64();
+        // Decode on every rayon thread without a barrier per batch; the model gets batches in row order.
+        let mut last = Instant::now();
+        ordered::ordered_map(
+            part_rows,
+            images_per_batch,
+            images_per_batch * 4,
+            Resizer::new,
+            |resizer, i, row| Prepared {
+                row: i,
+                ..prepare(row, &spec, pixels, resizer)
+            },
+            |batch: Vec<Prepared>| -> Result<()> {
+                summary.wait_seconds += last.elapsed().as_secs_f64();
                 let mut images: Vec<&[u8]> = Vec::new();
                 for p in &batch {
                     if let Ok((_, imgs, _)) = &p.result {
@@ -349,9 +337,10 @@ pub fn tokenize(
                     }
                     progress(1);
                 }
-            }
-            Ok(())
-        })?;
+                last = Instant::now();
+                Ok(())
+            },
+        )?;
         let entry = writer.finish().map_err(|e| pack_err(&part_path, e))?;
         let done = PartDone {
             run: run_fingerprint.clone(),

@@ -91,7 +91,14 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
         config.max_samples,
         config.train_all_views,
     )?;
-    let val = FixedSet::load(&dataset, Split::Val, &builder, config.batch_size, config.max_samples, false)?;
+    let val = FixedSet::load(
+        &dataset,
+        Split::Val,
+        &builder,
+        config.batch_size,
+        config.max_samples,
+        false,
+    )?;
     let (ytr, yva) = (train.labels(), val.labels());
     let keep_tr = ytr.ge(0);
     let keep_va = yva.ge(0);
