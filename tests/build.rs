@@ -6,6 +6,15 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+/// This package's directory. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test, which stays right when the
+/// (shared) target directory holds a binary compiled from another clone of the repository; the compile-time
+/// value is the fallback for running the binary by hand.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn imglish(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_imglish"))
         .current_dir(dir)
@@ -39,8 +48,7 @@ fn dataset_hash(dir: &Path) -> String {
 fn builds_are_reproducible_resumable_and_verifiable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/build/demo.toml"))
-        .expect("example config");
+    let text = std::fs::read_to_string(manifest_dir().join("examples/build/demo.toml")).expect("example config");
     let config = text.replace("images = 240", "images = 80");
     assert!(config.contains("images = 80") && config.contains("[text_tokenizer.fit]"));
     std::fs::write(d.join("demo.toml"), config).expect("write config");

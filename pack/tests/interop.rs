@@ -4,14 +4,23 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use imglish_pack::{pack_dataset, Dataset, PackConfig};
 use sha2::{Digest, Sha256};
 
+/// This package's directory. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test, which stays right when the
+/// (shared) target directory holds a binary compiled from another clone of the repository; the compile-time
+/// value is the fallback for running the binary by hand.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn python() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = manifest_dir().join("..");
     let out = Command::new(repo.join("scripts/setup-libtorch"))
         .arg("--python")
         .output()
@@ -40,7 +49,7 @@ fn polars_reads_our_shards_with_the_written_values() {
 
     let shards = common::shard_paths(&out);
     let output = Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop_read.py"))
+        .arg(manifest_dir().join("tests/interop_read.py"))
         .args(&shards)
         .output()
         .expect("run polars");

@@ -20,7 +20,7 @@ pub struct QuickstartArgs {
     #[arg(long, value_name = "DIR", default_value = "quickstart")]
     pub out: PathBuf,
     /// Demo images to draw.
-    #[arg(long, default_value_t = 240)]
+    #[arg(long, default_value_t = 1200)]
     pub images: usize,
     /// Views tokenized per image.
     #[arg(long, default_value_t = 4)]
@@ -31,13 +31,14 @@ pub struct QuickstartArgs {
     /// Text tokenizer vocabulary.
     #[arg(long, default_value_t = 2000)]
     pub text_vocab: u32,
-    /// Model preset.
+    /// Model preset. With the default `tiny`, quickstart narrows it to the demo model (--dim 128 --depth 4
+    /// --heads 4: ~4 minutes for the default steps on 2 cores) unless --dim/--depth/--heads are given.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     #[command(flatten)]
     pub size: SizeArgs,
     /// Training steps.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 600)]
     pub steps: u64,
     /// Samples per training step.
     #[arg(long, default_value_t = 32)]
@@ -120,7 +121,13 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
         "--seed".into(),
         seed.clone(),
     ];
+    let demo_model = args.preset == "tiny" && args.size.flags().iter().all(|(_, v)| v.is_none());
     for (flag, v) in args.size.flags() {
+        let v = match (v, flag) {
+            (None, "--dim") if demo_model => Some(128),
+            (None, "--depth" | "--heads") if demo_model => Some(4),
+            _ => v,
+        };
         if let Some(v) = v {
             train.extend([flag.to_string(), v.to_string()]);
         }

@@ -3,14 +3,23 @@
 //! must agree within 1e-4.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use imglish_train::{Beit, Input, InputKind, MaskKind, Masking, ModelConfig, RelPosBias};
 use tch::{Device, Kind, Tensor};
 
+/// This package's directory. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test, which stays right when the
+/// (shared) target directory holds a binary compiled from another clone of the repository; the compile-time
+/// value is the fallback for running the binary by hand.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    manifest_dir().join("..")
 }
 
 /// The python of the torch venv (`scripts/setup-libtorch` installs it; `scripts/test` runs that first).
