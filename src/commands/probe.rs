@@ -62,10 +62,12 @@ pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()>
     let report = probe(&args.dataset, &checkpoint, &config, device)
         .with_context(|| format!("probing {} on {} failed", checkpoint.display(), args.dataset.display()))?;
     let text = format!(
-        "probe: val accuracy {:.3} (random encoder {:.3}, majority class {:.3}); {} classes, {} train \
+        "probe: val accuracy {:.3} ± {:.3} (random encoder {:.3} ± {:.3}, majority class {:.3}); {} classes, {} train \
          examples / {} val samples; checkpoint {} ({:.1}s)",
         report.accuracy,
+        report.accuracy_se,
         report.random_accuracy,
+        report.random_accuracy_se,
         report.majority_accuracy,
         report.classes,
         report.train_samples,

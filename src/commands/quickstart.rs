@@ -237,12 +237,15 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
          visual.card.json (k-means codebook), text.json\n  tokens/      token parts + tokenize.json\n  dataset/     \
          Arrow IPC shards + index.json\n  run/         checkpoints/, metrics.jsonl, config.json, loss.png\n\
          validation MIM loss {first:.3} at step 0 -> {last:.3} at the end; curve: {}\n\
-         linear probe (val accuracy): {:.3} trained encoder vs {:.3} random encoder (majority class {:.3}, {} classes)",
+         linear probe (val accuracy ± standard error): {:.3} ± {:.3} trained encoder vs {:.3} ± {:.3} random encoder \
+         (majority class {:.3}, {} classes)",
         started.elapsed().as_secs_f64(),
         args.out.display(),
         args.out.join(run_dir.join("loss.png")).display(),
         report.accuracy,
+        report.accuracy_se,
         report.random_accuracy,
+        report.random_accuracy_se,
         report.majority_accuracy,
         report.classes,
     );

@@ -66,6 +66,11 @@ pub struct ProbeReport {
     pub random_accuracy: f64,
     /// Validation accuracy of always predicting the most frequent training class.
     pub majority_accuracy: f64,
+    /// Binomial standard error of `accuracy` over the validation samples, √(a(1−a)/n): differences between
+    /// probes much smaller than about twice this are noise.
+    pub accuracy_se: f64,
+    /// The same for `random_accuracy`.
+    pub random_accuracy_se: f64,
 }
 
 /// Probes the encoder of `checkpoint` on `dataset_dir`.
@@ -133,6 +138,7 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
     let accuracy = score(&trained)?;
     let random = Beit::new(&run.model, device, run.seed)?;
     let random_accuracy = score(&random)?;
+    let se = |a: f64| (a * (1.0 - a) / nva as f64).sqrt();
     Ok(ProbeReport {
         classes,
         train_samples: ntr,
@@ -140,6 +146,8 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
         accuracy,
         random_accuracy,
         majority_accuracy,
+        accuracy_se: se(accuracy),
+        random_accuracy_se: se(random_accuracy),
     })
 }
 
