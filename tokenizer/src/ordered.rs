@@ -55,6 +55,16 @@ impl Gate {
     }
 }
 
+/// Stops the gate when dropped: on the consumer's return, and also when it panics, so that no producer is left
+/// waiting at the gate (the scope would then never join).
+struct StopOnDrop<'a>(&'a Gate);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// Maps `items` with `map` on the current rayon pool (`init` makes each thread's scratch state) and passes the
 /// results to `consume`, in input order, in groups of `group` (the last one shorter). At most `window` items
 /// (at least `group`) are prepared ahead of the consumer. An error from `consume` stops the producers and is
@@ -101,6 +111,7 @@ where
             });
         });
 
+        let stop = StopOnDrop(gate);
         let mut run = || -> Result<(), E> {
             let mut pending = BTreeMap::new();
             let mut batch = Vec::with_capacity(group);
@@ -123,9 +134,9 @@ where
             Ok(())
         };
         let result = run();
-        // Finished or failed: release any producer waiting at the gate; dropping the receiver (below, with the
-        // closure's borrow ended) makes the others' next send fail.
-        gate.stop();
+        // Finished or failed: release any producer waiting at the gate; dropping the receiver makes the others'
+        // next send fail.
+        drop(stop);
         drop(rx);
         result
     })
@@ -218,5 +229,29 @@ mod tests {
         // Nothing beyond the window (plus the items threads had already taken) was prepared.
         let started = started.load(Ordering::Relaxed);
         assert!(started <= 12 + 8 + 3, "{started} items prepared");
+    }
+
+    #[test]
+    fn a_panicking_consumer_panics_the_caller_instead_of_hanging() {
+        let items: Vec<u64> = (0..1000).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool");
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.install(|| {
+                let mut groups = 0;
+                ordered_map(
+                    &items,
+                    4,
+                    8,
+                    || (),
+                    |_, _, x| *x,
+                    |_| -> Result<(), ()> {
+                        groups += 1;
+                        assert!(groups < 3, "consumer fails");
+                        Ok(())
+                    },
+                )
+            })
+        }));
+        assert!(outcome.is_err());
     }
 }
