@@ -3,7 +3,8 @@
 //!
 //! Images are procedurally drawn: a large centred shape whose class is the label and, in most images, a smaller
 //! second shape beside it (the caption says on which side), in named colours on a textured background, at
-//! sizes from 64 px to 1500 px and varied aspect ratios, as JPEG or PNG, some grayscale and some RGBA. Captions describe what is drawn. The same seed gives the same bytes.
+//! sizes from 64 px to 1500 px and varied aspect ratios, as JPEG or PNG, some grayscale and some RGBA.
+//! Captions describe what is drawn. The same seed gives the same bytes.
 //!
 //! Layout written under the output directory:
 //!
@@ -34,7 +35,7 @@ use crate::rng::Rng;
 /// Version of the generator; bump when the bytes it writes change.
 pub const DEMO_VERSION: u32 = 2;
 
-/// The shape classes (the label of an image is the class of its first shape); class index = position here,
+/// The shape classes (the label of an image is the class of its large centred shape); class index = position here,
 /// which is also the sorted order of the folder names.
 pub const CLASSES: [&str; 6] = ["circle", "cross", "diamond", "ring", "square", "triangle"];
 
