@@ -6,10 +6,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::{Args, Parser};
+use clap::{Args, Parser, ValueEnum};
 use imglish_train::{probe, ProbeConfig, TorchDevice};
 
 use crate::cli::Cli;
+use crate::commands::tokenizer::Features;
 use crate::commands::train::SizeArgs;
 use crate::output::Output;
 
@@ -28,6 +29,9 @@ pub struct QuickstartArgs {
     /// Visual codebook size.
     #[arg(long, default_value_t = 512)]
     pub codebook: u32,
+    /// What the visual codes match (see `imglish tokenizer fit --features`).
+    #[arg(long, value_enum, default_value_t = Features::Rgb)]
+    pub features: Features,
     /// Text tokenizer vocabulary.
     #[arg(long, default_value_t = 2000)]
     pub text_vocab: u32,
@@ -169,6 +173,11 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
             "112",
             "--codebook",
             &args.codebook.to_string(),
+            "--features",
+            args.features
+                .to_possible_value()
+                .expect("no skipped variants")
+                .get_name(),
             "--seed",
             &seed,
             "--out",

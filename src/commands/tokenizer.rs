@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use imglish_tokenizer::{fit_codebook, fit_text_tokenizer, Card, FitConfig, TextModel};
+use imglish_tokenizer::{fit_codebook, fit_text_tokenizer, Card, FitConfig, PatchFeatures, TextModel};
 
 use crate::output::Output;
 
@@ -46,15 +46,39 @@ pub struct FitArgs {
     /// At most this many training patches.
     #[arg(long, default_value_t = 200_000)]
     pub max_patches: usize,
-    /// Subtract each patch's mean before matching.
-    #[arg(long)]
-    pub patch_norm: bool,
+    /// What codes match: `rgb` (colours and texture), `centred` (minus each patch's mean) or `structure`
+    /// (colour-free edges and textures by direction, plus a "flat" code: the vocabulary stays --codebook).
+    #[arg(long, value_enum, default_value_t = Features::Rgb)]
+    pub features: Features,
+    /// With --features structure: RMS contrast per pixel (pixels in [-1, 1]) below which a patch is "flat".
+    #[arg(long, default_value_t = 0.04)]
+    pub flat_threshold: f32,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output ONNX file; the card is written beside it (`NAME.card.json`).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Features {
+    /// RGB pixels.
+    Rgb,
+    /// RGB pixels minus the patch mean.
+    Centred,
+    /// Luma minus the patch mean, by direction, plus a "flat" code.
+    Structure,
+}
+
+impl From<Features> for PatchFeatures {
+    fn from(f: Features) -> Self {
+        match f {
+            Features::Rgb => PatchFeatures::Rgb,
+            Features::Centred => PatchFeatures::Centred,
+            Features::Structure => PatchFeatures::Structure,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -101,7 +125,8 @@ fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
         max_images: a.max_images,
         max_patches: a.max_patches,
         views_per_image: a.views,
-        patch_norm: a.patch_norm,
+        features: a.features.into(),
+        flat_threshold: a.flat_threshold,
     };
     let bar = out.spinner("reading patches");
     let started = std::time::Instant::now();
@@ -119,7 +144,7 @@ fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
     imglish_tokenizer::VisualTokenizer::load(&a.out, &imglish_tokenizer::SessionOptions::default())
         .context("the fitted tokenizer does not load back")?;
     let text = format!(
-        "tokenizer fit: {} codes of {}x{} patches on {} training patches ({:.1}s)\n  held-out: {} patches, codes used {:.1}%, perplexity {:.1}, quantisation error {:.4} (one code: {:.4})\n  wrote {} and {}",
+        "tokenizer fit: {} codes of {}x{} patches on {} training patches ({:.1}s)\n  held-out: {} patches, codes used {:.1}%, perplexity {:.1}, quantisation error {:.4} (one code: {:.4}){}\n  wrote {} and {}",
         codebook.len(),
         a.patch,
         a.patch,
@@ -130,6 +155,11 @@ fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
         report.perplexity,
         report.quant_error,
         report.quant_error_one_code,
+        if codebook.features() == PatchFeatures::Structure {
+            format!(", flat {:.1}%", report.flat_fraction * 100.0)
+        } else {
+            String::new()
+        },
         a.out.display(),
         card_path.display()
     );

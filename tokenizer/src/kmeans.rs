@@ -35,9 +35,30 @@ pub struct FitConfig {
     pub max_patches: usize,
     /// Views per training image (the centre view plus random-resized crops).
     pub views_per_image: u32,
-    /// Subtract each patch's mean before matching (the ONNX graph reproduces it).
-    pub patch_norm: bool,
+    /// What a patch vector is made of.
+    pub features: PatchFeatures,
+    /// With [`PatchFeatures::Structure`]: the RMS contrast per pixel (inputs in [-1, 1]) below which a patch is
+    /// "flat" (the last code) rather than matched to a learned pattern.
+    pub flat_threshold: f32,
 }
+
+/// What the codebook matches: the patch's colours, or its colour-free structure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PatchFeatures {
+    /// The RGB pixels (codes capture colour first, then texture).
+    #[default]
+    Rgb,
+    /// The RGB pixels minus the patch mean (brightness-invariant; colour differences remain).
+    Centred,
+    /// Luma minus the patch mean, matched by direction (spherical k-means): codes are edges, corners and
+    /// textures whatever their colours and contrast; a patch whose best code projects below the flat threshold
+    /// gets the extra, last code "flat". The ONNX graph is still one convolution and an ArgMax.
+    Structure,
+}
+
+/// ITU-R BT.601 luma weights.
+const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
 
 impl Default for FitConfig {
     fn default() -> Self {
@@ -50,7 +71,8 @@ impl Default for FitConfig {
             max_images: 5000,
             max_patches: 200_000,
             views_per_image: 2,
-            patch_norm: false,
+            features: PatchFeatures::Rgb,
+            flat_threshold: 0.04,
         }
     }
 }
@@ -68,8 +90,22 @@ impl FitConfig {
                 self.input_size, self.patch
             )));
         }
-        if self.codebook < 2 || self.codebook > 65536 {
-            return Err(bad(format!("--codebook {} is out of range 2..=65536", self.codebook)));
+        if !(self.flat_threshold.is_finite() && self.flat_threshold >= 0.0) {
+            return Err(bad(format!(
+                "--flat-threshold {} must be a finite number >= 0",
+                self.flat_threshold
+            )));
+        }
+        let min_codes = if self.features == PatchFeatures::Structure {
+            3
+        } else {
+            2
+        };
+        if self.codebook < min_codes || self.codebook > 65536 {
+            return Err(bad(format!(
+                "--codebook {} is out of range {min_codes}..=65536",
+                self.codebook
+            )));
         }
         if self.views_per_image == 0 || self.max_images == 0 || self.max_patches == 0 {
             return Err(bad("--views, --max-images and --max-patches must be positive".into()));
@@ -78,7 +114,21 @@ impl FitConfig {
     }
 
     fn dim(&self) -> usize {
-        3 * (self.patch * self.patch) as usize
+        feature_dim(self.features, self.patch)
+    }
+
+    /// Codes learned by k-means (structure codebooks reserve one for "flat").
+    fn learned_codes(&self) -> usize {
+        self.codebook as usize - usize::from(self.features == PatchFeatures::Structure)
+    }
+}
+
+fn feature_dim(features: PatchFeatures, patch: u32) -> usize {
+    let plane = (patch * patch) as usize;
+    if features == PatchFeatures::Structure {
+        plane
+    } else {
+        3 * plane
     }
 }
 
@@ -97,6 +147,10 @@ pub struct FitReport {
     pub quant_error: f64,
     /// The same error with one code (the mean patch): a baseline.
     pub quant_error_one_code: f64,
+    /// Fraction of held-out patches given the "flat" code (structure codebooks; 0 otherwise). The errors above
+    /// are then measured on the other patches, as unit vectors.
+    #[serde(default)]
+    pub flat_fraction: f64,
 }
 
 /// A fitted codebook.
@@ -105,7 +159,8 @@ pub struct Codebook {
     centroids: Array2<f32>,
     patch: u32,
     input_size: u32,
-    patch_norm: bool,
+    features: PatchFeatures,
+    flat_threshold: f32,
 }
 
 const CHUNK: usize = 1024;
@@ -114,9 +169,19 @@ const CHUNK: usize = 1024;
 const KMEANS_PP_MAX: usize = 1024;
 
 impl Codebook {
-    /// Number of codes.
+    /// Number of codes (the vocabulary, "flat" included).
     pub fn len(&self) -> usize {
-        self.centroids.nrows()
+        self.centroids.nrows() + usize::from(self.features == PatchFeatures::Structure)
+    }
+
+    /// What the codes match.
+    pub fn features(&self) -> PatchFeatures {
+        self.features
+    }
+
+    /// The score threshold of the "flat" code: `flat_threshold · √(P²)` (a projection of the centred luma).
+    fn flat_score(&self) -> f32 {
+        self.flat_threshold * self.patch as f32
     }
 
     /// `true` without codes (never for a fitted codebook).
@@ -125,30 +190,88 @@ impl Codebook {
     }
 
     /// The patch vectors of a normalised CHW image (`3 × S × S` floats), in grid order; each vector is laid
-    /// out channel, row, column (the layout of the ONNX convolution weights).
+    /// out channel, row, column (the layout of the ONNX convolution weights); structure vectors are the
+    /// centred luma, row, column.
     pub fn patches(&self, chw: &[f32]) -> Array2<f32> {
-        extract_patches(chw, self.input_size as usize, self.patch as usize, self.patch_norm)
+        extract_patches(chw, self.input_size as usize, self.patch as usize, self.features)
     }
 
-    /// The nearest code of every row of `x` (plain Rust; the reference the ONNX graph is checked against).
+    /// The code of every row of `x` (plain Rust; the reference the ONNX graph is checked against) with its
+    /// squared distance (structure codebooks: its projection, the flat code's being the threshold).
     pub fn nearest(&self, x: ArrayView2<'_, f32>) -> Vec<(u16, f32)> {
-        assign(x, &self.centroids)
+        if self.features != PatchFeatures::Structure {
+            return assign(x, &self.centroids);
+        }
+        let flat = self.centroids.nrows() as u16;
+        let threshold = self.flat_score();
+        let scores = x.dot(&self.centroids.t());
+        scores
+            .outer_iter()
+            .map(|row| {
+                let (k, best) = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b });
+                if best < threshold {
+                    (flat, threshold)
+                } else {
+                    (k as u16, best)
+                }
+            })
+            .collect()
+    }
+
+    /// How well `code` matches patch `x`, higher is better: minus the squared distance, or for structure
+    /// codebooks the projection (the flat code's is the threshold). Tests use it to tell float ties apart.
+    pub fn score(&self, x: ndarray::ArrayView1<'_, f32>, code: u16) -> f32 {
+        let k = code as usize;
+        match self.features {
+            PatchFeatures::Structure if k == self.centroids.nrows() => self.flat_score(),
+            PatchFeatures::Structure => x.dot(&self.centroids.row(k)),
+            _ => -self
+                .centroids
+                .row(k)
+                .iter()
+                .zip(x.iter())
+                .map(|(c, v)| (c - v) * (c - v))
+                .sum::<f32>(),
+        }
     }
 
     /// The ONNX model computing nearest-code indices `[B, S/P, S/P]` (int64) from normalised pixels
     /// `[B, 3, S, S]`.
     pub fn to_onnx(&self) -> Vec<u8> {
-        let (k, d) = self.centroids.dim();
+        let k = self.len();
         let p = self.patch as i64;
-        let mut w = Vec::with_capacity(k * d);
+        let mut w = Vec::with_capacity(k * 3 * (p * p) as usize);
         let mut b = Vec::with_capacity(k);
-        for c in self.centroids.outer_iter() {
-            // argmin_k ||x - c_k||² = argmin_k (-2 x·c_k + ||c_k||²); with patch-mean removal m = Σx/d:
-            // ||x - m - c_k||² ≐ x·(-2 c_k + (2 Σc_k / d)·1) + ||c_k||².
-            let shift = if self.patch_norm { 2.0 * c.sum() / d as f32 } else { 0.0 };
-            w.extend(c.iter().map(|v| -2.0 * v + shift));
-            b.push(c.iter().map(|v| v * v).sum::<f32>());
-        }
+        let select = if self.features == PatchFeatures::Structure {
+            // score_k = Σ_c luma_c · (c_k · x_c): the projection of the patch's luma on the zero-mean code
+            // (which ignores the patch mean, so no centring is needed); the flat code scores the threshold.
+            for c in self.centroids.outer_iter() {
+                for l in LUMA {
+                    w.extend(c.iter().map(|v| l * v));
+                }
+                b.push(0.0);
+            }
+            w.extend(std::iter::repeat_n(0.0, 3 * (p * p) as usize));
+            b.push(self.flat_score());
+            "ArgMax"
+        } else {
+            let d = self.centroids.ncols();
+            for c in self.centroids.outer_iter() {
+                // argmin_k ||x - c_k||² = argmin_k (-2 x·c_k + ||c_k||²); with patch-mean removal m = Σx/d:
+                // ||x - m - c_k||² ≐ x·(-2 c_k + (2 Σc_k / d)·1) + ||c_k||².
+                let shift = if self.features == PatchFeatures::Centred {
+                    2.0 * c.sum() / d as f32
+                } else {
+                    0.0
+                };
+                w.extend(c.iter().map(|v| -2.0 * v + shift));
+                b.push(c.iter().map(|v| v * v).sum::<f32>());
+            }
+            "ArgMin"
+        };
         let g = self.input_size as i64 / p;
         let mut gb = GraphBuilder::new("imglish_kmeans_tokenizer");
         let s = self.input_size as i64;
@@ -174,7 +297,7 @@ impl Codebook {
             ],
         )
         .node(
-            "ArgMin",
+            select,
             &["scores"],
             &["tokens"],
             &[("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))],
@@ -188,7 +311,15 @@ impl Codebook {
         let g = self.input_size / self.patch;
         Card {
             card_version: CARD_VERSION,
-            name: format!("imglish-kmeans-{}x{}-k{}", self.patch, self.patch, self.len()),
+            name: match self.features {
+                PatchFeatures::Rgb => format!("imglish-kmeans-{}x{}-k{}", self.patch, self.patch, self.len()),
+                PatchFeatures::Centred => {
+                    format!("imglish-kmeans-centred-{}x{}-k{}", self.patch, self.patch, self.len())
+                }
+                PatchFeatures::Structure => {
+                    format!("imglish-kmeans-structure-{}x{}-k{}", self.patch, self.patch, self.len())
+                }
+            },
             input_size: self.input_size,
             layout: "NCHW".into(),
             normalization: Normalization::MinusOneOne,
@@ -202,24 +333,33 @@ impl Codebook {
     }
 }
 
-fn extract_patches(chw: &[f32], s: usize, p: usize, norm: bool) -> Array2<f32> {
+fn extract_patches(chw: &[f32], s: usize, p: usize, features: PatchFeatures) -> Array2<f32> {
     let g = s / p;
-    let d = 3 * p * p;
+    let d = feature_dim(features, p as u32);
     let mut out = Array2::<f32>::zeros((g * g, d));
     for gy in 0..g {
         for gx in 0..g {
             let mut row = out.row_mut(gy * g + gx);
-            let mut i = 0;
-            for c in 0..3 {
+            if features == PatchFeatures::Structure {
                 for dy in 0..p {
-                    let base = c * s * s + (gy * p + dy) * s + gx * p;
                     for dx in 0..p {
-                        row[i] = chw[base + dx];
-                        i += 1;
+                        let at = (gy * p + dy) * s + gx * p + dx;
+                        row[dy * p + dx] = (0..3).map(|c| LUMA[c] * chw[c * s * s + at]).sum();
+                    }
+                }
+            } else {
+                let mut i = 0;
+                for c in 0..3 {
+                    for dy in 0..p {
+                        let base = c * s * s + (gy * p + dy) * s + gx * p;
+                        for dx in 0..p {
+                            row[i] = chw[base + dx];
+                            i += 1;
+                        }
                     }
                 }
             }
-            if norm {
+            if features != PatchFeatures::Rgb {
                 let m = row.sum() / d as f32;
                 row.mapv_inplace(|v| v - m);
             }
@@ -287,7 +427,7 @@ fn collect_patches(rows: &[&ManifestRow], config: &FitConfig, progress: &(dyn Fn
                     .iter()
                     .map(|img| {
                         let chw = normalize_minus_one_one(img.as_raw(), s as usize);
-                        extract_patches(&chw, s as usize, config.patch as usize, config.patch_norm)
+                        extract_patches(&chw, s as usize, config.patch as usize, config.features)
                     })
                     .collect(),
                 None => Vec::new(),
@@ -304,6 +444,19 @@ fn collect_patches(rows: &[&ManifestRow], config: &FitConfig, progress: &(dyn Fn
         model: "tokenizer fit".into(),
         reason: e.to_string(),
     })
+}
+
+/// The rows of `x` whose norm is at least `min_norm` (and above zero), scaled to unit length.
+fn unit_rows(x: ArrayView2<'_, f32>, min_norm: f32) -> Array2<f32> {
+    let norms: Vec<f32> = x.outer_iter().map(|r| r.dot(&r).sqrt()).collect();
+    let keep: Vec<usize> = (0..x.nrows())
+        .filter(|&i| norms[i] > 0.0 && norms[i] >= min_norm)
+        .collect();
+    let mut out = x.select(Axis(0), &keep);
+    for (mut row, &i) in out.outer_iter_mut().zip(&keep) {
+        row.mapv_inplace(|v| v / norms[i]);
+    }
+    out
 }
 
 /// HWC RGB8 → CHW floats in [-1, 1].
@@ -435,8 +588,13 @@ pub fn fit_codebook(
     let train: Vec<&ManifestRow> = train.into_iter().step_by(stride).collect();
     let held: Vec<&ManifestRow> = held.into_iter().take(config.max_images / 5 + 1).collect();
 
-    let all = collect_patches(&train, config, progress)?;
-    if all.nrows() < config.codebook as usize {
+    let structure = config.features == PatchFeatures::Structure;
+    let mut all = collect_patches(&train, config, progress)?;
+    if structure {
+        // Spherical k-means on the directions of the patches that are not flat.
+        all = unit_rows(all.view(), config.flat_threshold * config.patch as f32);
+    }
+    if all.nrows() < config.learned_codes() {
         return Err(Error::Model {
             model: manifest_dir.display().to_string(),
             reason: format!(
@@ -462,7 +620,7 @@ pub fn fit_codebook(
     };
     // k-means++ is O(K·n·d) and sequential in K: for large codebooks the seeding is a seeded draw of distinct
     // patches instead (Lloyd's iterations then do the work).
-    let k = config.codebook as usize;
+    let k = config.learned_codes();
     let mut centers = if k <= KMEANS_PP_MAX {
         let init_n = x.nrows().min(20_000.max(4 * k));
         kmeans_pp(x.slice(ndarray::s![..init_n, ..]), k, &mut rng)
@@ -476,25 +634,49 @@ pub fn fit_codebook(
     };
     for _ in 0..config.iterations {
         lloyd_step(x.view(), &mut centers);
+        if structure {
+            centers = unit_rows(centers.view(), 0.0);
+        }
     }
     let codebook = Codebook {
         centroids: centers,
         patch: config.patch,
         input_size: config.input_size,
-        patch_norm: config.patch_norm,
+        features: config.features,
+        flat_threshold: config.flat_threshold,
     };
 
-    // Held-out evaluation.
-    let h = collect_patches(&held, config, progress)?;
+    // Held-out evaluation: the code histogram over every patch; the quantisation error over the patches that
+    // are matched to a learned code (for structure codebooks, as unit vectors, like the training patches).
+    let mut h = collect_patches(&held, config, progress)?;
     let assignment = codebook.nearest(h.view());
     let d = config.dim() as f64;
     let mut hist = vec![0u64; codebook.len()];
-    let mut err = 0f64;
-    for (k, dist) in &assignment {
+    for (k, _) in &assignment {
         hist[*k as usize] += 1;
-        err += *dist as f64;
     }
     let n = assignment.len().max(1) as f64;
+    let mut flat_fraction = 0.0;
+    let mut err = 0f64;
+    if structure {
+        let flat = codebook.centroids.nrows();
+        flat_fraction = hist[flat] as f64 / n;
+        let matched: Vec<usize> = (0..assignment.len())
+            .filter(|&i| assignment[i].0 as usize != flat)
+            .collect();
+        h = unit_rows(h.select(Axis(0), &matched).view(), 0.0);
+        for (row, &i) in h.outer_iter().zip(&matched) {
+            let c = codebook.centroids.row(assignment[i].0 as usize);
+            err += row
+                .iter()
+                .zip(c.iter())
+                .map(|(a, b)| ((a - b) * (a - b)) as f64)
+                .sum::<f64>();
+        }
+    } else {
+        err = assignment.iter().map(|a| a.1 as f64).sum();
+    }
+    let matched_n = h.nrows().max(1) as f64;
     let entropy: f64 = hist
         .iter()
         .filter(|&&c| c > 0)
@@ -520,8 +702,9 @@ pub fn fit_codebook(
         heldout_patches: assignment.len(),
         usage: hist.iter().filter(|&&c| c > 0).count() as f64 / codebook.len() as f64,
         perplexity: entropy.exp(),
-        quant_error: err / (n * d),
-        quant_error_one_code: one_code / (n * d),
+        quant_error: err / (matched_n * d),
+        quant_error_one_code: one_code / (matched_n * d),
+        flat_fraction,
     };
     Ok((codebook, report))
 }

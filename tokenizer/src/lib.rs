@@ -42,7 +42,7 @@ mod views;
 
 pub use card::{sha256_hex, Card, Normalization, OutputKind, VisualTokenizer, CARD_VERSION};
 pub use error::{Error, Result};
-pub use kmeans::{fit_codebook, Codebook, FitConfig, FitReport};
+pub use kmeans::{fit_codebook, Codebook, FitConfig, FitReport, PatchFeatures};
 pub use runtime::{library_path, runtime, Runtime};
 pub use session::{Device, Model, Output, OutputView, SessionOptions, TensorInfo};
 pub use text::{fit_text_tokenizer, TextModel, TextTokenizer, SPECIAL_TOKENS};
