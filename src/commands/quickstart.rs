@@ -27,25 +27,26 @@ pub struct QuickstartArgs {
     #[arg(long, default_value_t = 4)]
     pub views: u32,
     /// Visual codebook size.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 1024)]
     pub codebook: u32,
-    /// What the visual codes match (see `imglish tokenizer fit --features`).
-    #[arg(long, value_enum, default_value_t = Features::Rgb)]
+    /// What the visual codes match (see `imglish tokenizer fit --features`). The demo's labels are shapes in
+    /// random colours, which colour codes cannot see.
+    #[arg(long, value_enum, default_value_t = Features::Structure)]
     pub features: Features,
     /// Text tokenizer vocabulary.
     #[arg(long, default_value_t = 2000)]
     pub text_vocab: u32,
     /// Model preset. With the default `tiny`, quickstart narrows it to the demo model (--dim 128 --depth 4
-    /// --heads 4: ~4 minutes for the default steps on 2 cores) unless --dim/--depth/--heads are given.
+    /// --heads 4 --abs-pos: ~4 minutes for the default steps on 2 cores) unless --dim/--depth/--heads are given.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     #[command(flatten)]
     pub size: SizeArgs,
     /// Training steps.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 2400)]
     pub steps: u64,
     /// Samples per training step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Seed of every stage.
     #[arg(long, default_value_t = 0)]
@@ -135,6 +136,9 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
         if let Some(v) = v {
             train.extend([flag.to_string(), v.to_string()]);
         }
+    }
+    if demo_model {
+        train.push("--abs-pos".into());
     }
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let stages: Vec<Vec<String>> = vec![
@@ -243,7 +247,7 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
     let text = format!(
         "quickstart done in {:.0}s. Artifacts under {}:\n  demo/        the generated corpus (images, captions, tar shards, bad inputs)\n  \
          manifest/    samples.parquet, rejects.parquet, classes.json, ingest.json\n  tokenizers/  visual.onnx + \
-         visual.card.json (k-means codebook), text.json\n  tokens/      token parts + tokenize.json\n  dataset/     \
+         visual.card.json (k-means structure codebook), text.json\n  tokens/      token parts + tokenize.json\n  dataset/     \
          Arrow IPC shards + index.json\n  run/         checkpoints/, metrics.jsonl, config.json, loss.png\n\
          validation MIM loss {first:.3} at step 0 -> {last:.3} at the end; curve: {}\n\
          linear probe (val accuracy ± standard error): {:.3} ± {:.3} trained encoder vs {:.3} ± {:.3} random encoder \

@@ -92,6 +92,10 @@ pub struct TrainArgs {
     /// Relative position bias: shared (BEiT pretraining), per-layer or off.
     #[arg(long, value_enum)]
     pub rel_pos: Option<RelPosArg>,
+    /// Add learned absolute position embeddings (BEiT's `use_abs_pos_emb`; `pos_embed`). Short runs learn
+    /// where a masked patch is much sooner with them (docs/training.md has the numbers).
+    #[arg(long)]
+    pub abs_pos: bool,
 
     /// What the encoder reads.
     #[arg(long, value_enum, default_value_t = InputArg::Tokens)]
@@ -202,6 +206,7 @@ impl TrainArgs {
         if let Some(p) = self.drop_path {
             model.drop_path = p;
         }
+        model.abs_pos_emb |= self.abs_pos;
         if let Some(r) = self.rel_pos {
             model.rel_pos_bias = match r {
                 RelPosArg::Shared => RelPosBias::Shared,

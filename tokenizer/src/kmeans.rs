@@ -598,8 +598,9 @@ pub fn fit_codebook(
         return Err(Error::Model {
             model: manifest_dir.display().to_string(),
             reason: format!(
-                "only {} training patches for a codebook of {} codes (use more images or a smaller --codebook)",
+                "only {} {}training patches for a codebook of {} codes (use more images or a smaller --codebook)",
                 all.nrows(),
+                if structure { "non-flat " } else { "" },
                 config.codebook
             ),
         });

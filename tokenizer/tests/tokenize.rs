@@ -13,7 +13,7 @@ use imglish_ingest::{
 use imglish_tokenizer::onnx::{self, proto::data_type::FLOAT, Attr, Dim, GraphBuilder};
 use imglish_tokenizer::{
     fit_codebook, fit_text_tokenizer, sha256_hex, tokenize, Card, Device, FitConfig, Normalization, OutputKind,
-    SessionOptions, TextModel, TextTokenizer, TokenizeConfig, VisualTokenizer,
+    PatchFeatures, SessionOptions, TextModel, TextTokenizer, TokenizeConfig, VisualTokenizer,
 };
 
 /// A demo corpus and its manifest, shared by the tests of this file.
@@ -48,9 +48,9 @@ fn small_fit() -> FitConfig {
     }
 }
 
-/// A fitted tokenizer written to `dir`: (model path, codebook).
-fn fitted(dir: &Path) -> (PathBuf, imglish_tokenizer::Codebook) {
-    let (codebook, report) = fit_codebook(manifest(), &small_fit(), &|_| {}).expect("fit");
+/// A tokenizer fitted with `config`, written to `dir`: (model path, codebook).
+fn fitted_with(dir: &Path, config: &FitConfig) -> (PathBuf, imglish_tokenizer::Codebook) {
+    let (codebook, report) = fit_codebook(manifest(), config, &|_| {}).expect("fit");
     assert!(report.usage > 0.5, "{report:?}");
     assert!(report.quant_error < report.quant_error_one_code, "{report:?}");
     let bytes = codebook.to_onnx();
@@ -59,6 +59,10 @@ fn fitted(dir: &Path) -> (PathBuf, imglish_tokenizer::Codebook) {
     std::fs::write(&path, &bytes).expect("write");
     std::fs::write(Card::path_for(&path), serde_json::to_vec(&card).expect("json")).expect("write card");
     (path, codebook)
+}
+
+fn fitted(dir: &Path) -> (PathBuf, imglish_tokenizer::Codebook) {
+    fitted_with(dir, &small_fit())
 }
 
 fn center_pixels(size: u32, filter: Filter) -> Vec<Vec<u8>> {
@@ -76,33 +80,91 @@ fn center_pixels(size: u32, filter: Filter) -> Vec<Vec<u8>> {
 }
 
 #[test]
-fn fitted_kmeans_tokenizer_agrees_with_plain_rust_on_every_patch() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let (path, codebook) = fitted(dir.path());
-    let mut vt = VisualTokenizer::load(&path, &SessionOptions::default()).expect("load");
-    let images = center_pixels(32, Filter::Bicubic);
-    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
-    let tokens = vt.tokenize(&refs).expect("tokenize");
-    let mut checked = 0;
-    for (img, toks) in images.iter().zip(&tokens) {
-        let chw = vt.preprocess(&[img]);
-        let patches = codebook.patches(&chw);
-        let expected = codebook.nearest(patches.view());
-        assert_eq!(toks.len(), 16);
-        for (p, (&t, (e, _))) in toks.iter().zip(&expected).enumerate() {
-            if t != *e {
-                // Only a float tie may differ: both codes must be equally near.
-                let x = patches.row(p);
-                let dist = |k: u16| {
-                    let two = codebook.nearest(x.insert_axis(ndarray::Axis(0)));
-                    (k, two[0].1)
-                };
-                panic!("patch {p}: ORT {t} vs Rust {e} ({:?})", dist(t));
+fn fitted_kmeans_tokenizers_agree_with_plain_rust_on_every_patch() {
+    for features in [PatchFeatures::Rgb, PatchFeatures::Centred, PatchFeatures::Structure] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (path, codebook) = fitted_with(
+            dir.path(),
+            &FitConfig {
+                features,
+                ..small_fit()
+            },
+        );
+        assert_eq!(codebook.len(), 24, "{features:?}: --codebook is the whole vocabulary");
+        let mut vt = VisualTokenizer::load(&path, &SessionOptions::default()).expect("load");
+        assert_eq!(vt.card().vocab_size, 24);
+        let images = center_pixels(32, Filter::Bicubic);
+        let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+        let tokens = vt.tokenize(&refs).expect("tokenize");
+        let (mut checked, mut codes) = (0, std::collections::BTreeSet::new());
+        for (img, toks) in images.iter().zip(&tokens) {
+            let chw = vt.preprocess(&[img]);
+            let patches = codebook.patches(&chw);
+            let expected = codebook.nearest(patches.view());
+            assert_eq!(toks.len(), 16);
+            for (p, (&t, (e, _))) in toks.iter().zip(&expected).enumerate() {
+                if t != *e {
+                    // Only a float tie may differ: both codes must score the same to rounding.
+                    let x = patches.row(p);
+                    let (st, se) = (codebook.score(x, t), codebook.score(x, *e));
+                    assert!(
+                        (st - se).abs() <= 1e-4 * (1.0 + se.abs()),
+                        "{features:?} patch {p}: ORT {t} ({st}) vs Rust {e} ({se})"
+                    );
+                }
+                codes.insert(t);
+                checked += 1;
             }
-            checked += 1;
+        }
+        assert_eq!(checked, 6 * 16);
+        assert!(codes.len() > 4, "{features:?}: only codes {codes:?}");
+        if features == PatchFeatures::Structure {
+            assert!(codes.contains(&23), "structure: no flat patch among {codes:?}");
         }
     }
-    assert_eq!(checked, 6 * 16);
+}
+
+#[test]
+fn structure_codes_ignore_colour_and_flat_patches_get_the_last_code() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = FitConfig {
+        features: PatchFeatures::Structure,
+        ..small_fit()
+    };
+    let (path, _) = fitted_with(dir.path(), &config);
+    let mut vt = VisualTokenizer::load(&path, &SessionOptions::default()).expect("load");
+    // A disc on a plain background, drawn in two colour pairs with the same luma order (dark on light).
+    let disc = |fg: [u8; 3], bg: [u8; 3]| -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 * 32 * 3);
+        for y in 0..32 {
+            for x in 0..32 {
+                let (dx, dy) = (x as f32 - 15.5, y as f32 - 15.5);
+                out.extend(if dx * dx + dy * dy < 121.0 { fg } else { bg });
+            }
+        }
+        out
+    };
+    let a = disc([20, 20, 160], [250, 240, 120]);
+    let b = disc([120, 10, 10], [200, 255, 230]);
+    let flat = vec![77u8; 32 * 32 * 3];
+    let tokens = vt.tokenize(&[&a, &b, &flat]).expect("tokenize");
+    assert_eq!(tokens[0], tokens[1], "the same shape in other colours");
+    assert!(
+        tokens[2].iter().all(|&t| t == 23),
+        "a uniform image is all flat: {:?}",
+        tokens[2]
+    );
+    assert!(
+        tokens[0].iter().any(|&t| t != 23),
+        "the disc's edges are not flat: {:?}",
+        tokens[0]
+    );
+    // The RGB codebook sees the colours instead.
+    let rgb_dir = tempfile::tempdir().expect("tmp");
+    let (rgb_path, _) = fitted_with(rgb_dir.path(), &small_fit());
+    let mut rgb = VisualTokenizer::load(&rgb_path, &SessionOptions::default()).expect("load");
+    let t = rgb.tokenize(&[&a, &b]).expect("tokenize");
+    assert_ne!(t[0], t[1]);
 }
 
 #[test]
