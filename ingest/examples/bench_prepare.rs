@@ -12,12 +12,12 @@
 //!
 //! `time` prints one tab-separated line per (group, size, decode mode, threads):
 //! `imglish  GROUP  SIZE  MODE  THREADS  IMAGES  SECONDS  CPU_SECONDS  CHECKSUM` where MODE is `reduced` (JPEG DCT-domain reduced
-//! decode, the default path) or `full`. Sizes: 224 with bicubic (Catmull-Rom), 112 with Lanczos3. THREADS is a
+//! decode, the default path), `full` or `draft` (reduced as far as Pillow's `draft()`). Sizes: 224 with bicubic (Catmull-Rom), 112 with Lanczos3. THREADS is a
 //! comma-separated list; 1 runs on the calling thread, N > 1 on a rayon pool of N threads with one `Resizer`
 //! per thread.
 //!
-//! `views` writes, for every image, the raw RGB8 224 bicubic and 112 Lanczos3 centre views from the full and
-//! the reduced decode (`OUT/NNNN.{full,reduced}{224,112}.rgb`) and `OUT/views.tsv` (index, path, upright
+//! `views` writes, for every image, the raw RGB8 224 bicubic and 112 Lanczos3 centre views from the full, the
+//! reduced and the draft decode (`OUT/NNNN.{full,reduced,draft}{224,112}.rgb`) and `OUT/views.tsv` (index, path, upright
 //! source width and height, the crop box, the reduced decode's scale).
 //!
 //! `breakdown` prints, per image, the milliseconds to decode (reduced and full) and to render the view.
@@ -98,11 +98,17 @@ fn configs() -> Vec<(u32, Filter, &'static str, DecodeOptions)> {
         reduced_decode: false,
         ..DecodeOptions::default()
     };
+    let draft = DecodeOptions {
+        draft: true,
+        ..DecodeOptions::default()
+    };
     vec![
         (224, Filter::Bicubic, "reduced", reduced),
         (224, Filter::Bicubic, "full", full),
+        (224, Filter::Bicubic, "draft", draft),
         (112, Filter::Lanczos3, "reduced", reduced),
         (112, Filter::Lanczos3, "full", full),
+        (112, Filter::Lanczos3, "draft", draft),
     ]
 }
 
@@ -166,7 +172,7 @@ fn views(imgs: &[Img], out: &str) {
             }
             geometry = Some((decoded.source_width, decoded.source_height, view.crop));
         }
-        let (w, h, [x, y, cw, ch]) = geometry.expect("four configs");
+        let (w, h, [x, y, cw, ch]) = geometry.expect("six configs");
         tsv.push_str(&format!(
             "{i}\t{}\t{w}\t{h}\t{x}\t{y}\t{cw}\t{ch}\t{}\t{}\n",
             img.path.display(),
@@ -185,7 +191,7 @@ fn breakdown(imgs: &[Img], size: u32) {
     for img in imgs {
         let mut row = Vec::new();
         let mut dims = (0, 0, 1.0);
-        for (_, _, mode, options) in configs().into_iter().filter(|c| c.0 == 224) {
+        for (_, _, mode, options) in configs().into_iter().filter(|c| c.0 == 224 && c.2 != "draft") {
             let (mut dec_best, mut ren_best) = (f64::INFINITY, f64::INFINITY);
             for _ in 0..3 {
                 let t = Instant::now();

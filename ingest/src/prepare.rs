@@ -41,6 +41,10 @@ pub struct DecodeOptions {
     pub background: [u8; 3],
     /// Decode JPEGs at 1/2, 1/4 or 1/8 scale when every view still gets at least its target size.
     pub reduced_decode: bool,
+    /// Reduce JPEGs as far as Pillow's `draft()` does: keep at least the target size after the DCT reduction
+    /// instead of twice it. Faster on large photos, softer views (scripts/bench-ingest reports the PSNR of both).
+    #[serde(default)]
+    pub draft: bool,
 }
 
 impl Default for DecodeOptions {
@@ -49,6 +53,7 @@ impl Default for DecodeOptions {
             limits: ValidationLimits::default(),
             background: [255, 255, 255],
             reduced_decode: true,
+            draft: false,
         }
     }
 }
@@ -75,7 +80,8 @@ fn composite(img: DynamicImage, bg: [u8; 3]) -> RgbImage {
 
 /// Decodes `bytes` to upright RGB8. `max_reduction` is the largest reduction (source pixels per target pixel)
 /// that keeps every requested view at or above its target size; JPEGs are then decoded by libjpeg-turbo at the
-/// largest DCT reduction (1/2, 1/4, 1/8) that keeps twice the target resolution. JPEGs libjpeg-turbo refuses
+/// largest DCT reduction (1/2, 1/4, 1/8) that keeps twice the target resolution (with `draft`: the target
+/// resolution). JPEGs libjpeg-turbo refuses
 /// (CMYK, damaged data) go to the pure-Rust decoders (reduced under the same rule), whose verdict is the reject
 /// reason.
 pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> Result<Decoded, Rejection> {
@@ -83,7 +89,7 @@ pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> 
         .map_err(|_| Rejection::new(Reason::UnsupportedFormat, "not a recognised image format"))?;
     if format == ImageFormat::Jpeg {
         let factor = if options.reduced_decode {
-            reduction_factor(max_reduction)
+            reduction_factor(max_reduction, if options.draft { 1.0 } else { 2.0 })
         } else {
             1
         };
@@ -117,13 +123,13 @@ pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> 
     })
 }
 
-/// The DCT reduction (1, 2, 4 or 8) for a largest allowed reduction: at least twice the target resolution is
-/// kept after the reduction, so the resampling filter still sees the detail it needs (scripts/bench-ingest
-/// measures the PSNR against a full decode + Pillow bicubic).
-fn reduction_factor(max_reduction: f64) -> u32 {
+/// The DCT reduction (1, 2, 4 or 8) for a largest allowed reduction: at least `margin` times the target
+/// resolution is kept after the reduction. The default margin 2 leaves the resampling filter the detail it needs
+/// (scripts/bench-ingest measures the PSNR against a full decode + Pillow bicubic); 1 is Pillow's draft rule.
+fn reduction_factor(max_reduction: f64, margin: f64) -> u32 {
     [8u32, 4, 2]
         .into_iter()
-        .find(|f| *f as f64 * 2.0 <= max_reduction)
+        .find(|f| *f as f64 * margin <= max_reduction)
         .unwrap_or(1)
 }
 
@@ -344,6 +350,27 @@ pub fn max_reduction(views: &[ViewParams], size: u32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn draft_reduces_jpegs_as_far_as_the_target_allows() {
+        let img = RgbImage::from_fn(896, 640, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
+        let mut bytes = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Jpeg)
+            .expect("encode");
+        let draft = DecodeOptions {
+            draft: true,
+            ..DecodeOptions::default()
+        };
+        // A 160 px view of the 640 px side allows a reduction of 4: the default keeps twice the target (1/2),
+        // draft keeps the target (1/4); a reduction of 1.9 allows none.
+        let size = |o: &DecodeOptions, r: f64| decode_rgb(&bytes, o, r).expect("decode").image.dimensions();
+        assert_eq!(size(&DecodeOptions::default(), 4.0), (448, 320));
+        assert_eq!(size(&draft, 4.0), (224, 160));
+        assert_eq!(size(&draft, 1.9), (896, 640));
+        assert_eq!(size(&draft, 100.0), (112, 80));
+        assert_eq!(decode_rgb(&bytes, &draft, 4.0).expect("decode").source_width, 896);
+    }
 
     #[test]
     fn random_views_are_reproducible_and_inside_the_image() {

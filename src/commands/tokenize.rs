@@ -40,6 +40,10 @@ pub struct TokenizeArgs {
     /// Seed of the random views.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Decode JPEGs at the reduced scale Pillow's draft() would use (at least the view size, not twice it):
+    /// faster on large photos, softer views (docs/performance.md has the speed and PSNR).
+    #[arg(long)]
+    pub jpeg_draft: bool,
     /// Keep each sample's working image (JPEG) so a trainer can rebuild view pixels.
     #[arg(long)]
     pub keep_pixels: bool,
@@ -101,6 +105,7 @@ pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<
             quality: args.pixels_quality,
         }),
         worker: args.worker,
+        jpeg_draft: args.jpeg_draft,
         ..TokenizeConfig::default()
     };
     let bar = out.spinner("tokenizing");

@@ -50,6 +50,9 @@ pub struct TokenizeConfig {
     pub worker: (u32, u32),
     /// Random-resized-crop settings.
     pub crop: CropSpec,
+    /// Reduce JPEGs as far as Pillow's `draft()` (see [`DecodeOptions`]'s `draft`).
+    #[serde(default)]
+    pub jpeg_draft: bool,
 }
 
 impl Default for TokenizeConfig {
@@ -62,6 +65,7 @@ impl Default for TokenizeConfig {
             pixels: None,
             worker: (0, 1),
             crop: CropSpec::default(),
+            jpeg_draft: false,
         }
     }
 }
@@ -155,22 +159,27 @@ struct Prepared {
     result: std::result::Result<Rendered, imglish_ingest::Rejection>,
 }
 
-fn prepare(row: &ManifestRow, spec: &ViewSpec, pixels: Option<PixelsConfig>, resizer: &mut Resizer) -> Prepared {
-    let decode = DecodeOptions::default();
+fn prepare(
+    row: &ManifestRow,
+    spec: &ViewSpec,
+    decode: &DecodeOptions,
+    pixels: Option<PixelsConfig>,
+    resizer: &mut Resizer,
+) -> Prepared {
     let result = read_image_bytes(row)
         .map_err(|e| imglish_ingest::Rejection {
             reason: imglish_ingest::Reason::Unreadable,
             message: e.to_string(),
         })
         .and_then(|bytes| match pixels {
-            None => render_views(&bytes, (row.width, row.height), row.sample_id, spec, &decode, resizer)
+            None => render_views(&bytes, (row.width, row.height), row.sample_id, spec, decode, resizer)
                 .map(|(v, i)| (v, i, None)),
             Some(p) => {
                 // The views are rendered from exactly the stored working image, so a trainer that decodes it
                 // sees the pixels the tokens were computed from.
-                let full = imglish_ingest::decode_rgb(&bytes, &decode, 1.0)?;
+                let full = imglish_ingest::decode_rgb(&bytes, decode, 1.0)?;
                 let working = working_image(&full, p, resizer);
-                let decoded = imglish_ingest::decode_rgb(&working, &decode, 1.0)?;
+                let decoded = imglish_ingest::decode_rgb(&working, decode, 1.0)?;
                 let (v, i) = render_decoded(&decoded, row.sample_id, spec, resizer);
                 Ok((v, i, Some(working)))
             }
@@ -232,20 +241,21 @@ pub fn tokenize(
         crop: config.crop,
         seed: config.seed,
     };
-    let run_fingerprint = crate::card::sha256_hex(
-        serde_json::json!({
-            "visual": info.fingerprint,
-            "text": text.map(TextTokenizer::fingerprint),
-            "manifest": manifest.fingerprint,
-            "views": config.views,
-            "seed": config.seed,
-            "part_samples": config.part_samples,
-            "pixels": config.pixels,
-            "crop": config.crop,
-        })
-        .to_string()
-        .as_bytes(),
-    );
+    let mut run = serde_json::json!({
+        "visual": info.fingerprint,
+        "text": text.map(TextTokenizer::fingerprint),
+        "manifest": manifest.fingerprint,
+        "views": config.views,
+        "seed": config.seed,
+        "part_samples": config.part_samples,
+        "pixels": config.pixels,
+        "crop": config.crop,
+    });
+    if config.jpeg_draft {
+        // Only when set, so that the parts of runs made before the option existed stay valid.
+        run["jpeg_draft"] = true.into();
+    }
+    let run_fingerprint = crate::card::sha256_hex(run.to_string().as_bytes());
     let rows = &manifest.rows;
     let n_parts = rows.len().div_ceil(config.part_samples).max(1);
     let mut summary = TokenizeSummary::default();
@@ -266,6 +276,10 @@ pub fn tokenize(
         let mut writer = PartWriter::try_new(&part_path, &info).map_err(|e| pack_err(&part_path, e))?;
         let mut rejects = Vec::new();
         let pixels = config.pixels;
+        let decode = DecodeOptions {
+            draft: config.jpeg_draft,
+            ..DecodeOptions::default()
+        };
         // Decode on every rayon thread without a barrier per batch; the model gets batches in row order.
         let mut last = Instant::now();
         ordered::ordered_map(
@@ -275,7 +289,7 @@ pub fn tokenize(
             Resizer::new,
             |resizer, i, row| Prepared {
                 row: i,
-                ..prepare(row, &spec, pixels, resizer)
+                ..prepare(row, &spec, &decode, pixels, resizer)
             },
             |batch: Vec<Prepared>| -> Result<()> {
                 summary.wait_seconds += last.elapsed().as_secs_f64();
