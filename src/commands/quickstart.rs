@@ -247,7 +247,7 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
     let text = format!(
         "quickstart done in {:.0}s. Artifacts under {}:\n  demo/        the generated corpus (images, captions, tar shards, bad inputs)\n  \
          manifest/    samples.parquet, rejects.parquet, classes.json, ingest.json\n  tokenizers/  visual.onnx + \
-         visual.card.json (k-means structure codebook), text.json\n  tokens/      token parts + tokenize.json\n  dataset/     \
+         visual.card.json (k-means codebook), text.json\n  tokens/      token parts + tokenize.json\n  dataset/     \
          Arrow IPC shards + index.json\n  run/         checkpoints/, metrics.jsonl, config.json, loss.png\n\
          validation MIM loss {first:.3} at step 0 -> {last:.3} at the end; curve: {}\n\
          linear probe (val accuracy ± standard error): {:.3} ± {:.3} trained encoder vs {:.3} ± {:.3} random encoder \
