@@ -1,5 +1,7 @@
 //! Learned patch codebooks: k-means over image patches of a manifest, exported as an ONNX graph that computes
-//! nearest-code indices (one convolution for the distances, then ArgMin), with its card.
+//! nearest-code indices (one convolution for the distances, then ArgMin), with its card. Structure codebooks
+//! cluster the patches' centred luma by direction (spherical k-means) and add a "flat" code; their graph is one
+//! convolution for the projections (the flat code's is a constant) and ArgMax.
 //!
 //! Deterministic for a seed and independent of the thread count: every random choice comes from keyed
 //! streams, work is split into fixed-size chunks, and sums are combined in chunk order.
