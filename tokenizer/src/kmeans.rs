@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use imglish_ingest::{read_image_bytes, CropSpec, DecodeOptions, Filter, Manifest, ManifestRow, Resizer, Rng, Split};
-use ndarray::{linalg::general_mat_mul, Array2, ArrayView2, Axis};
+use ndarray::{linalg::general_mat_mul, Array2, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -206,26 +206,22 @@ impl Codebook {
         }
         let flat = self.centroids.nrows() as u16;
         let threshold = self.flat_score();
-        let scores = x.dot(&self.centroids.t());
-        scores
-            .outer_iter()
-            .map(|row| {
-                let (k, best) = row
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b });
-                if best < threshold {
-                    (flat, threshold)
-                } else {
-                    (k as u16, best)
-                }
-            })
-            .collect()
+        best_per_row(x, &self.centroids, |scores, _| {
+            let (k, best) = scores
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b });
+            if best < threshold {
+                (flat, threshold)
+            } else {
+                (k as u16, best)
+            }
+        })
     }
 
     /// How well `code` matches patch `x`, higher is better: minus the squared distance, or for structure
     /// codebooks the projection (the flat code's is the threshold). Tests use it to tell float ties apart.
-    pub fn score(&self, x: ndarray::ArrayView1<'_, f32>, code: u16) -> f32 {
+    pub fn score(&self, x: ArrayView1<'_, f32>, code: u16) -> f32 {
         let k = code as usize;
         match self.features {
             PatchFeatures::Structure if k == self.centroids.nrows() => self.flat_score(),
@@ -313,15 +309,17 @@ impl Codebook {
         let g = self.input_size / self.patch;
         Card {
             card_version: CARD_VERSION,
-            name: match self.features {
-                PatchFeatures::Rgb => format!("imglish-kmeans-{}x{}-k{}", self.patch, self.patch, self.len()),
-                PatchFeatures::Centred => {
-                    format!("imglish-kmeans-centred-{}x{}-k{}", self.patch, self.patch, self.len())
-                }
-                PatchFeatures::Structure => {
-                    format!("imglish-kmeans-structure-{}x{}-k{}", self.patch, self.patch, self.len())
-                }
-            },
+            name: format!(
+                "imglish-kmeans-{}{}x{}-k{}",
+                match self.features {
+                    PatchFeatures::Rgb => "",
+                    PatchFeatures::Centred => "centred-",
+                    PatchFeatures::Structure => "structure-",
+                },
+                self.patch,
+                self.patch,
+                self.len()
+            ),
             input_size: self.input_size,
             layout: "NCHW".into(),
             normalization: Normalization::MinusOneOne,
@@ -373,6 +371,25 @@ fn extract_patches(chw: &[f32], s: usize, p: usize, features: PatchFeatures) -> 
 /// Nearest centroid (and squared distance) of every row of `x`, computed in fixed chunks in parallel.
 fn assign(x: ArrayView2<'_, f32>, c: &Array2<f32>) -> Vec<(u16, f32)> {
     let c_norm: Vec<f32> = c.outer_iter().map(|r| r.dot(&r)).collect();
+    best_per_row(x, c, |dots, xr| {
+        let mut best = (0usize, f32::INFINITY);
+        for (k, (&dot, &cn)) in dots.iter().zip(&c_norm).enumerate() {
+            let dist = cn - 2.0 * dot;
+            if dist < best.1 {
+                best = (k, dist);
+            }
+        }
+        (best.0 as u16, (best.1 + xr.dot(&xr)).max(0.0))
+    })
+}
+
+/// `pick(x_i · c_k for every k, x_i)` for every row of `x`: the dot products computed in fixed chunks of rows in
+/// parallel, so memory stays at one chunk's scores per thread whatever the number of rows.
+fn best_per_row(
+    x: ArrayView2<'_, f32>,
+    c: &Array2<f32>,
+    pick: impl Fn(ArrayView1<'_, f32>, ArrayView1<'_, f32>) -> (u16, f32) + Sync,
+) -> Vec<(u16, f32)> {
     let ct = c.t();
     let chunks: Vec<usize> = (0..x.nrows()).step_by(CHUNK).collect();
     chunks
@@ -384,17 +401,7 @@ fn assign(x: ArrayView2<'_, f32>, c: &Array2<f32>) -> Vec<(u16, f32)> {
             let rows: Vec<(u16, f32)> = dots
                 .outer_iter()
                 .zip(xb.outer_iter())
-                .map(|(d, xr)| {
-                    let xn = xr.dot(&xr);
-                    let mut best = (0usize, f32::INFINITY);
-                    for (k, (&dot, &cn)) in d.iter().zip(&c_norm).enumerate() {
-                        let dist = cn - 2.0 * dot;
-                        if dist < best.1 {
-                            best = (k, dist);
-                        }
-                    }
-                    (best.0 as u16, (best.1 + xn).max(0.0))
-                })
+                .map(|(d, xr)| pick(d, xr))
                 .collect();
             rows
         })
