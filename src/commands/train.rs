@@ -93,7 +93,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub rel_pos: Option<RelPosArg>,
     /// Add learned absolute position embeddings (BEiT's `use_abs_pos_emb`; `pos_embed`). Short runs learn
-    /// where a masked patch is much sooner with them (docs/training.md has the numbers).
+    /// where a masked patch is much sooner with them (README, "Train and probe", has the numbers).
     #[arg(long)]
     pub abs_pos: bool,
 
