@@ -12,12 +12,13 @@
 //!
 //! `time` prints one tab-separated line per (group, size, decode mode, threads):
 //! `imglish  GROUP  SIZE  MODE  THREADS  IMAGES  SECONDS  CPU_SECONDS  CHECKSUM` where MODE is `reduced` (JPEG DCT-domain reduced
-//! decode, the default path), `full` or `draft` (reduced as far as Pillow's `draft()`). Sizes: 224 with bicubic (Catmull-Rom), 112 with Lanczos3. THREADS is a
+//! decode, the default path), `full`, `draft` (reduced as far as Pillow's `draft()`) or `allscans` (reduced,
+//! every scan of progressive JPEGs decoded). Sizes: 224 with bicubic (Catmull-Rom), 112 with Lanczos3. THREADS is a
 //! comma-separated list; 1 runs on the calling thread, N > 1 on a rayon pool of N threads with one `Resizer`
 //! per thread.
 //!
-//! `views` writes, for every image, the raw RGB8 224 bicubic and 112 Lanczos3 centre views from the full, the
-//! reduced and the draft decode (`OUT/NNNN.{full,reduced,draft}{224,112}.rgb`) and `OUT/views.tsv` (index, path, upright
+//! `views` writes, for every image, the raw RGB8 224 bicubic and 112 Lanczos3 centre views from each decode
+//! mode (`OUT/NNNN.{full,reduced,draft,allscans}{224,112}.rgb`) and `OUT/views.tsv` (index, path, upright
 //! source width and height, the crop box, the reduced decode's scale).
 //!
 //! `breakdown` prints, per image, the milliseconds to decode (reduced and full) and to render the view.
@@ -102,14 +103,21 @@ fn configs() -> Vec<(u32, Filter, &'static str, DecodeOptions)> {
         draft: true,
         ..DecodeOptions::default()
     };
-    vec![
-        (224, Filter::Bicubic, "reduced", reduced),
-        (224, Filter::Bicubic, "full", full),
-        (224, Filter::Bicubic, "draft", draft),
-        (112, Filter::Lanczos3, "reduced", reduced),
-        (112, Filter::Lanczos3, "full", full),
-        (112, Filter::Lanczos3, "draft", draft),
-    ]
+    let all_scans = DecodeOptions {
+        all_scans: true,
+        ..DecodeOptions::default()
+    };
+    [(224, Filter::Bicubic), (112, Filter::Lanczos3)]
+        .into_iter()
+        .flat_map(|(size, filter)| {
+            [
+                (size, filter, "reduced", reduced),
+                (size, filter, "full", full),
+                (size, filter, "draft", draft),
+                (size, filter, "allscans", all_scans),
+            ]
+        })
+        .collect()
 }
 
 fn time(imgs: &[Img], min_seconds: f64, threads: &[usize]) {
@@ -172,7 +180,7 @@ fn views(imgs: &[Img], out: &str) {
             }
             geometry = Some((decoded.source_width, decoded.source_height, view.crop));
         }
-        let (w, h, [x, y, cw, ch]) = geometry.expect("six configs");
+        let (w, h, [x, y, cw, ch]) = geometry.expect("eight configs");
         tsv.push_str(&format!(
             "{i}\t{}\t{w}\t{h}\t{x}\t{y}\t{cw}\t{ch}\t{}\t{}\n",
             img.path.display(),
@@ -191,7 +199,10 @@ fn breakdown(imgs: &[Img], size: u32) {
     for img in imgs {
         let mut row = Vec::new();
         let mut dims = (0, 0, 1.0);
-        for (_, _, mode, options) in configs().into_iter().filter(|c| c.0 == 224 && c.2 != "draft") {
+        for (_, _, mode, options) in configs()
+            .into_iter()
+            .filter(|c| c.0 == 224 && matches!(c.2, "reduced" | "full"))
+        {
             let (mut dec_best, mut ren_best) = (f64::INFINITY, f64::INFINITY);
             for _ in 0..3 {
                 let t = Instant::now();

@@ -1,6 +1,8 @@
 //! JPEG decoding with libjpeg-turbo (vendored and linked statically through `turbojpeg`, so every machine
 //! decodes the same bytes to the same pixels): header first, limits checked before any pixel buffer is
-//! allocated, DCT-domain scaling (1/2, 1/4, 1/8) for targets much smaller than the image, EXIF orientation.
+//! allocated, DCT-domain scaling (1/2, 1/4, 1/8) for targets much smaller than the image, EXIF orientation;
+//! for progressive JPEGs whose view is much smaller than the image, the final AC refinement scans (the last
+//! bit of every AC coefficient) can be left out.
 
 use std::cell::RefCell;
 
@@ -18,12 +20,24 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor>> = const { RefCell::new(None) };
 }
 
-/// Decodes a JPEG to upright RGB8 at `eighths/8` scale (`eighths` 1..=8: libjpeg-turbo's DCT scaling).
+/// Decodes a JPEG to upright RGB8 at `eighths/8` scale (`eighths` 1..=8: libjpeg-turbo's DCT scaling); with
+/// `skip_final_refinements`, a progressive JPEG is decoded without its final AC refinement scans
+/// ([`without_final_refinements`]).
 ///
 /// `Ok(None)` when libjpeg-turbo does not take the file (CMYK/YCCK, lossless, damaged or truncated data, or
 /// anything it warns about): the caller then tries the pure-Rust decoders, which decide whether it is a reject.
 /// A size over the limits is a reject here, before anything is allocated.
-pub(crate) fn decode(bytes: &[u8], limits: &ValidationLimits, eighths: u32) -> Result<Option<Decoded>, Rejection> {
+pub(crate) fn decode(
+    bytes: &[u8],
+    limits: &ValidationLimits,
+    eighths: u32,
+    skip_final_refinements: bool,
+) -> Result<Option<Decoded>, Rejection> {
+    let filtered = if skip_final_refinements {
+        without_final_refinements(bytes)
+    } else {
+        None
+    };
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -33,7 +47,15 @@ pub(crate) fn decode(bytes: &[u8], limits: &ValidationLimits, eighths: u32) -> R
                 .and_then(|mut d| d.set_scan_limit(SCAN_LIMIT).ok().map(|()| d));
         }
         match slot.as_mut() {
-            Some(d) => decode_with(d, bytes, limits, eighths),
+            Some(d) => match &filtered {
+                // The header (size, limits) and EXIF come from the original bytes either way; a stream the
+                // filter produced that libjpeg-turbo does not take is decoded in full instead.
+                Some(scans) => match decode_with(d, scans, limits, eighths)? {
+                    Some(decoded) => Ok(Some(decoded)),
+                    None => decode_with(d, bytes, limits, eighths),
+                },
+                None => decode_with(d, bytes, limits, eighths),
+            },
             None => Ok(None),
         }
     })
@@ -84,6 +106,103 @@ fn decode_with(
         (w as u32, h as u32),
         orientation,
     ))
+}
+
+/// A progressive (Huffman) JPEG without its final AC refinement scans: the scans with spectral selection
+/// `Ss > 0` and successive approximation `Ah > 0, Al = 0`, which carry the least significant bit of the AC
+/// coefficients (in files from libjpeg's default progression script, about half of the entropy-coded bytes
+/// and of the decode time). Every other segment is copied unchanged. Such a scan is the last one for its
+/// coefficients, so no kept scan depends on it; the decoded coefficients are then off by at most one
+/// quantisation step each (DC exact), which a view several times smaller than the image averages away
+/// (scripts/bench-ingest measures the PSNR of the default path).
+///
+/// `None` when there is nothing to leave out (baseline, arithmetic-coded or single-bit-precision progressive
+/// files) or the marker structure is not the plain one this walks (truncated data, a missing EOI): the caller
+/// then decodes the original bytes.
+pub(crate) fn without_final_refinements(bytes: &[u8]) -> Option<Vec<u8>> {
+    let (scans, eoi) = progressive_scans(bytes)?;
+    let dropped: Vec<&Scan> = scans.iter().filter(|s| s.ss > 0 && s.ah > 0 && s.al == 0).collect();
+    if dropped.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(eoi + 2 - dropped.iter().map(|s| s.end - s.start).sum::<usize>());
+    let mut from = 0;
+    for scan in dropped {
+        out.extend_from_slice(&bytes[from..scan.start]);
+        from = scan.end;
+    }
+    out.extend_from_slice(&bytes[from..eoi + 2]);
+    Some(out)
+}
+
+/// One scan of a progressive JPEG: its SOS segment and entropy-coded data (`start..end`), spectral selection
+/// start and successive approximation bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Scan {
+    start: usize,
+    end: usize,
+    ss: u8,
+    ah: u8,
+    al: u8,
+}
+
+/// The scans of a progressive Huffman JPEG and the offset of its EOI marker; `None` for any other frame type
+/// or a marker structure that is not plain (truncated, no EOI, a second SOI, a stray restart marker).
+fn progressive_scans(bytes: &[u8]) -> Option<(Vec<Scan>, usize)> {
+    if bytes.get(..2)? != [0xff, 0xd8] {
+        return None;
+    }
+    let mut progressive = false;
+    let mut scans = Vec::new();
+    let mut at = 2usize;
+    loop {
+        while *bytes.get(at)? == 0xff && *bytes.get(at + 1)? == 0xff {
+            at += 1;
+        }
+        if *bytes.get(at)? != 0xff {
+            return None;
+        }
+        match *bytes.get(at + 1)? {
+            0xd9 => return Some((scans, at)),
+            0xd0..=0xd7 | 0xd8 | 0x01 => return None,
+            0xc2 => progressive = true,
+            // Every other frame type (baseline, extended, lossless, arithmetic-coded, hierarchical).
+            0xc0 | 0xc1 | 0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
+            _ => {}
+        }
+        let len = usize::from(u16::from_be_bytes([*bytes.get(at + 2)?, *bytes.get(at + 3)?]));
+        if len < 2 {
+            return None;
+        }
+        let body = bytes.get(at + 4..at + 2 + len)?;
+        if bytes[at + 1] != 0xda {
+            at += 2 + len;
+            continue;
+        }
+        if !progressive {
+            return None;
+        }
+        // SOS: Ns, Ns x (component, tables), Ss, Se, Ah/Al; then entropy-coded data up to the next marker
+        // that is neither a stuffed 0x00 nor a restart marker.
+        let ns = usize::from(*body.first()?);
+        let (ss, ah_al) = (*body.get(1 + 2 * ns)?, *body.get(3 + 2 * ns)?);
+        let mut end = at + 2 + len;
+        loop {
+            end += memchr::memchr(0xff, bytes.get(end..)?)?;
+            match *bytes.get(end + 1)? {
+                0x00 | 0xd0..=0xd7 => end += 2,
+                _ => break,
+            }
+        }
+        scans.push(Scan {
+            start: at,
+            end,
+            ss,
+            ah: ah_al >> 4,
+            al: ah_al & 0x0f,
+        });
+        at = end;
+    }
 }
 
 /// The EXIF payload (the TIFF structure after `Exif\0\0`) of the first APP1 segment, if any, found by walking
@@ -172,7 +291,7 @@ mod tests {
             (2, (51, 25)),
             (1, (26, 13)),
         ] {
-            let d = decode(&jpeg, &limits, eighths)
+            let d = decode(&jpeg, &limits, eighths, false)
                 .unwrap_or_else(|e| panic!("{e:?}"))
                 .unwrap_or_else(|| panic!("libjpeg-turbo refused a plain JPEG"));
             assert_eq!(d.image.dimensions(), size, "scale {eighths}/8");
@@ -182,35 +301,151 @@ mod tests {
             max_pixels: 203 * 97 - 1,
             ..ValidationLimits::default()
         };
-        let err = decode(&jpeg, &tight, 8)
+        let err = decode(&jpeg, &tight, 8, false)
             .err()
             .unwrap_or_else(|| panic!("limit not applied"));
         assert_eq!(err.reason, Reason::TooLarge);
         assert_eq!(
-            decode(&jpeg[..jpeg.len() / 2], &limits, 8).ok().flatten().map(|_| ()),
+            decode(&jpeg[..jpeg.len() / 2], &limits, 8, false)
+                .ok()
+                .flatten()
+                .map(|_| ()),
             None
+        );
+    }
+
+    /// A textured `w` x `h` photo-like image encoded by libjpeg-turbo (4:2:0), progressive or baseline.
+    fn encoded(w: u32, h: u32, progressive: bool) -> Vec<u8> {
+        let mut rng = crate::Rng::new(11);
+        let pixels: Vec<u8> = (0..w * h)
+            .flat_map(|i| {
+                let (x, y) = ((i % w) as f64, (i / w) as f64);
+                let base = 128.0 + 60.0 * (x / 9.0).sin() * (y / 13.0).cos();
+                let noise = rng.below(24) as f64;
+                [base + noise, 255.0 - base, (base + x * 0.2 + noise).min(255.0)].map(|v| v.clamp(0.0, 255.0) as u8)
+            })
+            .collect();
+        let mut c = turbojpeg::Compressor::new().unwrap_or_else(|e| panic!("{e}"));
+        c.set_quality(92).unwrap_or_else(|e| panic!("{e}"));
+        c.set_subsamp(turbojpeg::Subsamp::Sub2x2)
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.set_progressive(progressive).unwrap_or_else(|e| panic!("{e}"));
+        let image = Image {
+            pixels: pixels.as_slice(),
+            width: w as usize,
+            pitch: 3 * w as usize,
+            height: h as usize,
+            format: PixelFormat::RGB,
+        };
+        c.compress_to_vec(image).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn psnr(a: &[u8], b: &[u8]) -> f64 {
+        let mse = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum::<f64>()
+            / a.len() as f64;
+        10.0 * (255.0f64.powi(2) / mse).log10()
+    }
+
+    #[test]
+    fn final_ac_refinement_scans_are_left_out_of_progressive_jpegs_only() {
+        let jpeg = encoded(256, 192, true);
+        let (scans, eoi) = progressive_scans(&jpeg).unwrap_or_else(|| panic!("not seen as progressive"));
+        assert_eq!(eoi, jpeg.len() - 2);
+        let is_final_ac = |s: &Scan| s.ss > 0 && s.ah > 0 && s.al == 0;
+        let n_final = scans.iter().filter(|s| is_final_ac(s)).count();
+        // libjpeg's default script for YCbCr: 10 scans, the last AC refinement of each component among them.
+        assert_eq!((scans.len(), n_final), (10, 3), "{scans:?}");
+
+        let filtered = without_final_refinements(&jpeg).unwrap_or_else(|| panic!("nothing left out"));
+        let (kept, _) = progressive_scans(&filtered).unwrap_or_else(|| panic!("output not progressive"));
+        assert_eq!(kept.len(), 7);
+        assert!(!kept.iter().any(is_final_ac));
+        let dropped_bytes: usize = scans.iter().filter(|s| is_final_ac(s)).map(|s| s.end - s.start).sum();
+        assert_eq!(filtered.len(), jpeg.len() - dropped_bytes);
+        assert_eq!(without_final_refinements(&filtered), None, "nothing left to leave out");
+
+        // libjpeg-turbo takes the result; the pixels differ by the last AC bit only.
+        let limits = ValidationLimits::default();
+        let all = decode(&jpeg, &limits, 8, false)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("decode"));
+        let skipped = decode(&jpeg, &limits, 8, true)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("decode"));
+        assert_eq!(skipped.image.dimensions(), (256, 192));
+        assert_ne!(all.image.as_raw(), skipped.image.as_raw());
+        let p = psnr(all.image.as_raw(), skipped.image.as_raw());
+        assert!(p > 35.0, "full-resolution PSNR {p:.1} dB");
+
+        // Baseline, truncated or otherwise not plain: left alone.
+        assert_eq!(without_final_refinements(&encoded(64, 48, false)), None);
+        assert_eq!(without_final_refinements(&jpeg[..jpeg.len() - 2]), None);
+        assert_eq!(without_final_refinements(&jpeg[..jpeg.len() / 2]), None);
+        assert_eq!(without_final_refinements(b""), None);
+    }
+
+    #[test]
+    fn views_4x_smaller_skip_the_final_refinements_unless_all_scans() {
+        let jpeg = encoded(512, 384, true);
+        let default = crate::DecodeOptions::default();
+        let all = crate::DecodeOptions {
+            all_scans: true,
+            ..default
+        };
+        let full = crate::DecodeOptions {
+            reduced_decode: false,
+            ..default
+        };
+        let pixels = |o: &crate::DecodeOptions, reduction: f64| {
+            crate::decode_rgb(&jpeg, o, reduction)
+                .unwrap_or_else(|e| panic!("{e:?}"))
+                .image
+                .into_raw()
+        };
+        assert_ne!(pixels(&default, 4.0), pixels(&all, 4.0), "reduction 4 skips");
+        assert_ne!(pixels(&default, 16.0), pixels(&all, 16.0), "reduction 16 skips");
+        assert_eq!(
+            pixels(&default, 3.9),
+            pixels(&all, 3.9),
+            "reduction 3.9 decodes every scan"
+        );
+        let every_scan = decode(&jpeg, &ValidationLimits::default(), 8, false)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("decode"));
+        assert_eq!(
+            pixels(&full, 16.0),
+            every_scan.image.into_raw(),
+            "a full decode decodes every scan"
         );
     }
 
     #[test]
     fn mutated_jpegs_decode_or_reject_never_panic() {
-        let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, (x ^ y) as u8]));
-        let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
-            .encode_image(&img)
-            .unwrap_or_else(|e| panic!("encode: {e}"));
+        let baseline = encoded(64, 48, false);
+        let progressive = encoded(64, 48, true);
         let options = crate::DecodeOptions::default();
         let mut rng = crate::Rng::new(7);
-        for i in 0..400 {
-            let mut bytes = jpeg.clone();
+        for i in 0..800 {
+            let mut bytes = if i % 2 == 0 {
+                baseline.clone()
+            } else {
+                progressive.clone()
+            };
             for _ in 0..1 + rng.below(8) {
                 let at = rng.below(bytes.len() as u64) as usize;
                 bytes[at] = rng.next_u64() as u8;
             }
-            if i % 4 == 0 {
+            if i % 3 == 0 {
                 bytes.truncate(rng.below(bytes.len() as u64) as usize);
             }
-            let reduction = [1.0, 4.0, 8.0, 16.0][i % 4];
+            let reduction = [1.0, 4.0, 8.0, 16.0][i / 2 % 4];
             if let Ok(d) = crate::decode_rgb(&bytes, &options, reduction) {
                 assert!(d.image.width() >= 1 && d.image.height() >= 1);
             }

@@ -44,6 +44,11 @@ pub struct TokenizeArgs {
     /// faster on large photos, softer views (docs/performance.md has the speed and PSNR).
     #[arg(long)]
     pub jpeg_draft: bool,
+    /// Decode every scan of progressive JPEGs. By default, when the view is at least 4x smaller than the
+    /// image, the final AC refinement scans (the last bit of each AC coefficient) are skipped: about a third
+    /// less decode time on such files, PSNR ≥ 50 dB against a full decode (docs/performance.md).
+    #[arg(long)]
+    pub jpeg_all_scans: bool,
     /// Keep each sample's working image (JPEG) so a trainer can rebuild view pixels.
     #[arg(long)]
     pub keep_pixels: bool,
@@ -106,6 +111,7 @@ pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<
         }),
         worker: args.worker,
         jpeg_draft: args.jpeg_draft,
+        jpeg_all_scans: args.jpeg_all_scans,
         ..TokenizeConfig::default()
     };
     let bar = out.spinner("tokenizing");

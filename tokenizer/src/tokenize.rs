@@ -53,6 +53,9 @@ pub struct TokenizeConfig {
     /// Reduce JPEGs as far as Pillow's `draft()` (see [`DecodeOptions`]'s `draft`).
     #[serde(default)]
     pub jpeg_draft: bool,
+    /// Decode every scan of progressive JPEGs (see [`DecodeOptions`]'s `all_scans`).
+    #[serde(default)]
+    pub jpeg_all_scans: bool,
 }
 
 impl Default for TokenizeConfig {
@@ -66,6 +69,7 @@ impl Default for TokenizeConfig {
             worker: (0, 1),
             crop: CropSpec::default(),
             jpeg_draft: false,
+            jpeg_all_scans: false,
         }
     }
 }
@@ -252,9 +256,14 @@ pub fn tokenize(
         "crop": config.crop,
     });
     if config.jpeg_draft {
-        // Only when set, so that the parts of runs made before the option existed stay valid.
         run["jpeg_draft"] = true.into();
     }
+    if config.jpeg_all_scans {
+        run["jpeg_all_scans"] = true.into();
+    }
+    // Revision of the decode path: bumped whenever the same options give different pixels (2: progressive
+    // JPEGs without their final AC refinement scans), so parts made by an older binary are never mixed in.
+    run["decode_revision"] = 2.into();
     let run_fingerprint = crate::card::sha256_hex(run.to_string().as_bytes());
     let rows = &manifest.rows;
     let n_parts = rows.len().div_ceil(config.part_samples).max(1);
@@ -278,6 +287,7 @@ pub fn tokenize(
         let pixels = config.pixels;
         let decode = DecodeOptions {
             draft: config.jpeg_draft,
+            all_scans: config.jpeg_all_scans,
             ..DecodeOptions::default()
         };
         // Decode on every rayon thread without a barrier per batch; the model gets batches in row order.

@@ -482,6 +482,16 @@ fn workers_and_resume_give_the_same_bytes_as_one_run() {
         (4, 0),
         "--jpeg-draft is another configuration"
     );
+    let all_scans = TokenizeConfig {
+        jpeg_all_scans: true,
+        ..other.clone()
+    };
+    let a = tokenize(manifest(), &resumed, &mut vt, Some(&text), &all_scans, &|_| {}).expect("tokenize");
+    assert_eq!(
+        (a.parts_written, a.parts_skipped),
+        (4, 0),
+        "--jpeg-all-scans is another configuration"
+    );
 
     let (info, records) = imglish_pack::read_part(single.join("part-00000.parquet")).expect("read part");
     assert_eq!(info.views_per_sample, 3);

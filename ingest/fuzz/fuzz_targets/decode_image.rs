@@ -1,5 +1,6 @@
-//! Fuzzes image decoding as tokenize runs it (libjpeg-turbo with DCT scaling, the pure-Rust fallbacks, EXIF
-//! orientation, limits): any bytes must give a decoded image or a reject, never a panic or an abort.
+//! Fuzzes image decoding as tokenize runs it (libjpeg-turbo with DCT scaling, the progressive-scan filter
+//! (reductions of 4 and more), the pure-Rust fallbacks, EXIF orientation, limits): any bytes must give a
+//! decoded image or a reject, never a panic or an abort.
 //!
 //! Run with `cargo +nightly fuzz run decode_image` from `ingest/`; seed the corpus with real images, e.g.
 //! `cp /usr/share/wallpapers/*/contents/images/*.jpg ingest/fuzz/corpus/decode_image/`. The normal test suite
