@@ -1,7 +1,7 @@
 //! Benchmark and quality harness for image preparation (used by `scripts/bench-ingest`).
 //!
 //! ```text
-//! cargo run -p imglish-ingest --example bench_prepare -- time  LIST MIN_SECONDS THREADS
+//! cargo run -p imglish-ingest --example bench_prepare -- time  LIST MIN_SECONDS THREADS [MODES]
 //! cargo run -p imglish-ingest --example bench_prepare -- views LIST OUT_DIR
 //! cargo run -p imglish-ingest --example bench_prepare -- breakdown LIST SIZE
 //! ```
@@ -15,7 +15,7 @@
 //! decode, the default path), `full`, `draft` (reduced as far as Pillow's `draft()`) or `allscans` (reduced,
 //! every scan of progressive JPEGs decoded). Sizes: 224 with bicubic (Catmull-Rom), 112 with Lanczos3. THREADS is a
 //! comma-separated list; 1 runs on the calling thread, N > 1 on a rayon pool of N threads with one `Resizer`
-//! per thread.
+//! per thread. MODES (optional, for profiling) keeps only the listed modes, e.g. `reduced` or `reduced224,full`.
 //!
 //! `views` writes, for every image, the raw RGB8 224 bicubic and 112 Lanczos3 centre views from each decode
 //! mode (`OUT/NNNN.{full,reduced,draft,allscans}{224,112}.rgb`) and `OUT/views.tsv` (index, path, upright
@@ -120,7 +120,7 @@ fn configs() -> Vec<(u32, Filter, &'static str, DecodeOptions)> {
         .collect()
 }
 
-fn time(imgs: &[Img], min_seconds: f64, threads: &[usize]) {
+fn time(imgs: &[Img], min_seconds: f64, threads: &[usize], only: Option<&str>) {
     let mut groups: Vec<&str> = imgs.iter().map(|i| i.group.as_str()).collect();
     groups.dedup();
     groups.sort_unstable();
@@ -132,7 +132,10 @@ fn time(imgs: &[Img], min_seconds: f64, threads: &[usize]) {
             .expect("thread pool");
         for group in &groups {
             let set: Vec<&Img> = imgs.iter().filter(|i| i.group == *group).collect();
-            for (size, filter, mode, options) in configs() {
+            for (size, filter, mode, options) in configs()
+                .into_iter()
+                .filter(|c| only.is_none_or(|o| o.split(',').any(|m| m == c.2 || m == format!("{}{}", c.2, c.0))))
+            {
                 let mut sink = 0u64;
                 let mut done = 0usize;
                 let cpu0 = cpu_seconds();
@@ -233,13 +236,18 @@ fn breakdown(imgs: &[Img], size: u32) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["time", list, min_seconds, threads] => {
+        ["time", list, min_seconds, threads, only @ ..] => {
             let imgs = load(list);
             let threads: Vec<usize> = threads
                 .split(',')
                 .map(|t| t.parse().expect("THREADS: comma-separated integers"))
                 .collect();
-            time(&imgs, min_seconds.parse().expect("MIN_SECONDS"), &threads);
+            time(
+                &imgs,
+                min_seconds.parse().expect("MIN_SECONDS"),
+                &threads,
+                only.first().copied(),
+            );
         }
         ["views", list, out] => views(&load(list), out),
         ["breakdown", list, size] => breakdown(&load(list), size.parse().expect("SIZE")),

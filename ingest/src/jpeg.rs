@@ -1,8 +1,8 @@
 //! JPEG decoding with libjpeg-turbo (vendored and linked statically through `turbojpeg`, so every machine
 //! decodes the same bytes to the same pixels): header first, limits checked before any pixel buffer is
 //! allocated, DCT-domain scaling (1/2, 1/4, 1/8) for targets much smaller than the image, EXIF orientation;
-//! for progressive JPEGs whose view is much smaller than the image, the final AC refinement scans (the last
-//! bit of every AC coefficient) can be left out.
+//! for progressive JPEGs whose view is much smaller than the image, AC refinement scans (the low bits of the
+//! AC coefficients) can be left out.
 
 use std::cell::RefCell;
 
@@ -20,9 +20,19 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor>> = const { RefCell::new(None) };
 }
 
-/// Decodes a JPEG to upright RGB8 at `eighths/8` scale (`eighths` 1..=8: libjpeg-turbo's DCT scaling); with
-/// `skip_final_refinements`, a progressive JPEG is decoded without its final AC refinement scans
-/// ([`without_final_refinements`]).
+/// Which AC refinement scans of a progressive JPEG to leave out ([`without_ac_refinements`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcRefinements {
+    /// Decode every scan.
+    Keep,
+    /// Leave out the final ones (`Al = 0`): the last bit of each AC coefficient.
+    SkipLast,
+    /// Leave out all of them: each AC coefficient at the precision of its first scan.
+    SkipAll,
+}
+
+/// Decodes a JPEG to upright RGB8 at `eighths/8` scale (`eighths` 1..=8: libjpeg-turbo's DCT scaling),
+/// leaving out the AC refinement scans `refinements` says of a progressive JPEG.
 ///
 /// `Ok(None)` when libjpeg-turbo does not take the file (CMYK/YCCK, lossless, damaged or truncated data, or
 /// anything it warns about): the caller then tries the pure-Rust decoders, which decide whether it is a reject.
@@ -31,12 +41,12 @@ pub(crate) fn decode(
     bytes: &[u8],
     limits: &ValidationLimits,
     eighths: u32,
-    skip_final_refinements: bool,
+    refinements: AcRefinements,
 ) -> Result<Option<Decoded>, Rejection> {
-    let filtered = if skip_final_refinements {
-        without_final_refinements(bytes)
-    } else {
-        None
+    let filtered = match refinements {
+        AcRefinements::Keep => None,
+        AcRefinements::SkipLast => without_ac_refinements(bytes, false),
+        AcRefinements::SkipAll => without_ac_refinements(bytes, true),
     };
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -108,20 +118,30 @@ fn decode_with(
     ))
 }
 
-/// A progressive (Huffman) JPEG without its final AC refinement scans: the scans with spectral selection
-/// `Ss > 0` and successive approximation `Ah > 0, Al = 0`, which carry the least significant bit of the AC
-/// coefficients (in files from libjpeg's default progression script, about half of the entropy-coded bytes
-/// and of the decode time). Every other segment is copied unchanged. Such a scan is the last one for its
-/// coefficients, so no kept scan depends on it; the decoded coefficients are then off by at most one
-/// quantisation step each (DC exact), which a view several times smaller than the image averages away
-/// (scripts/bench-ingest measures the PSNR of the default path).
+/// A progressive (Huffman) JPEG without its AC refinement scans (spectral selection `Ss > 0`, successive
+/// approximation `Ah > 0`); with `all` false only the final ones (`Al = 0`), which carry the least significant
+/// bit of the AC coefficients. Every other segment is copied unchanged. In files from libjpeg's default
+/// progression script the final refinements are about half of the entropy-coded bytes and of the decode time,
+/// all refinements about two thirds.
+///
+/// Why it is sound: a final refinement is the last scan for its coefficients, and without refinements at all
+/// each AC coefficient is complete at its first scan's precision, so no kept scan ever depends on a dropped one.
+/// The decoded AC coefficients are then off by at most one quantisation step (final only) or 2^Al - 1 steps
+/// (all; Al is 1 or 2 in common scripts), the DC coefficients are exact (their refinements are kept), and
+/// libjpeg-turbo's block smoothing estimates the missing bits of coefficients that are still zero. A view
+/// several times smaller than the image averages such errors away: the caller only asks for this when every
+/// view is at least 4x (final) or 8x (all, one view pixel per 8x8 block) smaller, and scripts/bench-ingest
+/// measures the PSNR of the default path against a full decode.
 ///
 /// `None` when there is nothing to leave out (baseline, arithmetic-coded or single-bit-precision progressive
 /// files) or the marker structure is not the plain one this walks (truncated data, a missing EOI): the caller
 /// then decodes the original bytes.
-pub(crate) fn without_final_refinements(bytes: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn without_ac_refinements(bytes: &[u8], all: bool) -> Option<Vec<u8>> {
     let (scans, eoi) = progressive_scans(bytes)?;
-    let dropped: Vec<&Scan> = scans.iter().filter(|s| s.ss > 0 && s.ah > 0 && s.al == 0).collect();
+    let dropped: Vec<&Scan> = scans
+        .iter()
+        .filter(|s| s.ss > 0 && s.ah > 0 && (all || s.al == 0))
+        .collect();
     if dropped.is_empty() {
         return None;
     }
@@ -291,7 +311,7 @@ mod tests {
             (2, (51, 25)),
             (1, (26, 13)),
         ] {
-            let d = decode(&jpeg, &limits, eighths, false)
+            let d = decode(&jpeg, &limits, eighths, AcRefinements::Keep)
                 .unwrap_or_else(|e| panic!("{e:?}"))
                 .unwrap_or_else(|| panic!("libjpeg-turbo refused a plain JPEG"));
             assert_eq!(d.image.dimensions(), size, "scale {eighths}/8");
@@ -301,12 +321,12 @@ mod tests {
             max_pixels: 203 * 97 - 1,
             ..ValidationLimits::default()
         };
-        let err = decode(&jpeg, &tight, 8, false)
+        let err = decode(&jpeg, &tight, 8, AcRefinements::Keep)
             .err()
             .unwrap_or_else(|| panic!("limit not applied"));
         assert_eq!(err.reason, Reason::TooLarge);
         assert_eq!(
-            decode(&jpeg[..jpeg.len() / 2], &limits, 8, false)
+            decode(&jpeg[..jpeg.len() / 2], &limits, 8, AcRefinements::Keep)
                 .ok()
                 .flatten()
                 .map(|_| ()),
@@ -350,48 +370,66 @@ mod tests {
         10.0 * (255.0f64.powi(2) / mse).log10()
     }
 
-    #[test]
-    fn final_ac_refinement_scans_are_left_out_of_progressive_jpegs_only() {
-        let jpeg = encoded(256, 192, true);
-        let (scans, eoi) = progressive_scans(&jpeg).unwrap_or_else(|| panic!("not seen as progressive"));
-        assert_eq!(eoi, jpeg.len() - 2);
-        let is_final_ac = |s: &Scan| s.ss > 0 && s.ah > 0 && s.al == 0;
-        let n_final = scans.iter().filter(|s| is_final_ac(s)).count();
-        // libjpeg's default script for YCbCr: 10 scans, the last AC refinement of each component among them.
-        assert_eq!((scans.len(), n_final), (10, 3), "{scans:?}");
-
-        let filtered = without_final_refinements(&jpeg).unwrap_or_else(|| panic!("nothing left out"));
-        let (kept, _) = progressive_scans(&filtered).unwrap_or_else(|| panic!("output not progressive"));
-        assert_eq!(kept.len(), 7);
-        assert!(!kept.iter().any(is_final_ac));
-        let dropped_bytes: usize = scans.iter().filter(|s| is_final_ac(s)).map(|s| s.end - s.start).sum();
-        assert_eq!(filtered.len(), jpeg.len() - dropped_bytes);
-        assert_eq!(without_final_refinements(&filtered), None, "nothing left to leave out");
-
-        // libjpeg-turbo takes the result; the pixels differ by the last AC bit only.
-        let limits = ValidationLimits::default();
-        let all = decode(&jpeg, &limits, 8, false)
+    fn decoded(jpeg: &[u8], eighths: u32, refinements: AcRefinements) -> Vec<u8> {
+        decode(jpeg, &ValidationLimits::default(), eighths, refinements)
             .ok()
             .flatten()
-            .unwrap_or_else(|| panic!("decode"));
-        let skipped = decode(&jpeg, &limits, 8, true)
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("decode"));
-        assert_eq!(skipped.image.dimensions(), (256, 192));
-        assert_ne!(all.image.as_raw(), skipped.image.as_raw());
-        let p = psnr(all.image.as_raw(), skipped.image.as_raw());
-        assert!(p > 35.0, "full-resolution PSNR {p:.1} dB");
-
-        // Baseline, truncated or otherwise not plain: left alone.
-        assert_eq!(without_final_refinements(&encoded(64, 48, false)), None);
-        assert_eq!(without_final_refinements(&jpeg[..jpeg.len() - 2]), None);
-        assert_eq!(without_final_refinements(&jpeg[..jpeg.len() / 2]), None);
-        assert_eq!(without_final_refinements(b""), None);
+            .unwrap_or_else(|| panic!("libjpeg-turbo refused it ({refinements:?})"))
+            .image
+            .into_raw()
     }
 
     #[test]
-    fn views_4x_smaller_skip_the_final_refinements_unless_all_scans() {
+    fn ac_refinement_scans_are_left_out_of_progressive_jpegs_only() {
+        let jpeg = encoded(256, 192, true);
+        let (scans, eoi) = progressive_scans(&jpeg).unwrap_or_else(|| panic!("not seen as progressive"));
+        assert_eq!(eoi, jpeg.len() - 2);
+        let is_ac_refinement = |s: &Scan| s.ss > 0 && s.ah > 0;
+        let is_final = |s: &Scan| is_ac_refinement(s) && s.al == 0;
+        // libjpeg's default script for YCbCr: 10 scans; 4 AC refinements (luma twice), 3 of them final.
+        assert_eq!(scans.len(), 10, "{scans:?}");
+        assert_eq!(scans.iter().filter(|s| is_ac_refinement(s)).count(), 4);
+        assert_eq!(scans.iter().filter(|s| is_final(s)).count(), 3);
+
+        for (all, left, dropped) in [
+            (false, 7, &is_final as &dyn Fn(&Scan) -> bool),
+            (true, 6, &is_ac_refinement),
+        ] {
+            let filtered = without_ac_refinements(&jpeg, all).unwrap_or_else(|| panic!("nothing left out"));
+            let (kept, _) = progressive_scans(&filtered).unwrap_or_else(|| panic!("output not progressive"));
+            assert_eq!(kept.len(), left, "all: {all}");
+            assert!(!kept.iter().any(dropped));
+            let dropped_bytes: usize = scans.iter().filter(|s| dropped(s)).map(|s| s.end - s.start).sum();
+            assert_eq!(filtered.len(), jpeg.len() - dropped_bytes);
+            assert_eq!(
+                without_ac_refinements(&filtered, all),
+                None,
+                "nothing left to leave out"
+            );
+        }
+
+        // libjpeg-turbo takes both; the pixels differ by the low AC bits only, more so without any refinement.
+        let every = decoded(&jpeg, 8, AcRefinements::Keep);
+        let last = decoded(&jpeg, 8, AcRefinements::SkipLast);
+        let none = decoded(&jpeg, 8, AcRefinements::SkipAll);
+        assert!(every != last && last != none);
+        let (p_last, p_none) = (psnr(&every, &last), psnr(&every, &none));
+        assert!(
+            p_last > p_none && p_none > 30.0,
+            "full-resolution PSNR {p_last:.1} / {p_none:.1} dB"
+        );
+
+        // Baseline, truncated or otherwise not plain: left alone.
+        for all in [false, true] {
+            assert_eq!(without_ac_refinements(&encoded(64, 48, false), all), None);
+            assert_eq!(without_ac_refinements(&jpeg[..jpeg.len() - 2], all), None);
+            assert_eq!(without_ac_refinements(&jpeg[..jpeg.len() / 2], all), None);
+            assert_eq!(without_ac_refinements(b"", all), None);
+        }
+    }
+
+    #[test]
+    fn views_4x_smaller_skip_the_last_ac_bit_8x_smaller_every_refinement_unless_all_scans() {
         let jpeg = encoded(512, 384, true);
         let default = crate::DecodeOptions::default();
         let all = crate::DecodeOptions {
@@ -408,20 +446,29 @@ mod tests {
                 .image
                 .into_raw()
         };
-        assert_ne!(pixels(&default, 4.0), pixels(&all, 4.0), "reduction 4 skips");
-        assert_ne!(pixels(&default, 16.0), pixels(&all, 16.0), "reduction 16 skips");
-        assert_eq!(
-            pixels(&default, 3.9),
-            pixels(&all, 3.9),
-            "reduction 3.9 decodes every scan"
-        );
-        let every_scan = decode(&jpeg, &ValidationLimits::default(), 8, false)
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("decode"));
-        assert_eq!(
-            pixels(&full, 16.0),
-            every_scan.image.into_raw(),
+        // Reduction 3.9: full scale, every scan; 4 and 7.9: 1/2 scale without the last AC bit; 8: 1/4 scale and
+        // 16: 1/8 scale, without AC refinements. With --jpeg-all-scans the same scales with every scan.
+        let same = |a: Vec<u8>, b: Vec<u8>| a == b;
+        for (reduction, eighths, refinements) in [
+            (3.9, 8, AcRefinements::Keep),
+            (4.0, 4, AcRefinements::SkipLast),
+            (7.9, 4, AcRefinements::SkipLast),
+            (8.0, 2, AcRefinements::SkipAll),
+            (16.0, 1, AcRefinements::SkipAll),
+        ] {
+            assert!(
+                same(pixels(&default, reduction), decoded(&jpeg, eighths, refinements)),
+                "default at reduction {reduction}: {eighths}/8, {refinements:?}"
+            );
+            assert!(
+                same(pixels(&all, reduction), decoded(&jpeg, eighths, AcRefinements::Keep)),
+                "--jpeg-all-scans at reduction {reduction}"
+            );
+        }
+        assert!(!same(pixels(&default, 8.0), decoded(&jpeg, 2, AcRefinements::SkipLast)));
+        assert!(!same(pixels(&default, 4.0), decoded(&jpeg, 4, AcRefinements::Keep)));
+        assert!(
+            same(pixels(&full, 16.0), decoded(&jpeg, 8, AcRefinements::Keep)),
             "a full decode decodes every scan"
         );
     }

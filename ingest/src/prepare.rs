@@ -11,6 +11,7 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
+use crate::jpeg::AcRefinements;
 use crate::rng::Rng;
 use crate::validate::{decode_limits, Reason, Rejection, ValidationLimits};
 
@@ -46,16 +47,19 @@ pub struct DecodeOptions {
     #[serde(default)]
     pub draft: bool,
     /// Decode every scan of a progressive JPEG. By default (with `reduced_decode`), when every view is at least
-    /// 4x smaller than the image, the final AC refinement scans are left out: the last bit of each AC
-    /// coefficient, at most one quantisation step, which the view averages away (scripts/bench-ingest: PSNR
-    /// against a full decode + Pillow bicubic); about a third less decode time on such files.
+    /// 4x smaller than the image, the final AC refinement scans are left out (the last bit of each AC
+    /// coefficient), and when every view is at least 8x smaller (one view pixel per 8x8 DCT block or more),
+    /// all AC refinement scans; DC stays exact. The view averages such errors away (scripts/bench-ingest: PSNR
+    /// against a full decode + Pillow bicubic), and such files decode in about half the time.
     #[serde(default)]
     pub all_scans: bool,
 }
 
 /// Reduction (source pixels per view pixel) from which the final AC refinement scans of progressive JPEGs
 /// are left out (see [`DecodeOptions::all_scans`]).
-const SKIP_REFINEMENTS_MIN_REDUCTION: f64 = 4.0;
+const SKIP_LAST_AC_BIT_MIN_REDUCTION: f64 = 4.0;
+/// Reduction from which all AC refinement scans of progressive JPEGs are left out.
+const SKIP_AC_REFINEMENTS_MIN_REDUCTION: f64 = 8.0;
 
 impl Default for DecodeOptions {
     fn default() -> Self {
@@ -106,9 +110,16 @@ pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> 
         // libjpeg-turbo could scale by any n/8, but 3/8, 5/8, 6/8 and 7/8 alias visibly more than the
         // power-of-two scales (scripts/bench-ingest: min PSNR 36.9 vs 50.5 dB at 224, 3 of 97 photos under 35 dB
         // at 112) for a few percent of speed, so the reduction stays 1/2, 1/4 or 1/8.
-        let skip_refinements =
-            options.reduced_decode && !options.all_scans && max_reduction >= SKIP_REFINEMENTS_MIN_REDUCTION;
-        if let Some(d) = crate::jpeg::decode(bytes, &options.limits, 8 / factor, skip_refinements)? {
+        let refinements = if !options.reduced_decode || options.all_scans {
+            AcRefinements::Keep
+        } else if max_reduction >= SKIP_AC_REFINEMENTS_MIN_REDUCTION {
+            AcRefinements::SkipAll
+        } else if max_reduction >= SKIP_LAST_AC_BIT_MIN_REDUCTION {
+            AcRefinements::SkipLast
+        } else {
+            AcRefinements::Keep
+        };
+        if let Some(d) = crate::jpeg::decode(bytes, &options.limits, 8 / factor, refinements)? {
             return Ok(d);
         }
         // libjpeg-turbo refused it (CMYK/YCCK, or damaged data): the pure-Rust decoders below decide, so a

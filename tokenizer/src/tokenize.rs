@@ -262,8 +262,9 @@ pub fn tokenize(
         run["jpeg_all_scans"] = true.into();
     }
     // Revision of the decode path: bumped whenever the same options give different pixels (2: progressive
-    // JPEGs without their final AC refinement scans), so parts made by an older binary are never mixed in.
-    run["decode_revision"] = 2.into();
+    // JPEGs without their final AC refinement scans; 3: and without any AC refinement from a reduction of 8),
+    // so parts made by an older binary are never mixed in.
+    run["decode_revision"] = 3.into();
     let run_fingerprint = crate::card::sha256_hex(run.to_string().as_bytes());
     let rows = &manifest.rows;
     let n_parts = rows.len().div_ceil(config.part_samples).max(1);
