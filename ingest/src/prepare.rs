@@ -96,8 +96,9 @@ fn composite(img: DynamicImage, bg: [u8; 3]) -> RgbImage {
 /// Decodes `bytes` to upright RGB8. `max_reduction` is the largest reduction (source pixels per target pixel)
 /// that keeps every requested view at or above its target size; JPEGs are then decoded by libjpeg-turbo at the
 /// largest DCT reduction (1/2, 1/4, 1/8) that keeps twice the target resolution (with `draft`: the target
-/// resolution). JPEGs libjpeg-turbo refuses (CMYK, damaged data) go to the pure-Rust decoders (reduced under
-/// the same rule), whose verdict is the reject reason.
+/// resolution); progressive JPEGs leave out AC refinement scans from a `max_reduction` of 4 (see
+/// [`DecodeOptions::all_scans`]). JPEGs libjpeg-turbo refuses (CMYK, damaged data) go to the pure-Rust decoders
+/// (reduced under the same rule, every scan), whose verdict is the reject reason.
 pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> Result<Decoded, Rejection> {
     let format = image::guess_format(bytes)
         .map_err(|_| Rejection::new(Reason::UnsupportedFormat, "not a recognised image format"))?;

@@ -86,3 +86,64 @@ fn reduced_decode_views_match_full_decode_views_for_odd_sizes() {
         assert!(p >= 35.0, "{w}x{h} at {size}: reduced vs full decode PSNR {p:.2} dB");
     }
 }
+
+/// `picture` with fine texture (stripes and hash noise), so the AC coefficients carry real detail.
+fn textured(w: u32, h: u32) -> RgbImage {
+    let mut img = picture(w, h);
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        let hash = (x.wrapping_mul(73_856_093) ^ y.wrapping_mul(19_349_663)) % 31;
+        let stripe = (((x + 2 * y) as f32 / 3.0).sin() * 18.0) as i32;
+        for c in p.0.iter_mut() {
+            *c = (*c as i32 + stripe + hash as i32 - 15).clamp(0, 255) as u8;
+        }
+    }
+    img
+}
+
+fn progressive_jpeg(img: &RgbImage) -> Vec<u8> {
+    let mut c = turbojpeg::Compressor::new().expect("compressor");
+    c.set_quality(90).expect("quality");
+    c.set_progressive(true).expect("progressive");
+    let image = turbojpeg::Image {
+        pixels: img.as_raw().as_slice(),
+        width: img.width() as usize,
+        pitch: 3 * img.width() as usize,
+        height: img.height() as usize,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    c.compress_to_vec(image).expect("encode")
+}
+
+#[test]
+fn progressive_views_without_ac_refinements_match_every_scan() {
+    let all_scans = DecodeOptions {
+        all_scans: true,
+        ..DecodeOptions::default()
+    };
+    let full = DecodeOptions {
+        reduced_decode: false,
+        ..DecodeOptions::default()
+    };
+    let mut resizer = Resizer::new();
+    // Reductions 4.1 (the last AC bit left out), 8.2 and 13.8 (every AC refinement left out).
+    for (w, h, size) in [(913, 1001, 224), (1001, 913, 112), (2049, 1541, 112)] {
+        let bytes = progressive_jpeg(&textured(w, h));
+        let factor = max_reduction(&[center_view(w, h)], size);
+        let mut view = |options: &DecodeOptions| {
+            let d = decode_rgb(&bytes, options, factor).expect("decode");
+            render_view(
+                &d,
+                &center_view(d.source_width, d.source_height),
+                size,
+                Filter::Bicubic,
+                &mut resizer,
+            )
+        };
+        let (default, every_scan, full) = (view(&DecodeOptions::default()), view(&all_scans), view(&full));
+        assert_ne!(default, every_scan, "{w}x{h} at {size}: no scan was left out");
+        let p = psnr(&default, &every_scan);
+        assert!(p >= 40.0, "{w}x{h} at {size}: vs every scan PSNR {p:.2} dB");
+        let p = psnr(&default, &full);
+        assert!(p >= 35.0, "{w}x{h} at {size}: vs full decode PSNR {p:.2} dB");
+    }
+}
