@@ -472,26 +472,26 @@ fn workers_and_resume_give_the_same_bytes_as_one_run() {
     };
     let o = tokenize(manifest(), &resumed, &mut vt, Some(&text), &other, &|_| {}).expect("tokenize");
     assert_eq!((o.parts_written, o.parts_skipped), (4, 0));
-    let draft = TokenizeConfig {
-        jpeg_draft: true,
-        ..other.clone()
-    };
-    let d = tokenize(manifest(), &resumed, &mut vt, Some(&text), &draft, &|_| {}).expect("tokenize");
-    assert_eq!(
-        (d.parts_written, d.parts_skipped),
-        (4, 0),
-        "--jpeg-draft is another configuration"
-    );
-    let all_scans = TokenizeConfig {
-        jpeg_all_scans: true,
-        ..other.clone()
-    };
-    let a = tokenize(manifest(), &resumed, &mut vt, Some(&text), &all_scans, &|_| {}).expect("tokenize");
-    assert_eq!(
-        (a.parts_written, a.parts_skipped),
-        (4, 0),
-        "--jpeg-all-scans is another configuration"
-    );
+    // Each decode option is another configuration: nothing is reused.
+    for (flag, changed) in [
+        (
+            "--jpeg-draft",
+            TokenizeConfig {
+                jpeg_draft: true,
+                ..other.clone()
+            },
+        ),
+        (
+            "--jpeg-all-scans",
+            TokenizeConfig {
+                jpeg_all_scans: true,
+                ..other.clone()
+            },
+        ),
+    ] {
+        let d = tokenize(manifest(), &resumed, &mut vt, Some(&text), &changed, &|_| {}).expect("tokenize");
+        assert_eq!((d.parts_written, d.parts_skipped), (4, 0), "{flag}");
+    }
 
     let (info, records) = imglish_pack::read_part(single.join("part-00000.parquet")).expect("read part");
     assert_eq!(info.views_per_sample, 3);
