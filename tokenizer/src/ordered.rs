@@ -226,9 +226,13 @@ mod tests {
             )
         });
         assert_eq!(result, Err("stop"));
-        // Nothing beyond the window (plus the items threads had already taken) was prepared.
+        // Nothing beyond the window was prepared: before the delivery that completes group 3, at most 11 items had
+        // been taken in order (2 groups consumed, 3 waiting); that delivery can complete at most a window (8) of
+        // items prepared out of order, and the gate then lets producers start at most a window beyond those. A
+        // map call only starts below the gate's limit, so 11 + 8 + 8 bounds it whatever the interleaving (a
+        // bound of 12 + 8 + 3 was once seen exceeded, with 25, when items arrived out of order).
         let started = started.load(Ordering::Relaxed);
-        assert!(started <= 12 + 8 + 3, "{started} items prepared");
+        assert!(started <= 11 + 8 + 8, "{started} items prepared");
     }
 
     #[test]
