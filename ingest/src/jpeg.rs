@@ -121,8 +121,9 @@ fn decode_with(
 /// A progressive (Huffman) JPEG without its AC refinement scans (spectral selection `Ss > 0`, successive
 /// approximation `Ah > 0`); with `all` false only the final ones (`Al = 0`), which carry the least significant
 /// bit of the AC coefficients. Every other segment is copied unchanged. In files from libjpeg's default
-/// progression script the final refinements are about half of the entropy-coded bytes and of the decode time,
-/// all refinements about two thirds.
+/// progression script the final refinements are about half of the entropy-coded bytes (a third of the decode
+/// time at 1/2 scale), all refinements about two thirds (e.g. Autumn 2560x1600 from plasma-workspace-wallpapers:
+/// 55% and 67% of 745 kB).
 ///
 /// Why it is sound: a final refinement is the last scan for its coefficients, and without refinements at all
 /// each AC coefficient is complete at its first scan's precision, so no kept scan ever depends on a dropped one.

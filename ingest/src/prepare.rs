@@ -50,7 +50,7 @@ pub struct DecodeOptions {
     /// 4x smaller than the image, the final AC refinement scans are left out (the last bit of each AC
     /// coefficient), and when every view is at least 8x smaller (one view pixel per 8x8 DCT block or more),
     /// all AC refinement scans; DC stays exact. The view averages such errors away (scripts/bench-ingest: PSNR
-    /// against a full decode + Pillow bicubic), and such files decode in about half the time.
+    /// against a full decode + Pillow bicubic), and such files decode in half to two thirds of the time.
     #[serde(default)]
     pub all_scans: bool,
 }
