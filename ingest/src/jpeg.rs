@@ -167,6 +167,28 @@ struct Scan {
     al: u8,
 }
 
+/// The marker segment at `at` (after any 0xff fill bytes): its marker byte, the offset of that marker, the
+/// segment's body (after the length field; empty for the stand-alone markers SOI, EOI, RSTn and TEM) and the
+/// offset just past the body. `None` when there is no marker there or its length is impossible or runs past the
+/// end. An SOS segment's entropy-coded data follows `end` and is not part of the segment.
+fn segment_at(bytes: &[u8], mut at: usize) -> Option<(u8, usize, &[u8], usize)> {
+    while *bytes.get(at)? == 0xff && *bytes.get(at + 1)? == 0xff {
+        at += 1;
+    }
+    if *bytes.get(at)? != 0xff {
+        return None;
+    }
+    let marker = *bytes.get(at + 1)?;
+    if matches!(marker, 0xd0..=0xd9 | 0x01) {
+        return Some((marker, at, &[], at + 2));
+    }
+    let len = usize::from(u16::from_be_bytes([*bytes.get(at + 2)?, *bytes.get(at + 3)?]));
+    if len < 2 {
+        return None;
+    }
+    Some((marker, at, bytes.get(at + 4..at + 2 + len)?, at + 2 + len))
+}
+
 /// The scans of a progressive Huffman JPEG and the offset of its EOI marker; `None` for any other frame type
 /// or a marker structure that is not plain (truncated, no EOI, a second SOI, a stray restart marker).
 fn progressive_scans(bytes: &[u8]) -> Option<(Vec<Scan>, usize)> {
@@ -177,27 +199,17 @@ fn progressive_scans(bytes: &[u8]) -> Option<(Vec<Scan>, usize)> {
     let mut scans = Vec::new();
     let mut at = 2usize;
     loop {
-        while *bytes.get(at)? == 0xff && *bytes.get(at + 1)? == 0xff {
-            at += 1;
-        }
-        if *bytes.get(at)? != 0xff {
-            return None;
-        }
-        match *bytes.get(at + 1)? {
-            0xd9 => return Some((scans, at)),
-            0xd0..=0xd7 | 0xd8 | 0x01 => return None,
+        let (marker, start, body, end) = segment_at(bytes, at)?;
+        match marker {
+            0xd9 => return Some((scans, start)),
+            0xd0..=0xd8 | 0x01 => return None,
             0xc2 => progressive = true,
             // Every other frame type (baseline, extended, lossless, arithmetic-coded, hierarchical).
             0xc0 | 0xc1 | 0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return None,
             _ => {}
         }
-        let len = usize::from(u16::from_be_bytes([*bytes.get(at + 2)?, *bytes.get(at + 3)?]));
-        if len < 2 {
-            return None;
-        }
-        let body = bytes.get(at + 4..at + 2 + len)?;
-        if bytes[at + 1] != 0xda {
-            at += 2 + len;
+        at = end;
+        if marker != 0xda {
             continue;
         }
         if !progressive {
@@ -207,59 +219,42 @@ fn progressive_scans(bytes: &[u8]) -> Option<(Vec<Scan>, usize)> {
         // that is neither a stuffed 0x00 nor a restart marker.
         let ns = usize::from(*body.first()?);
         let (ss, ah_al) = (*body.get(1 + 2 * ns)?, *body.get(3 + 2 * ns)?);
-        let mut end = at + 2 + len;
         loop {
-            end += memchr::memchr(0xff, bytes.get(end..)?)?;
-            match *bytes.get(end + 1)? {
-                0x00 | 0xd0..=0xd7 => end += 2,
+            at += memchr::memchr(0xff, bytes.get(at..)?)?;
+            match *bytes.get(at + 1)? {
+                0x00 | 0xd0..=0xd7 => at += 2,
                 _ => break,
             }
         }
         scans.push(Scan {
-            start: at,
-            end,
+            start,
+            end: at,
             ss,
             ah: ah_al >> 4,
             al: ah_al & 0x0f,
         });
-        at = end;
     }
 }
 
 /// The EXIF payload (the TIFF structure after `Exif\0\0`) of the first APP1 segment, if any, found by walking
 /// the marker segments up to the first scan.
 fn exif(bytes: &[u8]) -> Option<&[u8]> {
-    let mut at = 2usize;
     if bytes.get(..2)? != [0xff, 0xd8] {
         return None;
     }
+    let mut at = 2usize;
     loop {
-        // Fill bytes (0xff runs) may precede a marker.
-        while *bytes.get(at)? == 0xff && *bytes.get(at + 1)? == 0xff {
-            at += 1;
-        }
-        if *bytes.get(at)? != 0xff {
-            return None;
-        }
-        let marker = *bytes.get(at + 1)?;
-        if marker == 0xda || marker == 0xd9 {
-            return None;
-        }
-        if (0xd0..=0xd7).contains(&marker) || marker == 0x01 {
-            at += 2;
-            continue;
-        }
-        let len = usize::from(u16::from_be_bytes([*bytes.get(at + 2)?, *bytes.get(at + 3)?]));
-        if len < 2 {
-            return None;
-        }
-        let body = bytes.get(at + 4..at + 2 + len)?;
-        if marker == 0xe1 {
-            if let Some(tiff) = body.strip_prefix(b"Exif\0\0") {
-                return Some(tiff);
+        let (marker, _, body, end) = segment_at(bytes, at)?;
+        match marker {
+            0xda | 0xd9 => return None,
+            0xe1 => {
+                if let Some(tiff) = body.strip_prefix(b"Exif\0\0") {
+                    return Some(tiff);
+                }
             }
+            _ => {}
         }
-        at += 2 + len;
+        at = end;
     }
 }
 

@@ -245,7 +245,10 @@ pub fn tokenize(
         crop: config.crop,
         seed: config.seed,
     };
-    let mut run = serde_json::json!({
+    // `decode_revision` is bumped whenever the same options give different pixels (2: progressive JPEGs without
+    // their final AC refinement scans; 3: and without any AC refinement from a reduction of 8), so parts made by
+    // an older binary are never mixed in.
+    let run = serde_json::json!({
         "visual": info.fingerprint,
         "text": text.map(TextTokenizer::fingerprint),
         "manifest": manifest.fingerprint,
@@ -254,17 +257,10 @@ pub fn tokenize(
         "part_samples": config.part_samples,
         "pixels": config.pixels,
         "crop": config.crop,
+        "jpeg_draft": config.jpeg_draft,
+        "jpeg_all_scans": config.jpeg_all_scans,
+        "decode_revision": 3,
     });
-    if config.jpeg_draft {
-        run["jpeg_draft"] = true.into();
-    }
-    if config.jpeg_all_scans {
-        run["jpeg_all_scans"] = true.into();
-    }
-    // Revision of the decode path: bumped whenever the same options give different pixels (2: progressive
-    // JPEGs without their final AC refinement scans; 3: and without any AC refinement from a reduction of 8),
-    // so parts made by an older binary are never mixed in.
-    run["decode_revision"] = 3.into();
     let run_fingerprint = crate::card::sha256_hex(run.to_string().as_bytes());
     let rows = &manifest.rows;
     let n_parts = rows.len().div_ceil(config.part_samples).max(1);
