@@ -27,6 +27,7 @@ mod error;
 mod fsutil;
 mod jpeg;
 mod parquet_io;
+mod png;
 mod prepare;
 mod rng;
 mod run;

@@ -77,7 +77,7 @@ fn corrupt(e: impl std::fmt::Display) -> Rejection {
     Rejection::new(Reason::Corrupt, format!("decode failed: {e}"))
 }
 
-fn composite(img: DynamicImage, bg: [u8; 3]) -> RgbImage {
+pub(crate) fn composite(img: DynamicImage, bg: [u8; 3]) -> RgbImage {
     if !img.color().has_alpha() {
         return img.into_rgb8();
     }
@@ -85,12 +85,17 @@ fn composite(img: DynamicImage, bg: [u8; 3]) -> RgbImage {
     let (w, h) = rgba.dimensions();
     let mut out = RgbImage::new(w, h);
     for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
-        let a = p[3] as u32;
         for c in 0..3 {
-            o[c] = ((p[c] as u32 * a + bg[c] as u32 * (255 - a) + 127) / 255) as u8;
+            o[c] = over(p[c], p[3], bg[c]);
         }
     }
     out
+}
+
+/// Colour `c` with alpha `a` over background `bg`, rounded.
+pub(crate) fn over(c: u8, a: u8, bg: u8) -> u8 {
+    let a = a as u32;
+    ((c as u32 * a + bg as u32 * (255 - a) + 127) / 255) as u8
 }
 
 /// Decodes `bytes` to upright RGB8. `max_reduction` is the largest reduction (source pixels per target pixel)
@@ -129,6 +134,11 @@ pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> 
             if let Some(d) = decode_jpeg_reduced(bytes, options, factor)? {
                 return Ok(d);
             }
+        }
+    }
+    if format == ImageFormat::Png {
+        if let Some(d) = crate::png::decode(bytes, &options.limits, options.background) {
+            return Ok(d);
         }
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);

@@ -1,10 +1,11 @@
 //! Fuzzes image decoding as tokenize runs it (libjpeg-turbo with DCT scaling, the progressive-scan filter
-//! (reductions of 4 and more), the pure-Rust fallbacks, EXIF orientation, limits): any bytes must give a
-//! decoded image or a reject, never a panic or an abort.
+//! (reductions of 4 and more), the PNG path (libdeflate + paired-row unfiltering), the pure-Rust fallbacks, EXIF
+//! orientation, limits): any bytes must give a decoded image or a reject, never a panic or an abort.
 //!
 //! Run with `cargo +nightly fuzz run decode_image` from `ingest/`; seed the corpus with real images, e.g.
 //! `cp /usr/share/wallpapers/*/contents/images/*.jpg ingest/fuzz/corpus/decode_image/`. The normal test suite
-//! runs a bounded version (`mutated_jpegs_decode_or_reject_never_panic` in ingest/src/jpeg.rs).
+//! runs bounded versions (`mutated_jpegs_decode_or_reject_never_panic` in ingest/src/jpeg.rs,
+//! `mutated_pngs_decode_or_reject_never_panic` in ingest/src/png.rs).
 #![no_main]
 
 use imglish_ingest::{decode_rgb, DecodeOptions};
