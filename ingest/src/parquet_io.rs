@@ -111,46 +111,47 @@ pub(crate) fn write_samples(path: &Path, rows: &[ManifestRow]) -> Result<()> {
     for r in rows {
         match &r.locator {
             Locator::File { path } => {
-                path_c.push(path.clone());
+                path_c.push(path.as_str());
                 tar_off.push(None);
                 tar_len.push(None);
                 pq_row.push(None);
             }
             Locator::TarMember { tar, offset, length } => {
-                path_c.push(tar.clone());
+                path_c.push(tar.as_str());
                 tar_off.push(Some(*offset));
                 tar_len.push(Some(*length));
                 pq_row.push(None);
             }
             Locator::ParquetRow { file, row } => {
-                path_c.push(file.clone());
+                path_c.push(file.as_str());
                 tar_off.push(None);
                 tar_len.push(None);
                 pq_row.push(Some(*row));
             }
         }
     }
-    let strs = |name: &str, f: &dyn Fn(&ManifestRow) -> String| {
-        col(Series::new(name.into(), rows.iter().map(f).collect::<Vec<String>>()))
+    // String columns straight from the rows, without a copy of every string first (peak memory).
+    let strs = |name: &str, f: &dyn Fn(&ManifestRow) -> &str| {
+        col(StringChunked::from_iter_values(name.into(), rows.iter().map(f)).into_series())
     };
     let columns = vec![
         col(Series::new(
             "sample_id".into(),
             rows.iter().map(|r| r.sample_id).collect::<Vec<u64>>(),
         )),
-        strs("key", &|r| r.key.clone()),
-        strs("source", &|r| r.source.clone()),
-        strs("kind", &|r| r.locator.kind().to_string()),
+        strs("key", &|r| &r.key),
+        strs("source", &|r| &r.source),
+        strs("kind", &|r| r.locator.kind()),
         col(Series::new("path".into(), path_c)),
         col(Series::new("tar_offset".into(), tar_off)),
         col(Series::new("tar_length".into(), tar_len)),
         col(Series::new("parquet_row".into(), pq_row)),
-        strs("content_hash", &|r| r.content_hash.clone()),
+        strs("content_hash", &|r| &r.content_hash),
         col(Series::new(
             "bytes".into(),
             rows.iter().map(|r| r.bytes).collect::<Vec<u64>>(),
         )),
-        strs("format", &|r| r.format.clone()),
+        strs("format", &|r| &r.format),
         col(Series::new(
             "width".into(),
             rows.iter().map(|r| r.width).collect::<Vec<u32>>(),
@@ -166,11 +167,11 @@ pub(crate) fn write_samples(path: &Path, rows: &[ManifestRow]) -> Result<()> {
         col(Series::new(
             "label_name".into(),
             rows.iter()
-                .map(|r| r.label_name.clone())
-                .collect::<Vec<Option<String>>>(),
+                .map(|r| r.label_name.as_deref())
+                .collect::<Vec<Option<&str>>>(),
         )),
         col(captions.finish().into_series()),
-        strs("split", &|r| r.split.as_str().to_string()),
+        strs("split", &|r| r.split.as_str()),
     ];
     let mut df = DataFrame::new(n, columns).map_err(pe(path))?;
     write_df(path, &mut df)

@@ -325,9 +325,7 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
         }
     }
 
-    let mut rows: Vec<ManifestRow> = Vec::new();
     let mut rejects: Vec<RejectRow> = Vec::new();
-    let mut by_hash: HashMap<String, (u64, String, String)> = HashMap::new();
     let mut counts = IngestCounts {
         hidden_skipped: hidden,
         classes: classes.len() as u64,
@@ -341,7 +339,12 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
             message: r.message.clone(),
         });
     };
-    for c in &checked {
+    // Which items are accepted: decided on borrowed data (the duplicate index points into `checked`), so that
+    // the accepted rows can then take their strings out of `checked` instead of copying them (peak memory at
+    // a million rows).
+    let mut accepted = vec![false; checked.len()];
+    let mut by_hash: HashMap<&str, &Checked> = HashMap::new();
+    for (c, accept) in checked.iter().zip(&mut accepted) {
         let info = match &c.result {
             Ok(info) => info,
             Err(r) => {
@@ -349,25 +352,26 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
                 continue;
             }
         };
-        if let Some((first_id, src, key)) = by_hash.get(&info.content_hash) {
+        if let Some(first) = by_hash.get(info.content_hash.as_str()) {
             let r = Rejection::new(
                 Reason::Duplicate,
-                format!("byte-identical to sample {first_id} ({src}: {key})"),
+                format!(
+                    "byte-identical to sample {} ({}: {})",
+                    first.sample_id, first.item.source, first.item.key
+                ),
             );
             reject(&c.item.source, &c.item.key, &r, &mut rejects);
             continue;
         }
-        by_hash.insert(
-            info.content_hash.clone(),
-            (c.sample_id, c.item.source.clone(), c.item.key.clone()),
-        );
-        let mut captions = c.item.inline_captions.clone();
-        if let Some(extra) = caption_index.get(&config.join_on.key(&c.item.join_path)) {
-            captions.extend(extra.iter().cloned());
-        }
-        let mut seen_caps = BTreeSet::new();
-        captions.retain(|s| !s.is_empty() && seen_caps.insert(s.clone()));
-        if captions.is_empty() {
+        by_hash.insert(&info.content_hash, c);
+        let extra = caption_index.get(&config.join_on.key(&c.item.join_path));
+        let captioned = c
+            .item
+            .inline_captions
+            .iter()
+            .chain(extra.into_iter().flatten())
+            .any(|s| !s.is_empty());
+        if !captioned {
             if config.require_captions {
                 let r = Rejection::new(
                     Reason::MissingCaption,
@@ -378,16 +382,43 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
             }
             counts.images_without_captions += 1;
         }
-        let (label, label_name) = match (&c.item.folder, config.labels) {
-            (Some(folder), LabelMode::FromFolders) => (classes.get(folder).copied(), Some(folder.clone())),
+        *accept = true;
+    }
+    drop(by_hash);
+
+    // Fingerprint: the config and the content of every input.
+    let mut fp = Sha256::new();
+    fp.update(serde_json::to_vec(config).unwrap_or_default());
+    for c in &checked {
+        fp.update(c.item.source.as_bytes());
+        fp.update([0]);
+        fp.update(c.item.key.as_bytes());
+        fp.update([0]);
+        if let Some(h) = &c.bytes_hash {
+            fp.update(h);
+        }
+    }
+
+    let mut rows: Vec<ManifestRow> = Vec::with_capacity(accepted.iter().filter(|a| **a).count());
+    for (c, _) in checked.into_iter().zip(accepted).filter(|(_, a)| *a) {
+        let Ok(info) = c.result else { continue };
+        let mut captions = c.item.inline_captions;
+        if let Some(extra) = caption_index.get(&config.join_on.key(&c.item.join_path)) {
+            captions.extend(extra.iter().cloned());
+        }
+        let mut seen_caps = BTreeSet::new();
+        captions.retain(|s| !s.is_empty() && seen_caps.insert(s.clone()));
+        let (label, label_name) = match (c.item.folder, config.labels) {
+            (Some(folder), LabelMode::FromFolders) => (classes.get(&folder).copied(), Some(folder)),
             _ => (c.item.inline_label.and_then(|l| i32::try_from(l).ok()), None),
         };
         rows.push(ManifestRow {
             sample_id: c.sample_id,
-            key: c.item.key.clone(),
-            source: c.item.source.clone(),
-            locator: c.item.locator.clone(),
-            content_hash: info.content_hash.clone(),
+            split: split_of(config.seed, &c.item.key, config.val_fraction),
+            key: c.item.key,
+            source: c.item.source,
+            locator: c.item.locator,
+            content_hash: info.content_hash,
             bytes: info.bytes,
             format: info.format.to_string(),
             width: info.width,
@@ -395,7 +426,6 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
             label,
             label_name,
             captions,
-            split: split_of(config.seed, &c.item.key, config.val_fraction),
         });
     }
     // Caption entries without an image, and malformed caption rows.
@@ -435,25 +465,11 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
         *counts.splits.entry(r.split.as_str().to_string()).or_default() += 1;
     }
 
-    // Fingerprint: the config and the content of every input.
-    let mut fp = Sha256::new();
-    fp.update(serde_json::to_vec(config).unwrap_or_default());
-    for c in &checked {
-        fp.update(c.item.source.as_bytes());
-        fp.update([0]);
-        fp.update(c.item.key.as_bytes());
-        fp.update([0]);
-        if let Some(h) = &c.bytes_hash {
-            fp.update(h);
-        }
-    }
     for c in &caption_records {
         fp.update(c.sha256.as_bytes());
     }
     let fingerprint = hex(&fp.finalize());
     // Free what the manifest no longer needs before the Parquet writer builds its columns (peak memory).
-    drop(checked);
-    drop(by_hash);
     drop(caption_index);
 
     fs::create_dir_all(out).at(out)?;
