@@ -17,7 +17,7 @@ use crate::fsutil::write_atomic;
 use crate::parquet_io::{self, ManifestRow, RejectRow, Split};
 use crate::rng::mix64;
 use crate::sources::{self, Item, Locator, ParquetColumns, Source, SourceKind};
-use crate::validate::{hex, validate_bytes, ImageInfo, Reason, Rejection, ValidationLimits};
+use crate::validate::{hex, validate_hashed, ImageInfo, Reason, Rejection, ValidationLimits};
 
 /// Version of the manifest layout.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -241,7 +241,7 @@ fn check_chunk(items: Vec<Item>, limits: &ValidationLimits) -> Vec<Checked> {
             let (result, bytes_hash) = match payload {
                 Ok(bytes) => {
                     let hash: [u8; 32] = Sha256::digest(&bytes).into();
-                    (validate_bytes(&bytes, limits), Some(hash))
+                    (validate_hashed(&bytes, limits, Some(&hash)), Some(hash))
                 }
                 Err(r) => (Err(r), None),
             };

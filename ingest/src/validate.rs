@@ -189,6 +189,15 @@ fn check_trailer(format: ImageFormat, bytes: &[u8]) -> Result<(), Rejection> {
 /// Validates one image's bytes against `limits`. Never panics and never allocates pixel buffers unless
 /// `limits.full_decode` is set (and then only within the limits).
 pub fn validate_bytes(bytes: &[u8], limits: &ValidationLimits) -> Result<ImageInfo, Rejection> {
+    validate_hashed(bytes, limits, None)
+}
+
+/// [`validate_bytes`] for a caller that has already computed the sha256 `digest` of `bytes`.
+pub(crate) fn validate_hashed(
+    bytes: &[u8],
+    limits: &ValidationLimits,
+    digest: Option<&[u8; 32]>,
+) -> Result<ImageInfo, Rejection> {
     if bytes.is_empty() {
         return Err(Rejection::new(Reason::Empty, "zero-byte file"));
     }
@@ -245,7 +254,10 @@ pub fn validate_bytes(bytes: &[u8], limits: &ValidationLimits) -> Result<ImageIn
         format: name,
         width,
         height,
-        content_hash: hex(&Sha256::digest(bytes)),
+        content_hash: match digest {
+            Some(d) => hex(d),
+            None => hex(&Sha256::digest(bytes)),
+        },
         bytes: bytes.len() as u64,
     })
 }
