@@ -722,7 +722,7 @@ mod tests {
     fn mutated_pngs_decode_or_reject_never_panic() {
         let mut rng = Rng::new(13);
         let options = crate::DecodeOptions::default();
-        for i in 0..1500 {
+        for i in 0..3000 {
             let (colour, channels) = *rng.pick(&[(0u8, 1usize), (2, 3), (4, 2), (6, 4)]);
             let (w, h) = (rng.range(1, 40) as usize, rng.range(1, 12) as usize);
             let raw: Vec<u8> = (0..h)
@@ -732,7 +732,23 @@ mod tests {
                     row
                 })
                 .collect();
-            let mut file = png(w as u32, h as u32, colour, &raw, 1 + i % 3, &[]);
+            // Ancillary chunks the png crate parses (and may judge) for the mutations to hit too.
+            let extra = if i % 2 == 0 {
+                vec![
+                    chunk(b"gAMA", &45455u32.to_be_bytes()),
+                    chunk(b"cHRM", &[0; 32]),
+                    chunk(b"sRGB", &[0]),
+                    chunk(b"sBIT", &[8; 4][..channels]),
+                    chunk(b"pHYs", &[0, 0, 11, 19, 0, 0, 11, 19, 1]),
+                    chunk(b"iCCP", b"icc\0\0x\x9c\x03\x00\x00\x00\x00\x01"),
+                    chunk(b"tEXt", b"Title\0imglish"),
+                    chunk(b"zTXt", b"Note\0\0x\x9c\x03\x00\x00\x00\x00\x01"),
+                    chunk(b"iTXt", b"Author\0\0\0en\0\0x"),
+                ]
+            } else {
+                Vec::new()
+            };
+            let mut file = png(w as u32, h as u32, colour, &raw, 1 + i % 3, &extra);
             for _ in 0..1 + rng.below(4) {
                 let at = 8 + rng.below(file.len() as u64 - 8) as usize;
                 file[at] = rng.next_u64() as u8;

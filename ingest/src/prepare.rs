@@ -148,6 +148,19 @@ pub fn decode_rgb(bytes: &[u8], options: &DecodeOptions, max_reduction: f64) -> 
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(decode_limits(&options.limits));
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    // The decoders check each side against the limits, not the whole buffer (`ImageReader::decode` would
+    // reserve it; `from_decoder` does not): a header claiming 1,000,000 x 400,000 pixels would abort the process
+    // on a 1.2 TB allocation. The same checks as libjpeg-turbo's path, before anything is allocated.
+    let (w, h) = decoder.dimensions();
+    if w as u64 * h as u64 > options.limits.max_pixels {
+        return Err(Rejection::new(
+            Reason::TooLarge,
+            format!("{w}x{h} exceeds --max-pixels"),
+        ));
+    }
+    let mut limits = decode_limits(&options.limits);
+    limits.reserve(decoder.total_bytes()).map_err(corrupt)?;
+    decoder.set_limits(limits).map_err(corrupt)?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
@@ -430,6 +443,27 @@ mod tests {
             random_view(640, 480, &spec, 1, 42, 0),
             random_view(640, 480, &spec, 1, 43, 0)
         );
+    }
+
+    #[test]
+    fn a_header_claiming_a_huge_image_is_a_reject_not_an_allocation() {
+        // A PNG that the image crate's decoder would take (each side is within the per-side limit) but whose
+        // pixel buffer would be 1.6 TB: a reject before anything is allocated (it used to abort the process).
+        let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend_from_slice(&1_000_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&400_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 6, 0, 0, 0]);
+        png.extend_from_slice(&13u32.to_be_bytes());
+        png.extend_from_slice(&ihdr);
+        png.extend_from_slice(&libdeflater::crc32(&ihdr).to_be_bytes());
+        let idat = b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01";
+        png.extend_from_slice(&((idat.len() - 4) as u32).to_be_bytes());
+        png.extend_from_slice(idat);
+        png.extend_from_slice(&libdeflater::crc32(idat).to_be_bytes());
+        let r = decode_rgb(&png, &DecodeOptions::default(), 1.0).expect_err("a reject");
+        assert_eq!(r.reason, Reason::TooLarge);
+        assert_eq!(r.message, "1000000x400000 exceeds --max-pixels");
     }
 
     #[test]
