@@ -1,9 +1,9 @@
 //! PNG decoding for the common case, about 1.3x as fast as the `image` crate's path (decode + view of the
-//! benchmark's PNG photos: 1.2x): 8-bit grey, grey + alpha, RGB or RGBA, not interlaced. The zlib stream is inflated in one call by libdeflate (vendored C, through
-//! `libdeflater`), and the rows are unfiltered two at a time: the Sub, Average and Paeth filters are serial along
-//! a row (each pixel needs its left neighbour's result), so one row alone keeps the CPU waiting on that chain;
-//! row y + 1 only needs row y one pixel ahead, so on x86-64 both rows go through one SSE2 vector, row y + 1 a
-//! pixel behind.
+//! benchmark's PNG photos: 1.2x): 8-bit grey, grey + alpha, RGB or RGBA, not interlaced. The zlib stream is
+//! inflated in one call by libdeflate (vendored C, through `libdeflater`), and the rows are unfiltered two at a
+//! time: the Sub, Average and Paeth filters are serial along a row (each pixel needs its left neighbour's
+//! result), so one row alone keeps the CPU waiting on that chain; row y + 1 only needs row y one pixel ahead, so
+//! on x86-64 both rows go through one SSE2 vector, row y + 1 a pixel behind.
 //!
 //! Everything else (16-bit, palettes or a PLTE chunk at all, interlacing, transparency chunks, EXIF, APNG), and
 //! any file that does not check out (CRCs, IHDR first and well-formed, IDAT chunks contiguous, zlib data, the
