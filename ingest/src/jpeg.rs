@@ -10,7 +10,7 @@ use image::metadata::Orientation;
 use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
 
 use crate::prepare::{upright, Decoded};
-use crate::validate::{Reason, Rejection, ValidationLimits};
+use crate::validate::{check_pixels, Rejection, ValidationLimits};
 
 /// Progressive scans allowed before a file is treated as hostile (libjpeg-turbo's recommendation for
 /// untrusted input; real encoders write about ten).
@@ -83,13 +83,8 @@ fn decode_with(
     if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) || header.is_lossless {
         return Ok(None);
     }
-    let (w, h) = (header.width as u64, header.height as u64);
-    if w * h > limits.max_pixels {
-        return Err(Rejection::new(
-            Reason::TooLarge,
-            format!("{w}x{h} exceeds --max-pixels"),
-        ));
-    }
+    let (w, h) = (header.width as u32, header.height as u32);
+    check_pixels(w, h, limits)?;
     let scale = ScalingFactor::new(eighths.clamp(1, 8) as usize, 8);
     let scaled = header.scaled(scale);
     if d.set_scaling_factor(scale).is_err() {
@@ -113,7 +108,7 @@ fn decode_with(
         scaled.width as u32,
         scaled.height as u32,
         pixels,
-        (w as u32, h as u32),
+        (w, h),
         orientation,
     ))
 }
@@ -261,6 +256,7 @@ fn exif(bytes: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::validate::Reason;
 
     fn segment(marker: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![0xff, marker];

@@ -262,6 +262,18 @@ pub(crate) fn validate_hashed(
     })
 }
 
+/// The decode-time size check (the same rule as at ingest, shorter message): a reject before any pixel buffer
+/// is allocated when `width x height` is over `limits.max_pixels`.
+pub(crate) fn check_pixels(width: u32, height: u32, limits: &ValidationLimits) -> Result<(), Rejection> {
+    if width as u64 * height as u64 > limits.max_pixels {
+        return Err(Rejection::new(
+            Reason::TooLarge,
+            format!("{width}x{height} exceeds --max-pixels"),
+        ));
+    }
+    Ok(())
+}
+
 /// Decoder limits derived from the validation limits (checked before any pixel buffer is allocated).
 pub(crate) fn decode_limits(limits: &ValidationLimits) -> image::Limits {
     let mut l = image::Limits::default();
