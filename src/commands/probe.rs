@@ -3,13 +3,25 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Args;
-use imglish_train::{probe, ProbeConfig, TorchDevice};
+use clap::{Args, ValueEnum};
+use imglish_train::{probe, probe_retrieval, ProbeConfig, Recall, RetrievalConfig, TorchDevice};
 
 use crate::output::Output;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TaskArg {
+    /// A linear classifier on mean-pooled image features (needs labels).
+    Classify,
+    /// BEiT-3: image-to-text and text-to-image retrieval on the validation pairs (needs captions).
+    Retrieval,
+}
+
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
+    /// What to probe.
+    #[arg(long, value_enum, default_value_t = TaskArg::Classify)]
+    pub task: TaskArg,
+
     /// A checkpoint directory (`RUN/checkpoints/step-NNNNNNNN`) or a run directory (its newest checkpoint).
     #[arg(long, value_name = "DIR")]
     pub checkpoint: PathBuf,
@@ -50,6 +62,9 @@ pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         Some(latest) if !args.checkpoint.join("state.json").exists() => latest,
         _ => args.checkpoint.clone(),
     };
+    if args.task == TaskArg::Retrieval {
+        return run_retrieval(args, &checkpoint, device, out);
+    }
     let config = ProbeConfig {
         iterations: args.iterations,
         lr: args.lr,
@@ -77,6 +92,47 @@ pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()>
     );
     let mut json = serde_json::to_value(&report).unwrap_or_default();
     json["event"] = "probe".into();
+    json["checkpoint"] = checkpoint.display().to_string().into();
+    out.summary(&text, &json);
+    Ok(())
+}
+
+fn recall_text(r: &Recall) -> String {
+    format!(
+        "image->text R@1 {:.3} R@5 {:.3}, text->image R@1 {:.3} R@5 {:.3}",
+        r.i2t_r1, r.i2t_r5, r.t2i_r1, r.t2i_r5
+    )
+}
+
+fn run_retrieval(
+    args: &ProbeArgs,
+    checkpoint: &std::path::Path,
+    device: TorchDevice,
+    out: &Output,
+) -> anyhow::Result<()> {
+    let config = RetrievalConfig {
+        iterations: args.iterations,
+        lr: args.lr,
+        max_samples: args.max_samples,
+        ..RetrievalConfig::default()
+    };
+    let started = std::time::Instant::now();
+    let report = probe_retrieval(&args.dataset, checkpoint, &config, device)
+        .with_context(|| format!("probing {} on {} failed", checkpoint.display(), args.dataset.display()))?;
+    let text = format!(
+        "retrieval probe: {} (random encoder: {}; chance R@1 {:.3}); {} train / {} val pairs; checkpoint {} \
+         ({:.1}s)",
+        recall_text(&report.trained),
+        recall_text(&report.random),
+        report.chance_r1,
+        report.train_pairs,
+        report.val_pairs,
+        checkpoint.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut json = serde_json::to_value(&report).unwrap_or_default();
+    json["event"] = "probe".into();
+    json["task"] = "retrieval".into();
     json["checkpoint"] = checkpoint.display().to_string().into();
     out.summary(&text, &json);
     Ok(())

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, ValueEnum};
-use imglish_train::{probe, ProbeConfig, TorchDevice};
+use imglish_train::{probe, probe_retrieval, ProbeConfig, RetrievalConfig, RetrievalReport, TorchDevice};
 
 use crate::cli::Cli;
 use crate::commands::tokenizer::Features;
-use crate::commands::train::SizeArgs;
+use crate::commands::train::{ModelArg, SizeArgs};
 use crate::output::Output;
 
 #[derive(Debug, Args)]
@@ -36,6 +36,10 @@ pub struct QuickstartArgs {
     /// Text tokenizer vocabulary.
     #[arg(long, default_value_t = 2000)]
     pub text_vocab: u32,
+    /// The model: BEiT (masked image modelling) or BEiT-3 (masked data modelling on images, captions and
+    /// image-caption pairs; also runs the retrieval probe).
+    #[arg(long, value_enum, default_value_t = ModelArg::Beit)]
+    pub model: ModelArg,
     /// Model preset. With the default `tiny`, quickstart narrows it to the demo model (--dim 128 --depth 4
     /// --heads 4 --abs-pos: ~4 minutes for the default steps on 2 cores) unless --dim/--depth/--heads are given.
     #[arg(long, default_value = "tiny")]
@@ -137,8 +141,11 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
             train.extend([flag.to_string(), v.to_string()]);
         }
     }
-    if demo_model {
-        train.push("--abs-pos".into());
+    match args.model {
+        ModelArg::Beit if demo_model => train.push("--abs-pos".into()),
+        ModelArg::Beit => {}
+        // BEiT-3 always has absolute (Multiway) position embeddings.
+        ModelArg::Beit3 => train.extend(["--model".to_string(), "beit3".to_string()]),
     }
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let stages: Vec<Vec<String>> = vec![
@@ -236,44 +243,111 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
     let checkpoint = imglish_train::latest_checkpoint(&run_dir)?.context("quickstart: training wrote no checkpoint")?;
     let report = probe(&dataset, &checkpoint, &ProbeConfig::default(), TorchDevice::Cpu)
         .with_context(|| format!("quickstart: probing {} failed", checkpoint.display()))?;
+    let retrieval = match args.model {
+        ModelArg::Beit3 => Some(
+            probe_retrieval(&dataset, &checkpoint, &RetrievalConfig::default(), TorchDevice::Cpu)
+                .with_context(|| format!("quickstart: the retrieval probe of {} failed", checkpoint.display()))?,
+        ),
+        ModelArg::Beit => None,
+    };
     let vals: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["kind"] == "val")
         .collect();
-    let loss_at = |v: Option<&serde_json::Value>| v.and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
-    let (first, last) = (loss_at(vals.first()), loss_at(vals.last()));
+    let (first, last) = (vals.first(), vals.last());
     let text = format!(
         "quickstart done in {:.0}s. Artifacts under {}:\n  demo/        the generated corpus (images, captions, tar shards, bad inputs)\n  \
          manifest/    samples.parquet, rejects.parquet, classes.json, ingest.json\n  tokenizers/  visual.onnx + \
          visual.card.json (k-means codebook), text.json\n  tokens/      token parts + tokenize.json\n  dataset/     \
-         Arrow IPC shards + index.json\n  run/         checkpoints/, metrics.jsonl, config.json, loss.png\n\
-         validation MIM loss {first:.3} at step 0 -> {last:.3} at the end; curve: {}\n\
+         Arrow IPC shards + index.json\n  run/         checkpoints/, metrics.jsonl, config.json, loss.png\n{}\n\
          linear probe (val accuracy ± standard error): {:.3} ± {:.3} trained encoder vs {:.3} ± {:.3} random encoder \
-         (majority class {:.3}, {} classes)",
+         (majority class {:.3}, {} classes){}",
         started.elapsed().as_secs_f64(),
         args.out.display(),
-        args.out.join(run_dir.join("loss.png")).display(),
+        loss_lines(args.model, first, last, &args.out.join(run_dir.join("loss.png"))),
         report.accuracy,
         report.accuracy_se,
         report.random_accuracy,
         report.random_accuracy_se,
         report.majority_accuracy,
         report.classes,
+        retrieval.as_ref().map(retrieval_line).unwrap_or_default(),
     );
+    let loss = |v: Option<&serde_json::Value>| v.and_then(|v| v["loss"].as_f64()).unwrap_or(f64::NAN);
     out.summary(
         &text,
         &serde_json::json!({
             "event": "quickstart",
             "out": args.out,
-            "initial_val_loss": first,
-            "final_val_loss": last,
+            "initial_val_loss": loss(first),
+            "final_val_loss": loss(last),
+            "initial_val": first,
+            "final_val": last,
             "loss_png": args.out.join(run_dir.join("loss.png")),
             "checkpoint": args.out.join(&checkpoint),
             "probe": report,
+            "retrieval": retrieval,
             "seconds": started.elapsed().as_secs_f64(),
         }),
     );
     Ok(())
+}
+
+/// The validation losses at the start and the end (BEiT-3: per task).
+fn loss_lines(model: ModelArg, first: Option<&serde_json::Value>, last: Option<&serde_json::Value>, png: &Path) -> String {
+    let at = |v: Option<&serde_json::Value>, key: &[&str]| {
+        v.and_then(|v| key.iter().try_fold(v, |v, k| v.get(*k)))
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    match model {
+        ModelArg::Beit => format!(
+            "validation MIM loss {:.3} at step 0 -> {:.3} at the end; curve: {}",
+            at(first, &["loss"]),
+            at(last, &["loss"]),
+            png.display()
+        ),
+        ModelArg::Beit3 => {
+            let tasks = [
+                ("MIM on images", "image_mim"),
+                ("MLM on texts", "text_mlm"),
+                ("MIM on pairs", "pair_mim"),
+                ("MLM on pairs", "pair_mlm"),
+            ];
+            let parts: Vec<String> = tasks
+                .iter()
+                .map(|(what, key)| {
+                    format!(
+                        "{what} {:.3} -> {:.3}",
+                        at(first, &["tasks", key, "loss"]),
+                        at(last, &["tasks", key, "loss"])
+                    )
+                })
+                .collect();
+            format!(
+                "validation losses from step 0 to the end: {}; curve: {}",
+                parts.join(", "),
+                png.display()
+            )
+        }
+    }
+}
+
+fn retrieval_line(r: &RetrievalReport) -> String {
+    format!(
+        "\nretrieval probe on {} val pairs (chance R@1 {:.3}): image->text R@1 {:.3} vs {:.3} random encoder, \
+         text->image R@1 {:.3} vs {:.3} (R@5 {:.3}/{:.3} vs {:.3}/{:.3})",
+        r.val_pairs,
+        r.chance_r1,
+        r.trained.i2t_r1,
+        r.random.i2t_r1,
+        r.trained.t2i_r1,
+        r.random.t2i_r1,
+        r.trained.i2t_r5,
+        r.trained.t2i_r5,
+        r.random.i2t_r5,
+        r.random.t2i_r5
+    )
 }

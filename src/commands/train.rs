@@ -6,8 +6,9 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use imglish_pack::{Dataset, Shuffle};
 use imglish_train::{
-    train, DataMode, Event, InputKind, MaskKind, Masking, ModelConfig, OptimConfig, Precision, RelPosBias, RunOptions,
-    StreamConfig, TorchDevice, TrainConfig,
+    train, train_beit3, Beit3Config, Beit3Event, Beit3Metrics, Beit3TrainConfig, DataMode, Event, InputKind, MaskKind,
+    Masking, ModelConfig, Objective, OptimConfig, Precision, RelPosBias, RunOptions, StreamConfig, TextMasking,
+    TorchDevice, TrainConfig,
 };
 
 use crate::output::Output;
@@ -18,6 +19,14 @@ pub enum InputArg {
     Tokens,
     /// The view's pixels rebuilt from the stored working image (needs a dataset packed with --include-pixels).
     Pixels,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelArg {
+    /// BEiT (v1): masked image modelling on images.
+    Beit,
+    /// BEiT-3: a Multiway Transformer, masked data modelling on images, texts and image-text pairs.
+    Beit3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,9 +85,28 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
-    /// Model preset: tiny (192/12/3), small (384/12/6), base (768/12/12), large (1024/24/16).
+    /// The model and objective.
+    #[arg(long, value_enum, default_value_t = ModelArg::Beit)]
+    pub model: ModelArg,
+
+    /// Model preset: tiny (192/12/3), small (384/12/6), base (768/12/12), large (1024/24/16); with
+    /// --model beit3 also written beit3-tiny, ... (feed-forward width 4x).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
+
+    /// BEiT-3: relative weights of image, text and pair samples (a sample with a caption is drawn as one of
+    /// the three each epoch; one without, as an image).
+    #[arg(long, default_value = "image=1,text=1,pair=1", value_parser = parse_mix)]
+    pub mix: [f64; 3],
+    /// BEiT-3: share of text tokens predicted in text samples.
+    #[arg(long, default_value_t = 0.15)]
+    pub text_mask_ratio: f64,
+    /// BEiT-3: share of text tokens predicted in pairs.
+    #[arg(long, default_value_t = 0.5)]
+    pub pair_text_mask_ratio: f64,
+    /// BEiT-3: the MLM head's weight is the text embedding.
+    #[arg(long)]
+    pub tie_mlm_head: bool,
 
     /// A model configuration JSON file (every field of the model config) instead of a preset.
     #[arg(long, value_name = "FILE", conflicts_with = "preset")]
@@ -129,7 +157,7 @@ pub struct TrainArgs {
     /// Masking strategy.
     #[arg(long, value_enum, default_value_t = MaskArg::Blockwise)]
     pub mask: MaskArg,
-    /// Fraction of patches masked (default: BEiT's 75/196).
+    /// Fraction of patches masked (default: BEiT's 75/196; BEiT-3: 0.4).
     #[arg(long)]
     pub mask_ratio: Option<f64>,
     /// Smallest block in patches (default: 16/196 of the grid).
@@ -188,7 +216,131 @@ pub struct TrainArgs {
     pub in_memory: bool,
 }
 
+/// Parses `image=1,text=1,pair=1` (any subset; missing kinds get 0).
+fn parse_mix(text: &str) -> Result<[f64; 3], String> {
+    let mut mix = [0.0; 3];
+    for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("'{part}' is not KIND=WEIGHT (e.g. image=1,text=1,pair=1)"))?;
+        let slot = match name.trim() {
+            "image" => 0,
+            "text" => 1,
+            "pair" => 2,
+            other => return Err(format!("unknown sample kind '{other}' (image, text or pair)")),
+        };
+        let w: f64 = value.trim().parse().map_err(|_| format!("weight '{value}' of {name} is not a number"))?;
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(format!("weight {w} of {name} must be a non-negative number"));
+        }
+        mix[slot] = w;
+    }
+    if mix.iter().sum::<f64>() <= 0.0 {
+        return Err("at least one kind needs a positive weight".into());
+    }
+    Ok(mix)
+}
+
 impl TrainArgs {
+    fn stream(&self) -> StreamConfig {
+        StreamConfig {
+            batch_size: self.batch_size,
+            shuffle: match self.shuffle {
+                ShuffleArg::Window => Shuffle::default(),
+                ShuffleArg::Global => Shuffle::Global,
+                ShuffleArg::None => Shuffle::None,
+            },
+            rank: self.rank,
+            world_size: self.world_size,
+            prefetch: self.prefetch,
+            skip_corrupt: self.skip_corrupt,
+        }
+    }
+
+    fn optim(&self) -> anyhow::Result<OptimConfig> {
+        let optim = OptimConfig {
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_steps: self.warmup_steps,
+            weight_decay: self.weight_decay,
+            clip_grad: (self.clip_grad > 0.0).then_some(self.clip_grad),
+            ..OptimConfig::default()
+        };
+        optim.validate()?;
+        Ok(optim)
+    }
+
+    fn input_kind(&self) -> InputKind {
+        match self.input {
+            InputArg::Tokens => InputKind::Tokens,
+            InputArg::Pixels => InputKind::Pixels,
+        }
+    }
+
+    fn beit3_config(&self, dataset: &Dataset) -> anyhow::Result<Beit3TrainConfig> {
+        let info = dataset.tokenizer();
+        let grid = [i64::from(info.grid[0]), i64::from(info.grid[1])];
+        let text_vocab = info.text_vocab_size.ok_or_else(|| {
+            anyhow::anyhow!(
+                "dataset {}: --model beit3 needs text token ids, and this dataset was tokenized without a text \
+                 tokenizer (tokenize --text-tokenizer)",
+                dataset.dir().display()
+            )
+        })?;
+        let mut model = match &self.model_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                serde_json::from_str::<Beit3Config>(&text)
+                    .with_context(|| format!("{} is not a BEiT-3 model configuration", path.display()))?
+            }
+            None => {
+                let name = if self.preset.starts_with("beit3-") {
+                    self.preset.clone()
+                } else {
+                    format!("beit3-{}", self.preset)
+                };
+                Beit3Config::preset(&name, grid, i64::from(info.vocab_size), i64::from(text_vocab))?
+            }
+        };
+        if let Some(d) = self.size.dim {
+            model.dim = d;
+            model.ffn_dim = 4 * d;
+        }
+        model.depth = self.size.depth.unwrap_or(model.depth);
+        model.heads = self.size.heads.unwrap_or(model.heads);
+        if let Some(p) = self.drop_path {
+            model.drop_path = p;
+        }
+        model.tie_mlm_head |= self.tie_mlm_head;
+        model.input = self.input_kind();
+        model.validate()?;
+        let text = TextMasking::from_special_ids(text_vocab, &info.text_special_ids)
+            .with_context(|| format!("dataset {}", dataset.dir().display()))?;
+        let g = [grid[0] as usize, grid[1] as usize];
+        let mut objective = Objective::beit3(g, text)?;
+        if let Some(r) = self.mask_ratio {
+            objective.image_masking = objective.image_masking.clone().try_with_ratio(r)?;
+            objective.pair_image_masking = objective.pair_image_masking.clone().try_with_ratio(r)?;
+        }
+        if let Some(b) = self.min_mask_block {
+            objective.image_masking = objective.image_masking.clone().try_with_min_block(b)?;
+            objective.pair_image_masking = objective.pair_image_masking.clone().try_with_min_block(b)?;
+        }
+        objective.mix = self.mix;
+        objective.text_ratio = self.text_mask_ratio;
+        objective.pair_text_ratio = self.pair_text_mask_ratio;
+        objective.validate()?;
+        Ok(Beit3TrainConfig {
+            model,
+            objective,
+            optim: self.optim()?,
+            steps: self.steps,
+            accum: self.accum,
+            seed: self.seed,
+            stream: self.stream(),
+        })
+    }
+
     fn config(&self, dataset: &Dataset) -> anyhow::Result<TrainConfig> {
         let info = dataset.tokenizer();
         let grid = [i64::from(info.grid[0]), i64::from(info.grid[1])];
@@ -214,10 +366,7 @@ impl TrainArgs {
                 RelPosArg::Off => RelPosBias::Off,
             };
         }
-        model.input = match self.input {
-            InputArg::Tokens => InputKind::Tokens,
-            InputArg::Pixels => InputKind::Pixels,
-        };
+        model.input = self.input_kind();
         model.validate()?;
         let kind = match self.mask {
             MaskArg::Blockwise => MaskKind::Blockwise,
@@ -230,34 +379,14 @@ impl TrainArgs {
         if let Some(b) = self.min_mask_block {
             masking = masking.try_with_min_block(b)?;
         }
-        let optim = OptimConfig {
-            lr: self.lr,
-            min_lr: self.min_lr,
-            warmup_steps: self.warmup_steps,
-            weight_decay: self.weight_decay,
-            clip_grad: (self.clip_grad > 0.0).then_some(self.clip_grad),
-            ..OptimConfig::default()
-        };
-        optim.validate()?;
         Ok(TrainConfig {
             model,
-            optim,
+            optim: self.optim()?,
             masking,
             steps: self.steps,
             accum: self.accum,
             seed: self.seed,
-            stream: StreamConfig {
-                batch_size: self.batch_size,
-                shuffle: match self.shuffle {
-                    ShuffleArg::Window => Shuffle::default(),
-                    ShuffleArg::Global => Shuffle::Global,
-                    ShuffleArg::None => Shuffle::None,
-                },
-                rank: self.rank,
-                world_size: self.world_size,
-                prefetch: self.prefetch,
-                skip_corrupt: self.skip_corrupt,
-            },
+            stream: self.stream(),
         })
     }
 }
@@ -268,7 +397,6 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
     let precision: Precision = args.precision.parse()?;
     let dataset =
         Dataset::open(&args.dataset).with_context(|| format!("cannot open the dataset {}", args.dataset.display()))?;
-    let config = args.config(&dataset)?;
     let options = RunOptions {
         device,
         precision,
@@ -285,6 +413,11 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
             DataMode::Stream
         },
     };
+    if args.model == ModelArg::Beit3 {
+        let config = args.beit3_config(&dataset)?;
+        return run_beit3(args, &config, &options, out);
+    }
+    let config = args.config(&dataset)?;
     let bar = out.progress(0, "training");
     let mut observer = |e: &Event| match e {
         Event::Started {
@@ -353,6 +486,90 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
             .checkpoint
             .as_ref()
             .map_or("-".into(), |p| p.display().to_string()),
+        summary.plot.display()
+    );
+    let mut json = serde_json::to_value(&summary).unwrap_or_default();
+    json["event"] = "train".into();
+    out.summary(&text, &json);
+    Ok(())
+}
+
+/// One line for a BEiT-3 metrics record: the total and each task's loss and accuracy.
+fn beit3_line(m: &Beit3Metrics) -> String {
+    let tasks: Vec<String> = m
+        .tasks
+        .iter()
+        .map(|(name, t)| format!("{name} {:.3}/{:.3}", t.loss, t.accuracy))
+        .collect();
+    if m.kind == "val" {
+        format!("step {:>6}  val loss {:.4}  [{}] (loss/acc)", m.step, m.loss, tasks.join("  "))
+    } else {
+        format!(
+            "step {:>6}  epoch {}  loss {:.4}  [{}]  lr {:.2e}  |g| {:.2}  {:.1} samples/s  data wait {:.1}%",
+            m.step,
+            m.epoch,
+            m.loss,
+            tasks.join("  "),
+            m.lr,
+            m.grad_norm,
+            m.samples_per_s,
+            m.data_wait * 100.0
+        )
+    }
+}
+
+fn run_beit3(args: &TrainArgs, config: &Beit3TrainConfig, options: &RunOptions, out: &Output) -> anyhow::Result<()> {
+    let bar = out.progress(0, "training BEiT-3");
+    let mut observer = |e: &Beit3Event| match e {
+        Beit3Event::Started {
+            step,
+            until,
+            parameters,
+            device,
+        } => {
+            bar.set_length(*until);
+            bar.set_position(*step);
+            tracing::info!(
+                "training BEiT-3 ({:.2}M parameters) on {device}, steps {step}..{until}",
+                *parameters as f64 / 1e6
+            );
+        }
+        Beit3Event::Step(s) => bar.set_position(*s),
+        Beit3Event::Metrics(m) => {
+            if m.kind == "train" {
+                bar.set_message(format!("loss {:.3}", m.loss));
+            }
+            bar.suspend(|| out.summary(&beit3_line(m), &serde_json::to_value(m).unwrap_or_default()));
+        }
+        Beit3Event::Checkpoint(p) => tracing::info!("checkpoint {}", p.display()),
+        Beit3Event::Skipped(id, why) => tracing::warn!("sample {id} skipped: {why}"),
+    };
+    let summary = train_beit3(&args.dataset, &args.out, config, options, &mut observer)
+        .with_context(|| format!("training on {} failed", args.dataset.display()))?;
+    bar.finish_and_clear();
+    let task = |m: Option<&Beit3Metrics>, name: &str| {
+        m.and_then(|m| m.tasks.get(name)).map_or("-".into(), |t| format!("{:.4}", t.loss))
+    };
+    let (first, last) = (summary.initial_val.as_ref(), summary.final_val.as_ref());
+    let text = format!(
+        "train: BEiT-3, {} steps ({} this run, {} samples, {:.1}s); val loss {} -> {} (MIM image {} -> {}, \
+         MLM text {} -> {}, pair MIM {} -> {}, pair MLM {} -> {}); {} skipped; checkpoint {}; plot {}",
+        summary.steps,
+        summary.steps_this_run,
+        summary.samples,
+        summary.train_seconds,
+        first.map_or("-".into(), |v| format!("{:.4}", v.loss)),
+        last.map_or("-".into(), |v| format!("{:.4}", v.loss)),
+        task(first, "image_mim"),
+        task(last, "image_mim"),
+        task(first, "text_mlm"),
+        task(last, "text_mlm"),
+        task(first, "pair_mim"),
+        task(last, "pair_mim"),
+        task(first, "pair_mlm"),
+        task(last, "pair_mlm"),
+        summary.skipped,
+        summary.checkpoint.as_ref().map_or("-".into(), |p| p.display().to_string()),
         summary.plot.display()
     );
     let mut json = serde_json::to_value(&summary).unwrap_or_default();

@@ -149,7 +149,7 @@ impl Builder {
             return;
         }
         if self.config.input == InputKind::Pixels {
-            match self.render(pixels, crop, flip, resizer) {
+            match render_pixels(pixels, crop, flip, self.config.image_size(), resizer) {
                 Ok(px) => p.pixels.extend(px),
                 Err(reason) => {
                     p.skipped.push((sample_id, reason));
@@ -161,33 +161,6 @@ impl Builder {
         p.labels.push(label.map_or(-1, i64::from));
         p.targets.extend(tokens.iter().map(|&t| i64::from(t)));
         p.mask.extend(self.masking.mask(self.seed, epoch, sample_id));
-    }
-
-    /// The view's `[3, H, W]` input: crop box from the stored working image, bicubic to the model's image size,
-    /// mirrored if the view is, normalised with mean = std = 0.5.
-    fn render(
-        &self,
-        pixels: Option<&[u8]>,
-        crop: [u32; 4],
-        flip: bool,
-        resizer: &mut Resizer,
-    ) -> Result<Vec<f32>, String> {
-        let bytes = pixels.ok_or("the dataset has no pixels (pack with --include-pixels)")?;
-        let decoded =
-            decode_rgb(bytes, &DecodeOptions::default(), 1.0).map_err(|r| format!("stored pixels: {}", r.message))?;
-        let [h, w] = self.config.image_size();
-        if h != w {
-            return Err(format!("pixel input needs a square image size, not {h}x{w}"));
-        }
-        let img = render_view(&decoded, &ViewParams { crop, flip }, h as u32, Filter::Bicubic, resizer);
-        let plane = (h * w) as usize;
-        let mut out = vec![0f32; 3 * plane];
-        for (i, px) in img.pixels().enumerate() {
-            for c in 0..3 {
-                out[c * plane + i] = (f32::from(px[c]) / 255.0 - 0.5) / 0.5;
-            }
-        }
-        Ok(out)
     }
 
     fn finish(&self, p: Pending, state: StreamState) -> Batch {
@@ -204,6 +177,95 @@ impl Builder {
             state,
             skipped: p.skipped,
         }
+    }
+}
+
+/// A view's `[3, H, W]` model input: the crop box from the stored working image, bicubic to the model's image
+/// size, mirrored if the view is, normalised with mean = std = 0.5.
+pub(crate) fn render_pixels(
+    pixels: Option<&[u8]>,
+    crop: [u32; 4],
+    flip: bool,
+    size: [i64; 2],
+    resizer: &mut Resizer,
+) -> Result<Vec<f32>, String> {
+    let bytes = pixels.ok_or("the dataset has no pixels (pack with --include-pixels)")?;
+    let decoded =
+        decode_rgb(bytes, &DecodeOptions::default(), 1.0).map_err(|r| format!("stored pixels: {}", r.message))?;
+    let [h, w] = size;
+    if h != w {
+        return Err(format!("pixel input needs a square image size, not {h}x{w}"));
+    }
+    let img = render_view(&decoded, &ViewParams { crop, flip }, h as u32, Filter::Bicubic, resizer);
+    let plane = (h * w) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = (f32::from(px[c]) / 255.0 - 0.5) / 0.5;
+        }
+    }
+    Ok(out)
+}
+
+/// Turns streamed samples into batches on the loader thread.
+pub(crate) trait Batcher: Send + 'static {
+    /// What the loader sends.
+    type Batch: Send + 'static;
+    /// Adds one sample of `epoch`.
+    fn push(&mut self, sample: Sample, epoch: u64);
+    /// Samples taken into the pending batch (the batch is sent when this reaches the batch size).
+    fn pending(&self) -> usize;
+    /// The pending batch, with the stream's state after it.
+    fn take(&mut self, state: StreamState) -> Self::Batch;
+    /// Why the first sample not taken into the pending batch was skipped, if one was.
+    fn first_skip(&self) -> Option<(u64, String)>;
+}
+
+/// The BEiT batcher: a [`Builder`] with its pending batch and resizer.
+pub(crate) struct BeitBatcher {
+    builder: Builder,
+    pending: Pending,
+    resizer: Resizer,
+}
+
+impl BeitBatcher {
+    pub(crate) fn new(builder: Builder) -> BeitBatcher {
+        BeitBatcher {
+            pending: builder.pending(),
+            builder,
+            resizer: Resizer::new(),
+        }
+    }
+}
+
+impl Batcher for BeitBatcher {
+    type Batch = Batch;
+
+    fn push(&mut self, s: Sample, epoch: u64) {
+        self.builder.push(
+            &mut self.pending,
+            &mut self.resizer,
+            s.sample_id,
+            epoch,
+            &s.tokens,
+            s.crop,
+            s.flip,
+            s.pixels.as_deref(),
+            s.label,
+        );
+    }
+
+    fn pending(&self) -> usize {
+        self.pending.ids.len()
+    }
+
+    fn take(&mut self, state: StreamState) -> Batch {
+        let full = std::mem::replace(&mut self.pending, self.builder.pending());
+        self.builder.finish(full, state)
+    }
+
+    fn first_skip(&self) -> Option<(u64, String)> {
+        self.pending.skipped.first().cloned()
     }
 }
 
@@ -225,26 +287,27 @@ pub struct StreamConfig {
 }
 
 /// Batches from a background thread: the training stream, epoch after epoch.
-pub struct Loader {
-    rx: Receiver<Result<Batch>>,
+pub struct Loader<B = Batch> {
+    rx: Receiver<Result<B>>,
     handle: Option<JoinHandle<()>>,
     waited: Duration,
 }
 
-impl std::fmt::Debug for Loader {
+impl<B> std::fmt::Debug for Loader<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Loader").field("waited", &self.waited).finish()
     }
 }
 
-impl Loader {
+impl<B: Send + 'static> Loader<B> {
     /// Starts streaming the train split from `start` (epochs follow each other; a batch may span two).
-    pub(crate) fn spawn(
+    pub(crate) fn spawn<T: Batcher<Batch = B>>(
         dataset: Dataset,
-        builder: Builder,
+        mut batcher: T,
+        seed: u64,
         stream: StreamConfig,
         start: StreamState,
-    ) -> Result<Loader> {
+    ) -> Result<Loader<B>> {
         if dataset.index().counts.train == 0 {
             return Err(TrainError::Dataset {
                 path: dataset.dir().to_path_buf(),
@@ -255,14 +318,13 @@ impl Loader {
         let handle = std::thread::Builder::new()
             .name("imglish-train-loader".into())
             .spawn(move || {
-                let mut resizer = Resizer::new();
                 let mut state = start;
-                let mut pending = builder.pending();
+                let mut sent_any = false;
                 loop {
                     let options = StreamOptions {
                         split: Some(Split::Train),
                         shuffle: stream.shuffle,
-                        seed: builder.seed,
+                        seed,
                         partition: Partition::rank(stream.rank, stream.world_size),
                         skip_corrupt: stream.skip_corrupt,
                         ..StreamOptions::default()
@@ -285,20 +347,10 @@ impl Loader {
                             }
                         };
                         delivered += 1;
-                        builder.push(
-                            &mut pending,
-                            &mut resizer,
-                            s.sample_id,
-                            epoch,
-                            &s.tokens,
-                            s.crop,
-                            s.flip,
-                            s.pixels.as_deref(),
-                            s.label,
-                        );
-                        if pending.ids.len() == stream.batch_size {
-                            let full = std::mem::replace(&mut pending, builder.pending());
-                            if tx.send(Ok(builder.finish(full, samples.state()))).is_err() {
+                        batcher.push(s, epoch);
+                        if batcher.pending() == stream.batch_size {
+                            sent_any = true;
+                            if tx.send(Ok(batcher.take(samples.state()))).is_err() {
                                 return;
                             }
                         }
@@ -307,6 +359,20 @@ impl Loader {
                         let _ = tx.send(Err(TrainError::Dataset {
                             path: dataset.dir().to_path_buf(),
                             reason: format!("rank {} of {} gets no training samples", stream.rank, stream.world_size),
+                        }));
+                        return;
+                    }
+                    if !sent_any && batcher.pending() == 0 && state.position == 0 {
+                        // A whole epoch gave the batcher nothing it could use: fail instead of looping forever.
+                        let _ = tx.send(Err(TrainError::Dataset {
+                            path: dataset.dir().to_path_buf(),
+                            reason: match batcher.first_skip() {
+                                Some((id, why)) => format!(
+                                    "no usable training sample in a whole epoch ({delivered} read; the first, \
+                                     sample {id}, was skipped: {why})"
+                                ),
+                                None => format!("no usable training sample in a whole epoch ({delivered} read)"),
+                            },
                         }));
                         return;
                     }
@@ -325,7 +391,7 @@ impl Loader {
     }
 
     /// The next batch (blocks while the loader is behind; the time is counted in [`Loader::waited`]).
-    pub fn next_batch(&mut self) -> Result<Batch> {
+    pub fn next_batch(&mut self) -> Result<B> {
         let t = Instant::now();
         let b = self
             .rx
@@ -341,7 +407,7 @@ impl Loader {
     }
 }
 
-impl Drop for Loader {
+impl<B> Drop for Loader<B> {
     fn drop(&mut self) {
         // Closing the channel stops the thread at its next send.
         let (_, dead) = sync_channel(1);

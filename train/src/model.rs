@@ -187,11 +187,7 @@ impl Beit {
         let std = self.config.init_std;
         tch::no_grad(|| {
             for (name, mut t) in self.named_parameters() {
-                let key = mix64(
-                    seed ^ name
-                        .bytes()
-                        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| mix64(h ^ u64::from(b))),
-                );
+                let key = param_key(seed, &name);
                 if name.contains("norm") {
                     let _ = if name.ends_with(".weight") {
                         t.fill_(1.0)
@@ -353,8 +349,13 @@ impl Beit {
     }
 }
 
+/// The generator key of parameter `name` for initialisation seed `seed`.
+pub(crate) fn param_key(seed: u64, name: &str) -> u64 {
+    mix64(seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| mix64(h ^ u64::from(b))))
+}
+
 /// A linear layer computed in `cast` (if set), returned in float32.
-fn lin(l: &nn::Linear, x: &Tensor, cast: Option<Kind>) -> Tensor {
+pub(crate) fn lin(l: &nn::Linear, x: &Tensor, cast: Option<Kind>) -> Tensor {
     match cast {
         None => l.forward(x),
         Some(k) => x
@@ -420,7 +421,7 @@ impl Block {
 
 /// Stochastic depth: drops the whole residual branch of a sample with probability `p` (scaled by `1/(1-p)`),
 /// the per-sample draws from our own generator keyed by `key` (`None`: evaluation, nothing dropped).
-fn drop_path(x: &Tensor, p: f64, key: Option<u64>) -> Tensor {
+pub(crate) fn drop_path(x: &Tensor, p: f64, key: Option<u64>) -> Tensor {
     let Some(key) = key.filter(|_| p > 0.0) else {
         return x.shallow_clone();
     };
@@ -444,7 +445,7 @@ fn drop_path(x: &Tensor, p: f64, key: Option<u64>) -> Tensor {
 
 /// Fills `t` with BEiT's `trunc_normal_(t, std, a=-std, b=std)`: a normal cut at ±1 std (rejection sampling),
 /// drawn from our generator keyed by `key` (independent of libtorch's global generator and of other threads).
-fn trunc_normal_(t: &mut Tensor, std: f64, key: u64) {
+pub(crate) fn trunc_normal_(t: &mut Tensor, std: f64, key: u64) {
     let mut rng = Rng::new(key);
     let n = t.numel();
     let mut values = Vec::with_capacity(n);
@@ -468,7 +469,7 @@ fn trunc_normal_(t: &mut Tensor, std: f64, key: u64) {
 }
 
 /// Fills `t` uniformly in `[-bound, bound]` from our generator keyed by `key`.
-fn uniform_(t: &mut Tensor, bound: f64, key: u64) {
+pub(crate) fn uniform_(t: &mut Tensor, bound: f64, key: u64) {
     let mut rng = Rng::new(key);
     let values: Vec<f32> = (0..t.numel()).map(|_| rng.uniform(-bound, bound) as f32).collect();
     let src = Tensor::from_slice(&values)

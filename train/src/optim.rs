@@ -72,10 +72,13 @@ impl OptimConfig {
     }
 }
 
-/// Whether weight decay applies to a parameter (BEiT: not to 1-d tensors, biases, position and special tokens).
+/// Whether weight decay applies to a parameter (BEiT, BEiT-3: not to 1-d tensors, biases, position embeddings
+/// and special tokens).
 pub fn decays(name: &str, dims: usize) -> bool {
-    let special =
-        ["cls_token", "mask_token", "pos_embed"].contains(&name) || name.contains("relative_position_bias_table");
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let special = ["cls_token", "mask_token", "pos_embed"].contains(&leaf)
+        || name.contains("relative_position_bias_table")
+        || name.starts_with("encoder.embed_positions.");
     dims > 1 && !name.ends_with(".bias") && !special
 }
 

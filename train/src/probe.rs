@@ -13,8 +13,9 @@ use tch::{Device, Kind, Tensor};
 use crate::data::{Builder, FixedSet};
 use crate::device::TorchDevice;
 use crate::error::{torch_err, Result, TrainError};
+use crate::beit3::{load_beit3, Beit3};
 use crate::model::Beit;
-use crate::trainer::load_model;
+use crate::trainer::{checkpoint_architecture, load_model};
 
 /// Probe settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,11 +83,25 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
     }
     let device = device.resolve()?;
     let dataset = Dataset::open(dataset_dir)?;
-    let (trained, run) = load_model(checkpoint, device)?;
-    let builder = Builder {
-        config: run.model.clone(),
-        masking: run.masking.clone(),
-        seed: run.seed,
+    let (trained, random, builder) = match checkpoint_architecture(checkpoint)?.as_str() {
+        "beit3" => {
+            let (model, run) = load_beit3(checkpoint, device)?;
+            let builder = Builder {
+                config: run.model.data_config(),
+                masking: run.objective.image_masking.clone(),
+                seed: run.seed,
+            };
+            (Encoder::Beit3(model), Encoder::Beit3(Beit3::new(&run.model, device, run.seed)?), builder)
+        }
+        _ => {
+            let (model, run) = load_model(checkpoint, device)?;
+            let builder = Builder {
+                config: run.model.clone(),
+                masking: run.masking.clone(),
+                seed: run.seed,
+            };
+            (Encoder::Beit(model), Encoder::Beit(Beit::new(&run.model, device, run.seed)?), builder)
+        }
     };
     let train = FixedSet::load(
         &dataset,
@@ -130,13 +145,12 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
         .mean(Kind::Float)
         .double_value(&[]);
 
-    let score = |model: &Beit| -> Result<f64> {
-        let ftr = features(model, &train)?.index(&[Some(keep_tr.shallow_clone())]);
-        let fva = features(model, &val)?.index(&[Some(keep_va.shallow_clone())]);
+    let score = |model: &Encoder| -> Result<f64> {
+        let ftr = features(model, &train, &builder)?.index(&[Some(keep_tr.shallow_clone())]);
+        let fva = features(model, &val, &builder)?.index(&[Some(keep_va.shallow_clone())]);
         fit_and_score(&ftr, &ytr, &fva, &yva, classes, config)
     };
     let accuracy = score(&trained)?;
-    let random = Beit::new(&run.model, device, run.seed)?;
     let random_accuracy = score(&random)?;
     let se = |a: f64| (a * (1.0 - a) / nva as f64).sqrt();
     Ok(ProbeReport {
@@ -151,16 +165,27 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
     })
 }
 
-fn features(model: &Beit, set: &FixedSet) -> Result<Tensor> {
+/// A frozen encoder whose mean-pooled patch features are probed (BEiT-3: an image-only forward).
+enum Encoder {
+    Beit(Beit),
+    Beit3(Beit3),
+}
+
+impl Encoder {
+    fn pooled(&self, batch: &crate::data::Batch, builder: &Builder) -> Tensor {
+        match self {
+            Encoder::Beit(m) => m.pooled(&batch.to_device(m.config(), m.device()).input),
+            Encoder::Beit3(m) => m.image_pooled(&batch.to_device(&builder.config, m.device()).input),
+        }
+    }
+}
+
+fn features(model: &Encoder, set: &FixedSet, builder: &Builder) -> Result<Tensor> {
     tch::no_grad(|| {
         let parts: Vec<Tensor> = set
             .batches
             .iter()
-            .map(|b| {
-                model
-                    .pooled(&b.to_device(model.config(), model.device()).input)
-                    .to_device(Device::Cpu)
-            })
+            .map(|b| model.pooled(b, builder).to_device(Device::Cpu))
             .collect();
         Tensor::f_cat(&parts, 0).map_err(torch_err("probe features"))
     })

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
-use crate::data::{Batch, Builder, FixedSet, Loader, StreamConfig};
+use crate::data::{Batch, BeitBatcher, Builder, FixedSet, Loader, StreamConfig};
 use crate::device::{Precision, TorchDevice};
 use crate::error::{io_err, Result, TrainError};
 use crate::masking::Masking;
@@ -187,16 +187,42 @@ pub struct TrainSummary {
     pub plot: PathBuf,
 }
 
-/// `state.json` of a checkpoint.
+/// `state.json` of a checkpoint (`C`: the run's configuration, [`TrainConfig`] for BEiT).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct CheckpointState {
-    format_version: u32,
-    imglish_version: String,
-    step: u64,
-    stream: StreamState,
-    samples: u64,
-    dataset_fingerprint: String,
-    config: TrainConfig,
+pub(crate) struct CheckpointState<C> {
+    pub(crate) format_version: u32,
+    pub(crate) imglish_version: String,
+    /// `"beit"` or `"beit3"` (checkpoints written before BEiT-3 existed have none: BEiT).
+    #[serde(default = "beit_architecture")]
+    pub(crate) architecture: String,
+    pub(crate) step: u64,
+    pub(crate) stream: StreamState,
+    pub(crate) samples: u64,
+    pub(crate) dataset_fingerprint: String,
+    pub(crate) config: C,
+}
+
+fn beit_architecture() -> String {
+    "beit".into()
+}
+
+/// The model architecture a checkpoint holds: `"beit"` or `"beit3"`.
+pub fn checkpoint_architecture(checkpoint: &Path) -> Result<String> {
+    #[derive(Deserialize)]
+    struct Arch {
+        #[serde(default = "beit_architecture")]
+        architecture: String,
+    }
+    let path = checkpoint.join("state.json");
+    let bytes = fs::read(&path).map_err(|e| TrainError::Checkpoint {
+        path: checkpoint.to_path_buf(),
+        reason: format!("cannot read state.json ({e}); not a checkpoint directory?"),
+    })?;
+    let arch: Arch = serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
+        path,
+        reason: format!("malformed: {e}"),
+    })?;
+    Ok(arch.architecture)
 }
 
 /// The checkpoint directory name of `step`.
@@ -226,19 +252,29 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
 
 /// Reads a checkpoint's model configuration and builds the model with its weights.
 pub fn load_model(checkpoint: &Path, device: Device) -> Result<(Beit, TrainConfig)> {
-    let state = read_state(checkpoint)?;
+    let state: CheckpointState<TrainConfig> = read_state(checkpoint, "beit")?;
     let mut model = Beit::new(&state.config.model, device, state.config.seed)?;
     model.load(&checkpoint.join("model.safetensors"))?;
     Ok((model, state.config))
 }
 
-fn read_state(checkpoint: &Path) -> Result<CheckpointState> {
+pub(crate) fn read_state<C: serde::de::DeserializeOwned>(
+    checkpoint: &Path,
+    architecture: &str,
+) -> Result<CheckpointState<C>> {
+    let found = checkpoint_architecture(checkpoint)?;
+    if found != architecture {
+        return Err(TrainError::Checkpoint {
+            path: checkpoint.to_path_buf(),
+            reason: format!("holds a {found} model, not {architecture}"),
+        });
+    }
     let path = checkpoint.join("state.json");
     let bytes = fs::read(&path).map_err(|e| TrainError::Checkpoint {
         path: checkpoint.to_path_buf(),
         reason: format!("cannot read state.json ({e}); not a checkpoint directory?"),
     })?;
-    let state: CheckpointState = serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
+    let state: CheckpointState<C> = serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),
         reason: format!("malformed: {e}"),
     })?;
@@ -254,7 +290,7 @@ fn read_state(checkpoint: &Path) -> Result<CheckpointState> {
     Ok(state)
 }
 
-fn write_json_line(path: &Path, value: &impl Serialize) -> Result<()> {
+pub(crate) fn write_json_line(path: &Path, value: &impl Serialize) -> Result<()> {
     use std::io::Write;
     let mut f = fs::OpenOptions::new()
         .create(true)
@@ -266,7 +302,7 @@ fn write_json_line(path: &Path, value: &impl Serialize) -> Result<()> {
 }
 
 /// Keeps the metrics lines of steps `<= step` (a resumed run rewrites what came after its checkpoint).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+pub(crate) fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = fs::read_to_string(path) else {
         return Ok(());
     };
@@ -340,7 +376,7 @@ pub fn train(
     let (mut step, mut stream_state, mut samples) = (0u64, StreamState::default(), 0u64);
     if options.resume {
         if let Some(ckpt) = latest_checkpoint(out)? {
-            let state = read_state(&ckpt)?;
+            let state: CheckpointState<TrainConfig> = read_state(&ckpt, "beit")?;
             if state.config != *config {
                 return Err(TrainError::Checkpoint {
                     path: ckpt,
@@ -423,12 +459,19 @@ pub fn train(
     let mut source = match options.data {
         DataMode::Stream => Source::Stream(Loader::spawn(
             dataset.clone(),
-            builder.clone(),
+            BeitBatcher::new(builder.clone()),
+            config.seed,
             config.stream.clone(),
             stream_state,
         )?),
         DataMode::Memory => {
-            let mut loader = Loader::spawn(dataset.clone(), builder.clone(), config.stream.clone(), stream_state)?;
+            let mut loader = Loader::spawn(
+                dataset.clone(),
+                BeitBatcher::new(builder.clone()),
+                config.seed,
+                config.stream.clone(),
+                stream_state,
+            )?;
             let need = (until.saturating_sub(step) * u64::from(config.accum)) as usize;
             let batches = (0..need).map(|_| loader.next_batch()).collect::<Result<Vec<_>>>()?;
             Source::Memory(batches.into_iter())
@@ -491,13 +534,14 @@ pub fn train(
             let state = CheckpointState {
                 format_version: CHECKPOINT_VERSION,
                 imglish_version: env!("CARGO_PKG_VERSION").into(),
+                architecture: beit_architecture(),
                 step,
                 stream: stream_state,
                 samples,
                 dataset_fingerprint: dataset.index().build_fingerprint.clone(),
                 config: config.clone(),
             };
-            let path = write_checkpoint(out, &model, &opt, &state, options.keep_checkpoints)?;
+            let path = write_checkpoint(out, &|p| model.save(p), &opt, &state, options.keep_checkpoints)?;
             observer(&Event::Checkpoint(path.clone()));
             last_ckpt = Some(path);
         }
@@ -544,7 +588,7 @@ fn initial_val_loss(metrics: &Path) -> Option<f64> {
     val_history(metrics).into_iter().find(|m| m.step == 0).map(|m| m.loss)
 }
 
-fn config_diff(a: &TrainConfig, b: &TrainConfig) -> String {
+pub(crate) fn config_diff(a: &impl Serialize, b: &impl Serialize) -> String {
     let (a, b) = (
         serde_json::to_value(a).unwrap_or_default(),
         serde_json::to_value(b).unwrap_or_default(),
@@ -585,14 +629,21 @@ fn check_dataset(dataset: &Dataset, model: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-fn write_checkpoint(out: &Path, model: &Beit, opt: &AdamW, state: &CheckpointState, keep: usize) -> Result<PathBuf> {
+/// Writes a checkpoint directory atomically (temporary name, fsync, rename), then keeps the newest `keep`.
+pub(crate) fn write_checkpoint<C: Serialize>(
+    out: &Path,
+    save_model: &dyn Fn(&Path) -> Result<()>,
+    opt: &AdamW,
+    state: &CheckpointState<C>,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = out.join("checkpoints");
     let name = checkpoint_name(state.step);
     let tmp = root.join(format!(".tmp-{name}"));
     let dst = root.join(&name);
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    model.save(&tmp.join("model.safetensors"))?;
+    save_model(&tmp.join("model.safetensors"))?;
     opt.save(&tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?;
     write_atomic(&tmp.join("state.json"), &json).map_err(|e| TrainError::Config(e.to_string()))?;
@@ -624,13 +675,13 @@ fn write_checkpoint(out: &Path, model: &Beit, opt: &AdamW, state: &CheckpointSta
     Ok(dst)
 }
 
-enum Source {
-    Stream(Loader),
-    Memory(std::vec::IntoIter<Batch>),
+pub(crate) enum Source<B = Batch> {
+    Stream(Loader<B>),
+    Memory(std::vec::IntoIter<B>),
 }
 
-impl Source {
-    fn next(&mut self) -> Result<Batch> {
+impl<B: Send + 'static> Source<B> {
+    pub(crate) fn next(&mut self) -> Result<B> {
         match self {
             Source::Stream(l) => l.next_batch(),
             Source::Memory(it) => it
@@ -639,7 +690,7 @@ impl Source {
         }
     }
 
-    fn waited(&self) -> std::time::Duration {
+    pub(crate) fn waited(&self) -> std::time::Duration {
         match self {
             Source::Stream(l) => l.waited(),
             Source::Memory(_) => std::time::Duration::ZERO,

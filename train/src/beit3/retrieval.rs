@@ -1,0 +1,277 @@
+//! The retrieval probe: image-to-text and text-to-image retrieval on the validation pairs from frozen BEiT-3
+//! features (image: the CLS output of an image-only forward; text: the first position's output of a text-only
+//! forward), with one linear projection per modality fitted contrastively (symmetric InfoNCE, learned
+//! temperature) on the training pairs; the same for a randomly initialised encoder of the same configuration.
+
+use std::path::Path;
+
+use imglish_ingest::Resizer;
+use imglish_pack::{Dataset, Split};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use crate::beit3::config::Beit3Config;
+use crate::beit3::model::Beit3;
+use crate::beit3::trainer::load_beit3;
+use crate::config::InputKind;
+use crate::data::render_pixels;
+use crate::device::TorchDevice;
+use crate::error::{torch_err, Result, TrainError};
+use crate::model::{trunc_normal_, Input};
+
+/// Retrieval probe settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalConfig {
+    /// Width of the shared embedding space.
+    pub dim: i64,
+    /// Full-batch Adam iterations of the projections.
+    pub iterations: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Pairs per forward pass when extracting features.
+    pub batch_size: usize,
+    /// At most this many pairs per split.
+    pub max_samples: usize,
+}
+
+impl Default for RetrievalConfig {
+    fn default() -> Self {
+        RetrievalConfig {
+            dim: 64,
+            iterations: 300,
+            lr: 0.01,
+            batch_size: 64,
+            max_samples: 50_000,
+        }
+    }
+}
+
+/// Recall at 1 and 5 in both directions.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Recall {
+    /// Image to text, R@1.
+    pub i2t_r1: f64,
+    /// Image to text, R@5.
+    pub i2t_r5: f64,
+    /// Text to image, R@1.
+    pub t2i_r1: f64,
+    /// Text to image, R@5.
+    pub t2i_r5: f64,
+}
+
+/// The retrieval probe's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalReport {
+    /// Training pairs the projections were fitted on.
+    pub train_pairs: i64,
+    /// Validation pairs retrieved among.
+    pub val_pairs: i64,
+    /// The checkpoint's encoder.
+    pub trained: Recall,
+    /// A randomly initialised encoder of the same configuration.
+    pub random: Recall,
+    /// What chance gives: R@k = k / pairs.
+    pub chance_r1: f64,
+}
+
+/// One split's pairs: the centre view and the first caption of each sample that has one.
+struct Pairs {
+    images: Vec<Input>,
+    texts: Vec<(Tensor, Tensor)>,
+    count: i64,
+}
+
+fn load_pairs(dataset: &Dataset, split: Split, config: &Beit3Config, batch: usize, limit: usize) -> Result<Pairs> {
+    let mut resizer = Resizer::new();
+    let (mut images, mut texts) = (Vec::new(), Vec::new());
+    let (mut img_tokens, mut img_pixels, mut caps): (Vec<i64>, Vec<f32>, Vec<Vec<u32>>) = Default::default();
+    let mut count = 0i64;
+    let max = config.max_text_len() as usize;
+    let mut flush = |tok: &mut Vec<i64>, px: &mut Vec<f32>, caps: &mut Vec<Vec<u32>>| {
+        let n = caps.len() as i64;
+        if n == 0 {
+            return;
+        }
+        images.push(match config.input {
+            InputKind::Tokens => Input::Tokens(Tensor::from_slice(tok).view([n, config.num_patches()])),
+            InputKind::Pixels => {
+                let [h, w] = config.image_size();
+                Input::Pixels(Tensor::from_slice(px).view([n, 3, h, w]))
+            }
+        });
+        let len = caps.iter().map(Vec::len).max().unwrap_or(1);
+        let ids: Vec<i64> = caps
+            .iter()
+            .flat_map(|c| (0..len).map(move |i| c.get(i).map_or(0, |&t| i64::from(t))))
+            .collect();
+        let pad: Vec<bool> = caps.iter().flat_map(|c| (0..len).map(move |i| i >= c.len())).collect();
+        let len = len as i64;
+        texts.push((Tensor::from_slice(&ids).view([n, len]), Tensor::from_slice(&pad).view([n, len])));
+        tok.clear();
+        px.clear();
+        caps.clear();
+    };
+    'outer: for (i, shard) in dataset.shards().iter().enumerate() {
+        if shard.split != split {
+            continue;
+        }
+        for b in 0..shard.batches as usize {
+            for r in dataset.batch_records(i, b)? {
+                if count as usize >= limit {
+                    break 'outer;
+                }
+                let Some(caption) = r.captions.first().filter(|c| !c.is_empty()) else {
+                    continue;
+                };
+                let v = &r.views[0];
+                if config.input == InputKind::Pixels {
+                    let px = render_pixels(r.pixels.as_deref(), v.crop, v.flip, config.image_size(), &mut resizer)
+                        .map_err(|reason| TrainError::Sample {
+                            sample_id: r.sample_id,
+                            reason,
+                        })?;
+                    img_pixels.extend(px);
+                }
+                img_tokens.extend(v.tokens.iter().map(|&t| i64::from(t)));
+                let mut c = caption.clone();
+                if c.len() > max {
+                    let last = c[c.len() - 1];
+                    c.truncate(max);
+                    c[max - 1] = last;
+                }
+                caps.push(c);
+                count += 1;
+                if caps.len() == batch {
+                    flush(&mut img_tokens, &mut img_pixels, &mut caps);
+                }
+            }
+        }
+    }
+    flush(&mut img_tokens, &mut img_pixels, &mut caps);
+    Ok(Pairs { images, texts, count })
+}
+
+fn features(model: &Beit3, pairs: &Pairs) -> Result<(Tensor, Tensor)> {
+    let device = model.device();
+    tch::no_grad(|| {
+        let mut img = Vec::new();
+        let mut txt = Vec::new();
+        for (input, (ids, pad)) in pairs.images.iter().zip(&pairs.texts) {
+            let input = match input {
+                Input::Tokens(t) => Input::Tokens(t.to_device(device)),
+                Input::Pixels(p) => Input::Pixels(p.to_device(device)),
+            };
+            img.push(model.image_cls(&input).to_device(Device::Cpu));
+            let (ids, pad) = (ids.to_device(device), pad.to_device(device));
+            txt.push(model.text_cls(&ids, Some(&pad)).to_device(Device::Cpu));
+        }
+        let cat = |v: &[Tensor]| Tensor::f_cat(v, 0).map_err(torch_err("retrieval features"));
+        Ok((cat(&img)?, cat(&txt)?))
+    })
+}
+
+/// Recall@k of row `i` retrieving column `i` in `sim` (`[n, n]`).
+fn recall(sim: &Tensor, k: i64) -> f64 {
+    let n = sim.size()[0];
+    let k = k.min(n);
+    let top = sim.topk(k, 1, true, true).1;
+    let truth = Tensor::arange(n, (Kind::Int64, Device::Cpu)).unsqueeze(1);
+    top.eq_tensor(&truth).any_dim(1, false).to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
+}
+
+/// Fits the projections on the training features and scores retrieval on the validation features.
+fn fit_and_score(
+    train: &(Tensor, Tensor),
+    val: &(Tensor, Tensor),
+    c: &RetrievalConfig,
+    seed: u64,
+) -> Result<Recall> {
+    let standardise = |x: &Tensor, ref_x: &Tensor| {
+        let mean = ref_x.mean_dim(0, true, Kind::Float);
+        let std = ref_x.std_dim(0, false, true) + 1e-6;
+        (x - mean) / std
+    };
+    let (ti, tt) = (standardise(&train.0, &train.0), standardise(&train.1, &train.1));
+    let (vi, vt) = (standardise(&val.0, &train.0), standardise(&val.1, &train.1));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let d = ti.size()[1];
+    let no_bias = nn::LinearConfig {
+        bias: false,
+        ..Default::default()
+    };
+    let pi = nn::linear(vs.root() / "image", d, c.dim, no_bias);
+    let pt = nn::linear(vs.root() / "text", d, c.dim, no_bias);
+    let logit_scale = vs.root().var("logit_scale", &[], nn::Init::Const((1.0f64 / 0.07).ln()));
+    // Our own generator for the projections' initial values: the result depends only on the seed.
+    tch::no_grad(|| {
+        let mut wi = pi.ws.shallow_clone();
+        let mut wt = pt.ws.shallow_clone();
+        trunc_normal_(&mut wi, (1.0 / d as f64).sqrt(), seed ^ 0x1);
+        trunc_normal_(&mut wt, (1.0 / d as f64).sqrt(), seed ^ 0x2);
+    });
+    let embed = |p: &nn::Linear, x: &Tensor| {
+        let y = p.forward(x);
+        let norm = y.norm_scalaropt_dim(2, [1], true) + 1e-8;
+        y / norm
+    };
+    let mut opt = nn::Adam::default().build(&vs, c.lr).map_err(torch_err("retrieval optimiser"))?;
+    let n = ti.size()[0];
+    let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu));
+    for _ in 0..c.iterations {
+        let logits = embed(&pi, &ti).matmul(&embed(&pt, &tt).tr()) * logit_scale.exp().clamp(1.0, 100.0);
+        let loss = (logits.cross_entropy_for_logits(&labels) + logits.tr().cross_entropy_for_logits(&labels)) / 2.0;
+        opt.backward_step(&loss);
+    }
+    tch::no_grad(|| {
+        let sim = embed(&pi, &vi).matmul(&embed(&pt, &vt).tr());
+        Ok(Recall {
+            i2t_r1: recall(&sim, 1),
+            i2t_r5: recall(&sim, 5),
+            t2i_r1: recall(&sim.tr(), 1),
+            t2i_r5: recall(&sim.tr(), 5),
+        })
+    })
+}
+
+/// Runs the retrieval probe of the BEiT-3 `checkpoint` on `dataset_dir`'s pairs.
+pub fn probe_retrieval(
+    dataset_dir: &Path,
+    checkpoint: &Path,
+    config: &RetrievalConfig,
+    device: TorchDevice,
+) -> Result<RetrievalReport> {
+    if config.iterations == 0 || config.batch_size == 0 || config.lr <= 0.0 || config.dim <= 0 {
+        return Err(TrainError::Config(
+            "retrieval probe: iterations, batch size, lr and dim must be positive".into(),
+        ));
+    }
+    let device = device.resolve()?;
+    let dataset = Dataset::open(dataset_dir)?;
+    let (trained, run) = load_beit3(checkpoint, device)?;
+    let m = &run.model;
+    let train = load_pairs(&dataset, Split::Train, m, config.batch_size, config.max_samples)?;
+    let val = load_pairs(&dataset, Split::Val, m, config.batch_size, config.max_samples)?;
+    if train.count < 2 || val.count < 2 {
+        return Err(TrainError::Dataset {
+            path: dataset_dir.to_path_buf(),
+            reason: format!(
+                "the retrieval probe needs image-caption pairs in both splits ({} train, {} val pairs)",
+                train.count, val.count
+            ),
+        });
+    }
+    let score = |model: &Beit3| -> Result<Recall> {
+        fit_and_score(&features(model, &train)?, &features(model, &val)?, config, run.seed)
+    };
+    let trained_recall = score(&trained)?;
+    let random = Beit3::new(m, device, run.seed)?;
+    let random_recall = score(&random)?;
+    Ok(RetrievalReport {
+        train_pairs: train.count,
+        val_pairs: val.count,
+        trained: trained_recall,
+        random: random_recall,
+        chance_r1: 1.0 / val.count as f64,
+    })
+}
