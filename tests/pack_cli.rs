@@ -239,3 +239,41 @@ fn pack_verify_inspect_and_a_corrupt_shard() {
     let o = imglish(&["pack", "--tokens", t]);
     assert_eq!(o.status.code(), Some(2), "usage error");
 }
+
+#[test]
+fn include_pixels_over_parts_without_pixels_is_refused() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let tokens = work.path().join("tokens");
+    write_tokens(&tokens, 40);
+    let out = work.path().join("dataset");
+    let o = imglish(&[
+        "pack",
+        "--tokens",
+        tokens.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+        "--include-pixels",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stdout));
+    let stderr = text(&o.stderr);
+    assert!(
+        stderr.trim().ends_with(
+            "sample 1: its token part holds no pixels, and --include-pixels needs them: make the token parts with \
+             `imglish tokenize --keep-pixels`"
+        ),
+        "{stderr}"
+    );
+    // Nothing that a later stage could read is left behind.
+    assert!(!out.join("index.json").exists());
+    let leftovers: Vec<String> = std::fs::read_dir(&out)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        leftovers.iter().all(|f| !f.ends_with(".arrow") && !f.ends_with(".tmp")),
+        "{leftovers:?}"
+    );
+}

@@ -81,3 +81,96 @@ fn quickstart_runs_every_stage_and_reruns_cleanly() {
     );
     assert!(d.join("mine/keep.txt").exists());
 }
+
+#[test]
+fn quickstart_with_beit3_trains_every_task_and_runs_both_probes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut args = vec!["--log-format", "json", "quickstart", "--model", "beit3"];
+    args.extend(SMALL);
+    let out = imglish(d, &args);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("summary")).expect("json");
+    for task in ["image_mim", "text_mlm", "pair_mim", "pair_mlm"] {
+        assert!(
+            v["initial_val"]["tasks"][task]["loss"].as_f64().is_some(),
+            "{task} missing: {v}"
+        );
+        assert!(
+            v["final_val"]["tasks"][task]["loss"].as_f64().is_some(),
+            "{task} missing: {v}"
+        );
+    }
+    assert_eq!(v["probe"]["classes"], 6);
+    let r = &v["retrieval"];
+    assert!(r["val_pairs"].as_i64().expect("pairs") > 1);
+    assert!(r["trained"]["i2t_r1"].as_f64().is_some() && r["random"]["t2i_r5"].as_f64().is_some());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("qs/run/checkpoints/step-00000004/state.json")).expect("state"))
+            .expect("json");
+    assert_eq!(state["architecture"], "beit3");
+
+    // The retrieval probe on its own, and the settings the CLI refuses.
+    let probe = imglish(
+        d,
+        &[
+            "probe",
+            "--task",
+            "retrieval",
+            "--checkpoint",
+            "qs/run",
+            "--dataset",
+            "qs/dataset",
+        ],
+    );
+    assert_eq!(
+        probe.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    assert!(String::from_utf8_lossy(&probe.stdout).starts_with("retrieval probe: image->text R@1 "));
+    let bad_mix = imglish(
+        d,
+        &[
+            "train",
+            "--model",
+            "beit3",
+            "--dataset",
+            "qs/dataset",
+            "--out",
+            "r2",
+            "--mix",
+            "image=0,text=0",
+        ],
+    );
+    assert_eq!(bad_mix.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad_mix.stderr).contains("at least one kind needs a positive weight"),
+        "{}",
+        String::from_utf8_lossy(&bad_mix.stderr)
+    );
+    let ranks = imglish(
+        d,
+        &[
+            "train",
+            "--model",
+            "beit3",
+            "--dataset",
+            "qs/dataset",
+            "--out",
+            "r3",
+            "--world-size",
+            "2",
+            "--steps",
+            "1",
+        ],
+    );
+    assert_eq!(ranks.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&ranks.stderr).trim(),
+        "error: training on qs/dataset failed: invalid configuration: world size 2: BEiT-3 training runs in one \
+         process (several would train unrelated models; data-parallel training is not available yet)"
+    );
+}

@@ -222,6 +222,7 @@ pub fn pack_dataset(
             }
         }
         sink.close()?;
+        drop(sink);
         let written: u64 = shards.iter().filter(|s| s.split == split).map(|s| s.rows).sum();
         if written != total {
             return Err(PackError::InvalidJson {
@@ -304,8 +305,27 @@ struct ShardSink<'a> {
     progress: &'a (dyn Fn(u64) + Sync),
 }
 
+impl Drop for ShardSink<'_> {
+    /// A sink dropped with a shard still open is a failed pack: its temporary file goes too.
+    fn drop(&mut self) {
+        if let Some(w) = self.current.take() {
+            w.abandon();
+        }
+    }
+}
+
 impl ShardSink<'_> {
     fn push(&mut self, batch: Vec<TokenRecord>) -> Result<()> {
+        if self.config.include_pixels {
+            if let Some(r) = batch.iter().find(|r| r.pixels.is_none()) {
+                return Err(PackError::InvalidRecord {
+                    sample_id: r.sample_id,
+                    reason: "its token part holds no pixels, and --include-pixels needs them: make the token parts \
+                             with `imglish tokenize --keep-pixels`"
+                        .into(),
+                });
+            }
+        }
         if self.current.is_none() {
             let name = shard_file_name(self.shards.len());
             let writer = ShardWriter::create(

@@ -318,23 +318,28 @@ impl Dataset {
     /// Checks every shard (size, sha256, structure, schema, every batch decoded) in parallel, then the
     /// dataset-level counts and that sample ids are unique. Collects every problem instead of stopping.
     pub fn verify(&self) -> VerifyReport {
-        let results: Vec<std::result::Result<(SplitCounts, Vec<u64>), String>> = (0..self.shards().len())
+        let want_pixels = self.index().config.include_pixels;
+        type Checked = (SplitCounts, Vec<u64>, Vec<u64>);
+        let results: Vec<std::result::Result<Checked, String>> = (0..self.shards().len())
             .into_par_iter()
             .map(|i| {
                 let shard = self.shard(i).map_err(|e| e.to_string())?;
                 let mut counts = SplitCounts::default();
-                let mut ids = Vec::new();
+                let (mut ids, mut no_pixels) = (Vec::new(), Vec::new());
                 for b in 0..shard.num_batches() {
                     shard
                         .with_batch(b, |v| {
                             for r in 0..v.rows() {
                                 counts.add(v.split(r));
                                 ids.push(v.sample_id(r));
+                                if want_pixels && !v.has_pixels(r) {
+                                    no_pixels.push(v.sample_id(r));
+                                }
                             }
                         })
                         .map_err(|e| e.to_string())?;
                 }
-                Ok((counts, ids))
+                Ok((counts, ids, no_pixels))
             })
             .collect();
         let mut report = VerifyReport {
@@ -344,9 +349,17 @@ impl Dataset {
         let mut seen = HashSet::new();
         for (entry, r) in self.shards().iter().zip(results) {
             match r {
-                Ok((c, ids)) => {
+                Ok((c, ids, no_pixels)) => {
                     report.counts.train += c.train;
                     report.counts.val += c.val;
+                    if let Some(first) = no_pixels.first() {
+                        report.problems.push(format!(
+                            "{}: {} samples have no pixels (the first: sample {first}), although index.json says \
+                             include_pixels",
+                            entry.file,
+                            no_pixels.len()
+                        ));
+                    }
                     for id in ids {
                         if !seen.insert(id) {
                             report

@@ -227,6 +227,14 @@ impl ShardWriter {
         self.writer.get_ref().written()
     }
 
+    /// Gives up on the shard: closes and deletes its temporary file (after a failure, so that nothing
+    /// half-written stays behind).
+    pub(crate) fn abandon(self) {
+        let tmp = self.tmp.clone();
+        drop(self);
+        let _ = std::fs::remove_file(tmp);
+    }
+
     pub(crate) fn finish(mut self) -> Result<ShardEntry> {
         let werr = |reason: String| PackError::ShardWrite {
             shard: self.name.clone(),
@@ -786,6 +794,11 @@ impl<'a> BatchView<'a> {
                 self.caption_tokens[self.caption_offsets[j] as usize..self.caption_offsets[j + 1] as usize].to_vec()
             })
             .collect()
+    }
+
+    /// Whether `row` has stored pixels.
+    pub(crate) fn has_pixels(&self, row: usize) -> bool {
+        self.pixels.is_some_and(|p| p.is_valid(row))
     }
 
     pub(crate) fn pixels(&self, row: usize) -> Option<Vec<u8>> {

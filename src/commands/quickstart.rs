@@ -296,7 +296,12 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
 }
 
 /// The validation losses at the start and the end (BEiT-3: per task).
-fn loss_lines(model: ModelArg, first: Option<&serde_json::Value>, last: Option<&serde_json::Value>, png: &Path) -> String {
+fn loss_lines(
+    model: ModelArg,
+    first: Option<&serde_json::Value>,
+    last: Option<&serde_json::Value>,
+    png: &Path,
+) -> String {
     let at = |v: Option<&serde_json::Value>, key: &[&str]| {
         v.and_then(|v| key.iter().try_fold(v, |v, k| v.get(*k)))
             .and_then(serde_json::Value::as_f64)

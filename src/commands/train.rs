@@ -229,7 +229,10 @@ fn parse_mix(text: &str) -> Result<[f64; 3], String> {
             "pair" => 2,
             other => return Err(format!("unknown sample kind '{other}' (image, text or pair)")),
         };
-        let w: f64 = value.trim().parse().map_err(|_| format!("weight '{value}' of {name} is not a number"))?;
+        let w: f64 = value
+            .trim()
+            .parse()
+            .map_err(|_| format!("weight '{value}' of {name} is not a number"))?;
         if !(w.is_finite() && w >= 0.0) {
             return Err(format!("weight {w} of {name} must be a non-negative number"));
         }
@@ -502,7 +505,12 @@ fn beit3_line(m: &Beit3Metrics) -> String {
         .map(|(name, t)| format!("{name} {:.3}/{:.3}", t.loss, t.accuracy))
         .collect();
     if m.kind == "val" {
-        format!("step {:>6}  val loss {:.4}  [{}] (loss/acc)", m.step, m.loss, tasks.join("  "))
+        format!(
+            "step {:>6}  val loss {:.4}  [{}] (loss/acc)",
+            m.step,
+            m.loss,
+            tasks.join("  ")
+        )
     } else {
         format!(
             "step {:>6}  epoch {}  loss {:.4}  [{}]  lr {:.2e}  |g| {:.2}  {:.1} samples/s  data wait {:.1}%",
@@ -548,7 +556,8 @@ fn run_beit3(args: &TrainArgs, config: &Beit3TrainConfig, options: &RunOptions, 
         .with_context(|| format!("training on {} failed", args.dataset.display()))?;
     bar.finish_and_clear();
     let task = |m: Option<&Beit3Metrics>, name: &str| {
-        m.and_then(|m| m.tasks.get(name)).map_or("-".into(), |t| format!("{:.4}", t.loss))
+        m.and_then(|m| m.tasks.get(name))
+            .map_or("-".into(), |t| format!("{:.4}", t.loss))
     };
     let (first, last) = (summary.initial_val.as_ref(), summary.final_val.as_ref());
     let text = format!(
@@ -569,7 +578,10 @@ fn run_beit3(args: &TrainArgs, config: &Beit3TrainConfig, options: &RunOptions, 
         task(first, "pair_mlm"),
         task(last, "pair_mlm"),
         summary.skipped,
-        summary.checkpoint.as_ref().map_or("-".into(), |p| p.display().to_string()),
+        summary
+            .checkpoint
+            .as_ref()
+            .map_or("-".into(), |p| p.display().to_string()),
         summary.plot.display()
     );
     let mut json = serde_json::to_value(&summary).unwrap_or_default();

@@ -49,9 +49,9 @@ mod tensors;
 mod trainer;
 
 pub use beit3::{
-    caption_for, load_beit3, probe_retrieval, train_beit3, Recall, RetrievalConfig, RetrievalReport, Beit3, Beit3Batch, Beit3Config, Beit3Event, Beit3Metrics, Beit3Summary,
-    Beit3TrainConfig, Encoded, Group, ImageIn, MaskedText, Objective, SampleKind, TaskMetrics, TextIn, TextMasking,
-    Way, BEIT3_PRESETS,
+    caption_for, load_beit3, probe_retrieval, train_beit3, Beit3, Beit3Batch, Beit3Config, Beit3Event, Beit3Metrics,
+    Beit3Summary, Beit3TrainConfig, Encoded, Group, ImageIn, MaskedText, Objective, Recall, RetrievalConfig,
+    RetrievalReport, SampleKind, TaskMetrics, TextIn, TextMasking, Way, BEIT3_PRESETS,
 };
 pub use config::{InputKind, ModelConfig, RelPosBias, PRESETS};
 pub use data::{Batch, DeviceBatch, FixedSet, Loader, StreamConfig};
@@ -63,8 +63,8 @@ pub use optim::{decays, AdamW, OptimConfig};
 pub use plot::plot_losses;
 pub use probe::{probe, ProbeConfig, ProbeReport};
 pub use trainer::{
-    checkpoint_architecture, checkpoint_name, evaluate, latest_checkpoint, load_model, train, DataMode, EvalMetrics, Event, RunOptions,
-    StepMetrics, TrainConfig, TrainSummary, CHECKPOINT_VERSION,
+    checkpoint_architecture, checkpoint_name, evaluate, latest_checkpoint, load_model, train, DataMode, EvalMetrics,
+    Event, RunOptions, StepMetrics, TrainConfig, TrainSummary, CHECKPOINT_VERSION,
 };
 
 /// Sets libtorch's intra-op thread count (the `--threads` knob).

@@ -351,7 +351,11 @@ impl Beit {
 
 /// The generator key of parameter `name` for initialisation seed `seed`.
 pub(crate) fn param_key(seed: u64, name: &str) -> u64 {
-    mix64(seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| mix64(h ^ u64::from(b))))
+    mix64(
+        seed ^ name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| mix64(h ^ u64::from(b))),
+    )
 }
 
 /// A linear layer computed in `cast` (if set), returned in float32.

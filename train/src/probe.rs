@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use crate::beit3::{load_beit3, Beit3};
 use crate::data::{Builder, FixedSet};
 use crate::device::TorchDevice;
 use crate::error::{torch_err, Result, TrainError};
-use crate::beit3::{load_beit3, Beit3};
 use crate::model::Beit;
 use crate::trainer::{checkpoint_architecture, load_model};
 
@@ -91,7 +91,11 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
                 masking: run.objective.image_masking.clone(),
                 seed: run.seed,
             };
-            (Encoder::Beit3(model), Encoder::Beit3(Beit3::new(&run.model, device, run.seed)?), builder)
+            (
+                Encoder::Beit3(model),
+                Encoder::Beit3(Beit3::new(&run.model, device, run.seed)?),
+                builder,
+            )
         }
         _ => {
             let (model, run) = load_model(checkpoint, device)?;
@@ -100,7 +104,11 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
                 masking: run.masking.clone(),
                 seed: run.seed,
             };
-            (Encoder::Beit(model), Encoder::Beit(Beit::new(&run.model, device, run.seed)?), builder)
+            (
+                Encoder::Beit(model),
+                Encoder::Beit(Beit::new(&run.model, device, run.seed)?),
+                builder,
+            )
         }
     };
     let train = FixedSet::load(

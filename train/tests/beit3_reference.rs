@@ -26,7 +26,11 @@ fn python() -> PathBuf {
         .output()
         .expect("scripts/setup-libtorch --python");
     let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(path.exists(), "{} is missing: run scripts/setup-libtorch", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup-libtorch",
+        path.display()
+    );
     path
 }
 
@@ -134,7 +138,10 @@ fn check(config: Beit3Config, name: &str) {
         // computes them the same way).
         let d = max_diff(t, r);
         assert!(d < 1e-4, "{name}: {key} differs from torchscale by {d}");
-        assert!(t.abs().max().double_value(&[]) > 0.1, "{name}: {key} is trivially small");
+        assert!(
+            t.abs().max().double_value(&[]) > 0.1,
+            "{name}: {key} is trivially small"
+        );
     }
 }
 

@@ -201,7 +201,10 @@ fn resume_is_exact() {
         },
     );
     let train_losses = |v: &[Beit3Metrics]| -> Vec<(u64, f64)> {
-        v.iter().filter(|m| m.kind == "train" && m.step > 3).map(|m| (m.step, m.loss)).collect()
+        v.iter()
+            .filter(|m| m.kind == "train" && m.step > 3)
+            .map(|m| (m.step, m.loss))
+            .collect()
     };
     assert_eq!(train_losses(&a), train_losses(&b));
     let wa = std::fs::read(straight.join("checkpoints/step-00000006/model.safetensors")).expect("a");

@@ -54,11 +54,10 @@ impl Beit3Config {
     /// A preset for a dataset with this token grid and visual and text vocabularies. (unilm's released BEiT-3
     /// uses a 64010-piece SentencePiece model: with that text tokenizer, `text_vocab_size` is 64010.)
     pub fn preset(name: &str, grid: [i64; 2], vocab_size: i64, text_vocab_size: i64) -> Result<Beit3Config> {
-        let (_, dim, depth, heads, ffn_dim) =
-            BEIT3_PRESETS.iter().find(|p| p.0 == name).copied().ok_or_else(|| {
-                let names: Vec<_> = BEIT3_PRESETS.iter().map(|p| p.0).collect();
-                TrainError::Config(format!("unknown BEiT-3 preset '{name}' (one of: {})", names.join(", ")))
-            })?;
+        let (_, dim, depth, heads, ffn_dim) = BEIT3_PRESETS.iter().find(|p| p.0 == name).copied().ok_or_else(|| {
+            let names: Vec<_> = BEIT3_PRESETS.iter().map(|p| p.0).collect();
+            TrainError::Config(format!("unknown BEiT-3 preset '{name}' (one of: {})", names.join(", ")))
+        })?;
         let config = Beit3Config {
             dim,
             depth,
@@ -193,5 +192,32 @@ impl Beit3Config {
             "layernorm_eps": self.layer_norm_eps,
             "drop_path_rate": self.drop_path,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_and_the_torchscale_config() {
+        let mut c = Beit3Config::preset("beit3-base", [14, 14], 8192, 64010).expect("preset");
+        assert_eq!((c.dim, c.depth, c.heads, c.ffn_dim), (768, 12, 12, 3072));
+        let e = c
+            .torchscale_kwargs()
+            .expect_err("token input has no torchscale counterpart");
+        assert!(e.to_string().contains("reads visual token ids"), "{e}");
+        c.input = InputKind::Pixels;
+        let k = c.torchscale_kwargs().expect("kwargs");
+        assert_eq!(k["img_size"], 224);
+        assert_eq!(k["vocab_size"], 64010);
+        assert_eq!(k["encoder_ffn_embed_dim"], 3072);
+        c.grid = [14, 7];
+        assert!(c.torchscale_kwargs().is_err());
+        let e = Beit3Config::preset("huge", [14, 14], 8192, 100).expect_err("unknown");
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: unknown BEiT-3 preset 'huge' (one of: beit3-tiny, beit3-small, beit3-base, beit3-large)"
+        );
     }
 }

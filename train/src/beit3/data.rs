@@ -213,8 +213,13 @@ impl Group {
                     Input::Pixels(Tensor::from_slice(&self.pixels).view([n, 3, h, w]).to_device(device))
                 }
             });
-            let masked: Vec<i64> =
-                self.tokens.iter().zip(&self.image_mask).filter(|(_, &m)| m).map(|(&t, _)| t).collect();
+            let masked: Vec<i64> = self
+                .tokens
+                .iter()
+                .zip(&self.image_mask)
+                .filter(|(_, &m)| m)
+                .map(|(&t, _)| t)
+                .collect();
             g.image_mask = Some(Tensor::from_slice(&self.image_mask).view([n, np]).to_device(device));
             g.mim_targets = Some(Tensor::from_slice(&masked).to_device(device));
         }
@@ -354,12 +359,20 @@ impl Batcher for Beit3Batcher {
         let Some(kind) = b.objective.kind(b.seed, epoch, s.sample_id, true, has_text) else {
             return;
         };
-        let caption = has_text.then(|| s.captions[caption_for(b.seed, epoch, s.sample_id, s.captions.len())].as_slice());
+        let caption =
+            has_text.then(|| s.captions[caption_for(b.seed, epoch, s.sample_id, s.captions.len())].as_slice());
         let group = &mut self.pending.groups[kind as usize];
         let view = (s.tokens.as_slice(), s.crop, s.flip);
-        if let Err(why) =
-            b.add(group, kind, epoch, s.sample_id, view, s.pixels.as_deref(), caption, &mut self.resizer)
-        {
+        if let Err(why) = b.add(
+            group,
+            kind,
+            epoch,
+            s.sample_id,
+            view,
+            s.pixels.as_deref(),
+            caption,
+            &mut self.resizer,
+        ) {
             self.pending.skipped.push((s.sample_id, why));
         }
     }

@@ -9,8 +9,8 @@ mod text_mask;
 mod trainer;
 
 pub use config::{Beit3Config, BEIT3_PRESETS};
-pub use model::{Beit3, Encoded, ImageIn, TextIn, Way};
-pub use text_mask::{MaskedText, TextMasking};
 pub use data::{caption_for, Beit3Batch, Group, Objective, SampleKind};
-pub use trainer::{load_beit3, train_beit3, Beit3Event, Beit3Metrics, Beit3Summary, Beit3TrainConfig, TaskMetrics};
+pub use model::{Beit3, Encoded, ImageIn, TextIn, Way};
 pub use retrieval::{probe_retrieval, Recall, RetrievalConfig, RetrievalReport};
+pub use text_mask::{MaskedText, TextMasking};
+pub use trainer::{load_beit3, train_beit3, Beit3Event, Beit3Metrics, Beit3Summary, Beit3TrainConfig, TaskMetrics};

@@ -52,7 +52,10 @@ impl<T> Multiway<T> {
             Way::Text => f(&self.b, x),
             Way::Split(n) => {
                 let len = x.size()[1];
-                Tensor::cat(&[f(&self.a, &x.narrow(1, 0, n)), f(&self.b, &x.narrow(1, n, len - n))], 1)
+                Tensor::cat(
+                    &[f(&self.a, &x.narrow(1, 0, n)), f(&self.b, &x.narrow(1, n, len - n))],
+                    1,
+                )
             }
         }
     }
@@ -424,20 +427,27 @@ impl Beit3 {
     /// Pooled image features `[B, dim]` of unmasked views: the mean of the patch outputs (image-only forward).
     pub fn image_pooled(&self, input: &Input) -> Tensor {
         let e = self.encode(Some(&ImageIn { input, mask: None }), None, None);
-        e.x.narrow(1, 1, self.config.num_patches()).mean_dim(1, false, Kind::Float)
+        e.x.narrow(1, 1, self.config.num_patches())
+            .mean_dim(1, false, Kind::Float)
     }
 
-    /// Image features `[B, dim]` for retrieval: the CLS output of an image-only forward.
+    /// The CLS output `[B, dim]` of an image-only forward.
     pub fn image_cls(&self, input: &Input) -> Tensor {
         let e = self.encode(Some(&ImageIn { input, mask: None }), None, None);
         e.x.select(1, 0)
     }
 
-    /// Text features `[B, dim]` for retrieval: the output at the first position (the BOS token) of a
-    /// text-only forward.
-    pub fn text_cls(&self, ids: &Tensor, padding: Option<&Tensor>) -> Tensor {
+    /// Pooled text features `[B, dim]`: the mean of a text-only forward's outputs over the non-padding
+    /// positions.
+    pub fn text_pooled(&self, ids: &Tensor, padding: Option<&Tensor>) -> Tensor {
         let e = self.encode(None, Some(&TextIn { ids, padding }), None);
-        e.x.select(1, 0)
+        match padding {
+            None => e.x.mean_dim(1, false, Kind::Float),
+            Some(p) => {
+                let keep = p.logical_not().unsqueeze(-1).to_kind(Kind::Float);
+                (&e.x * &keep).sum_dim_intlist(1, false, Kind::Float) / keep.sum_dim_intlist(1, false, Kind::Float)
+            }
+        }
     }
 
     /// Writes every parameter to a safetensors file (float32, torchscale names plus `mim_head.*`,
@@ -501,7 +511,10 @@ impl Layer {
         let k = heads(self.k_proj.forward(x, way, cast));
         let v = heads(self.v_proj.forward(x, way, cast));
         let kind = cast.unwrap_or(Kind::Float);
-        let mut attn = q.to_kind(kind).matmul(&k.to_kind(kind).transpose(-2, -1)).to_kind(Kind::Float);
+        let mut attn = q
+            .to_kind(kind)
+            .matmul(&k.to_kind(kind).transpose(-2, -1))
+            .to_kind(Kind::Float);
         if let Some(m) = key_mask {
             attn = attn.masked_fill(m, f64::NEG_INFINITY);
         }

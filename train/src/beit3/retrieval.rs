@@ -1,6 +1,6 @@
 //! The retrieval probe: image-to-text and text-to-image retrieval on the validation pairs from frozen BEiT-3
-//! features (image: the CLS output of an image-only forward; text: the first position's output of a text-only
-//! forward), with one linear projection per modality fitted contrastively (symmetric InfoNCE, learned
+//! features (image: the mean patch output of an image-only forward; text: the mean output over the non-padding
+//! positions of a text-only forward; neither CLS nor BOS is trained by masked data modelling), with one linear projection per modality fitted contrastively (symmetric InfoNCE, learned
 //! temperature) on the training pairs; the same for a randomly initialised encoder of the same configuration.
 
 use std::path::Path;
@@ -107,7 +107,10 @@ fn load_pairs(dataset: &Dataset, split: Split, config: &Beit3Config, batch: usiz
             .collect();
         let pad: Vec<bool> = caps.iter().flat_map(|c| (0..len).map(move |i| i >= c.len())).collect();
         let len = len as i64;
-        texts.push((Tensor::from_slice(&ids).view([n, len]), Tensor::from_slice(&pad).view([n, len])));
+        texts.push((
+            Tensor::from_slice(&ids).view([n, len]),
+            Tensor::from_slice(&pad).view([n, len]),
+        ));
         tok.clear();
         px.clear();
         caps.clear();
@@ -162,9 +165,9 @@ fn features(model: &Beit3, pairs: &Pairs) -> Result<(Tensor, Tensor)> {
                 Input::Tokens(t) => Input::Tokens(t.to_device(device)),
                 Input::Pixels(p) => Input::Pixels(p.to_device(device)),
             };
-            img.push(model.image_cls(&input).to_device(Device::Cpu));
             let (ids, pad) = (ids.to_device(device), pad.to_device(device));
-            txt.push(model.text_cls(&ids, Some(&pad)).to_device(Device::Cpu));
+            img.push(model.image_pooled(&input).to_device(Device::Cpu));
+            txt.push(model.text_pooled(&ids, Some(&pad)).to_device(Device::Cpu));
         }
         let cat = |v: &[Tensor]| Tensor::f_cat(v, 0).map_err(torch_err("retrieval features"));
         Ok((cat(&img)?, cat(&txt)?))
@@ -177,16 +180,15 @@ fn recall(sim: &Tensor, k: i64) -> f64 {
     let k = k.min(n);
     let top = sim.topk(k, 1, true, true).1;
     let truth = Tensor::arange(n, (Kind::Int64, Device::Cpu)).unsqueeze(1);
-    top.eq_tensor(&truth).any_dim(1, false).to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
+    top.eq_tensor(&truth)
+        .any_dim(1, false)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[])
 }
 
 /// Fits the projections on the training features and scores retrieval on the validation features.
-fn fit_and_score(
-    train: &(Tensor, Tensor),
-    val: &(Tensor, Tensor),
-    c: &RetrievalConfig,
-    seed: u64,
-) -> Result<Recall> {
+fn fit_and_score(train: &(Tensor, Tensor), val: &(Tensor, Tensor), c: &RetrievalConfig, seed: u64) -> Result<Recall> {
     let standardise = |x: &Tensor, ref_x: &Tensor| {
         let mean = ref_x.mean_dim(0, true, Kind::Float);
         let std = ref_x.std_dim(0, false, true) + 1e-6;
@@ -215,7 +217,9 @@ fn fit_and_score(
         let norm = y.norm_scalaropt_dim(2, [1], true) + 1e-8;
         y / norm
     };
-    let mut opt = nn::Adam::default().build(&vs, c.lr).map_err(torch_err("retrieval optimiser"))?;
+    let mut opt = nn::Adam::default()
+        .build(&vs, c.lr)
+        .map_err(torch_err("retrieval optimiser"))?;
     let n = ti.size()[0];
     let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu));
     for _ in 0..c.iterations {
@@ -264,8 +268,8 @@ pub fn probe_retrieval(
     let score = |model: &Beit3| -> Result<Recall> {
         fit_and_score(&features(model, &train)?, &features(model, &val)?, config, run.seed)
     };
-    let trained_recall = score(&trained)?;
     let random = Beit3::new(m, device, run.seed)?;
+    let trained_recall = score(&trained)?;
     let random_recall = score(&random)?;
     Ok(RetrievalReport {
         train_pairs: train.count,

@@ -38,7 +38,9 @@ impl TextMasking {
         special.dedup();
         let bad = |m: String| Err(TrainError::Config(m));
         if let Some(&s) = special.iter().find(|&&s| s >= vocab) {
-            return bad(format!("special text token {s} is not below the text vocabulary {vocab}"));
+            return bad(format!(
+                "special text token {s} is not below the text vocabulary {vocab}"
+            ));
         }
         for (what, id) in [("mask", mask_id), ("padding", pad_id)] {
             if special.binary_search(&id).is_err() {
@@ -197,7 +199,11 @@ mod tests {
                     same += 1;
                 } else {
                     random += 1;
-                    assert!(!m.is_special(t.input[i]), "random replacement {} is special", t.input[i]);
+                    assert!(
+                        !m.is_special(t.input[i]),
+                        "random replacement {} is special",
+                        t.input[i]
+                    );
                 }
             }
         }
@@ -207,8 +213,16 @@ mod tests {
         assert!((share(masked) - 0.8).abs() < 0.01, "mask share {}", share(masked));
         // A random replacement equal to the original counts as unchanged: 1/95 of the random 10%.
         let expect_same = 0.1 + 0.1 / 95.0;
-        assert!((share(same) - expect_same).abs() < 0.01, "unchanged share {}", share(same));
-        assert!((share(random) - (0.1 - 0.1 / 95.0)).abs() < 0.01, "random share {}", share(random));
+        assert!(
+            (share(same) - expect_same).abs() < 0.01,
+            "unchanged share {}",
+            share(same)
+        );
+        assert!(
+            (share(random) - (0.1 - 0.1 / 95.0)).abs() < 0.01,
+            "random share {}",
+            share(random)
+        );
     }
 
     #[test]
@@ -242,7 +256,9 @@ mod tests {
     fn settings_are_checked() {
         assert!(TextMasking::new(100, 4, 0, [0, 1]).is_err());
         assert!(TextMasking::new(100, 4, 0, [0, 4, 100]).is_err());
-        let ids = [("[PAD]".to_string(), 0u32), ("[UNK]".to_string(), 1)].into_iter().collect();
+        let ids = [("[PAD]".to_string(), 0u32), ("[UNK]".to_string(), 1)]
+            .into_iter()
+            .collect();
         let e = TextMasking::from_special_ids(100, &ids).expect_err("no mask token");
         assert_eq!(
             e.to_string(),

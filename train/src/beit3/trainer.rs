@@ -328,7 +328,9 @@ fn validate(config: &Beit3TrainConfig) -> Result<()> {
     config.optim.validate()?;
     config.objective.validate()?;
     if config.steps == 0 || config.accum == 0 || config.stream.batch_size == 0 {
-        return Err(TrainError::Config("steps, accum and batch size must be positive".into()));
+        return Err(TrainError::Config(
+            "steps, accum and batch size must be positive".into(),
+        ));
     }
     if config.stream.world_size != 1 {
         return Err(TrainError::Config(format!(
@@ -364,7 +366,10 @@ fn restore(
     if state.config != *config {
         return Err(TrainError::Checkpoint {
             path: ckpt,
-            reason: format!("written by a run with other settings: {}", config_diff(&state.config, config)),
+            reason: format!(
+                "written by a run with other settings: {}",
+                config_diff(&state.config, config)
+            ),
         });
     }
     if state.dataset_fingerprint != dataset.index().build_fingerprint {
@@ -408,8 +413,13 @@ pub fn train_beit3(
         objective: config.objective.clone(),
         seed: config.seed,
     };
-    let (val, val_skipped) =
-        fixed_set(&dataset, Split::Val, &builder, config.stream.batch_size, options.eval_samples)?;
+    let (val, val_skipped) = fixed_set(
+        &dataset,
+        Split::Val,
+        &builder,
+        config.stream.batch_size,
+        options.eval_samples,
+    )?;
     observer(&Beit3Event::Started {
         step,
         until,
