@@ -32,6 +32,7 @@ mod prepare;
 mod rng;
 mod run;
 mod sources;
+mod texts;
 mod validate;
 
 pub use captions::{CsvHeader, JoinOn};
@@ -50,4 +51,5 @@ pub use run::{
     MANIFEST_VERSION,
 };
 pub use sources::{Locator, ParquetColumns, SourceKind};
+pub use texts::{read_texts_file, TextOptions, TextRow, TEXTS_FILE};
 pub use validate::{validate_bytes, ImageInfo, Reason, Rejection, ValidationLimits};

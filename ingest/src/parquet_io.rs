@@ -81,7 +81,7 @@ pub struct RejectRow {
     pub message: String,
 }
 
-fn write_df(path: &Path, df: &mut DataFrame) -> Result<()> {
+pub(crate) fn write_df(path: &Path, df: &mut DataFrame) -> Result<()> {
     let tmp = temp_sibling(path);
     {
         let f = File::create(&tmp).at(&tmp)?;

@@ -17,6 +17,7 @@ use crate::fsutil::write_atomic;
 use crate::parquet_io::{self, ManifestRow, RejectRow, Split};
 use crate::rng::mix64;
 use crate::sources::{self, Item, Locator, ParquetColumns, Source, SourceKind};
+use crate::texts::{read_texts, write_texts, TextOptions, TEXTS_FILE};
 use crate::validate::{hex, validate_hashed, ImageInfo, Reason, Rejection, ValidationLimits};
 
 /// Version of the manifest layout.
@@ -38,6 +39,11 @@ pub enum LabelMode {
 pub struct IngestConfig {
     images: Vec<PathBuf>,
     captions: Vec<PathBuf>,
+    /// Text-only corpora (`--texts`).
+    #[serde(default)]
+    texts: Vec<PathBuf>,
+    #[serde(default)]
+    text_options: TextOptions,
     val_fraction: f64,
     seed: u64,
     labels: LabelMode,
@@ -60,6 +66,8 @@ impl IngestConfig {
         Ok(IngestConfig {
             images,
             captions: Vec::new(),
+            texts: Vec::new(),
+            text_options: TextOptions::default(),
             val_fraction: 0.05,
             seed: 0,
             labels: LabelMode::default(),
@@ -69,6 +77,27 @@ impl IngestConfig {
             limits: ValidationLimits::default(),
             parquet: ParquetColumns::default(),
         })
+    }
+
+    /// A run over image sources and text-only corpora (either may be empty, not both).
+    pub fn try_new_with_texts(images: Vec<PathBuf>, texts: Vec<PathBuf>, options: TextOptions) -> Result<Self> {
+        if images.is_empty() && texts.is_empty() {
+            return Err(Error::Config {
+                option: "--images".into(),
+                reason: "at least one image source (--images) or text corpus (--texts) is required".into(),
+            });
+        }
+        if options.max_bytes == 0 {
+            return Err(Error::Config {
+                option: "--max-text-bytes".into(),
+                reason: "must be positive".into(),
+            });
+        }
+        let mut config = IngestConfig::try_new(vec![PathBuf::new()])?;
+        config.images = images;
+        config.texts = texts;
+        config.text_options = options;
+        Ok(config)
     }
 
     /// Caption sets to join.
@@ -159,6 +188,9 @@ pub struct IngestCounts {
     pub hidden_skipped: u64,
     /// Number of classes (0 without labels).
     pub classes: u64,
+    /// Accepted text-only documents (also counted in `accepted`).
+    #[serde(default)]
+    pub texts: u64,
 }
 
 /// What an ingest run did.
@@ -195,6 +227,7 @@ struct IngestRecord<'a> {
     config: &'a IngestConfig,
     sources: Vec<SourceRecord>,
     captions: Vec<CaptionRecord>,
+    texts: Vec<CaptionRecord>,
     fingerprint: &'a str,
     counts: &'a IngestCounts,
     timing: serde_json::Value,
@@ -452,10 +485,33 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
             entries: set.entries.len() as u64,
         });
     }
+    // Text-only corpora.
+    let text_ingest = read_texts(&config.texts, &config.text_options, &|source, key| {
+        split_of(config.seed, &format!("text\0{source}\0{key}"), config.val_fraction)
+    })?;
+    rejects.extend(text_ingest.rejects);
+    let mut text_records = Vec::new();
+    for path in &config.texts {
+        let bytes = fs::read(path).at(path)?;
+        text_records.push(CaptionRecord {
+            path: path.display().to_string(),
+            sha256: hex(&Sha256::digest(&bytes)),
+            entries: text_ingest
+                .rows
+                .iter()
+                .filter(|r| r.source == path.display().to_string())
+                .count() as u64,
+        });
+    }
+    let text_rows = text_ingest.rows;
     rows.sort_by_key(|r| r.sample_id);
     rejects.sort();
 
-    counts.accepted = rows.len() as u64;
+    counts.texts = text_rows.len() as u64;
+    for r in &text_rows {
+        *counts.splits.entry(r.split.as_str().to_string()).or_default() += 1;
+    }
+    counts.accepted = (rows.len() + text_rows.len()) as u64;
     counts.rejected = rejects.len() as u64;
     counts.seen = counts.accepted + counts.rejected;
     for r in &rejects {
@@ -465,7 +521,7 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
         *counts.splits.entry(r.split.as_str().to_string()).or_default() += 1;
     }
 
-    for c in &caption_records {
+    for c in caption_records.iter().chain(&text_records) {
         fp.update(c.sha256.as_bytes());
     }
     let fingerprint = hex(&fp.finalize());
@@ -477,6 +533,11 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
     let _ = fs::remove_file(out.join("ingest.json"));
     parquet_io::write_samples(&out.join("samples.parquet"), &rows)?;
     parquet_io::write_rejects(&out.join("rejects.parquet"), &rejects)?;
+    if text_rows.is_empty() {
+        let _ = fs::remove_file(out.join(TEXTS_FILE));
+    } else {
+        write_texts(&out.join(TEXTS_FILE), &text_rows)?;
+    }
     let classes_json = serde_json::to_vec_pretty(&classes).map_err(json_err(out))?;
     write_atomic(&out.join("classes.json"), &classes_json)?;
     let wall_seconds = started.elapsed().as_secs_f64();
@@ -489,6 +550,7 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
         config,
         sources: source_records,
         captions: caption_records,
+        texts: text_records,
         fingerprint: &fingerprint,
         counts: &counts,
         timing: serde_json::json!({ "wall_seconds": wall_seconds }),
@@ -516,6 +578,8 @@ pub struct Manifest {
     pub rows: Vec<ManifestRow>,
     /// Class name → index (empty without labels).
     pub classes: BTreeMap<String, i32>,
+    /// Text-only documents (`texts.parquet`), in source order.
+    pub texts: Vec<crate::texts::TextRow>,
     /// The ingest fingerprint.
     pub fingerprint: String,
 }
@@ -571,6 +635,7 @@ impl Manifest {
         Ok(Manifest {
             rows,
             classes,
+            texts: crate::texts::read_texts_file(&dir.join(TEXTS_FILE))?,
             fingerprint: record
                 .get("fingerprint")
                 .and_then(|f| f.as_str())

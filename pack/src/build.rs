@@ -317,7 +317,7 @@ impl Drop for ShardSink<'_> {
 impl ShardSink<'_> {
     fn push(&mut self, batch: Vec<TokenRecord>) -> Result<()> {
         if self.config.include_pixels {
-            if let Some(r) = batch.iter().find(|r| r.pixels.is_none()) {
+            if let Some(r) = batch.iter().find(|r| r.pixels.is_none() && !r.views.is_empty()) {
                 return Err(PackError::InvalidRecord {
                     sample_id: r.sample_id,
                     reason: "its token part holds no pixels, and --include-pixels needs them: make the token parts \

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::error::{PackError, Result};
 use crate::index::{DatasetIndex, ShardEntry};
 use crate::order::{view_for, EpochOrder, Partition, Shuffle, StreamState};
-use crate::record::{Split, SplitCounts, TokenRecord, TokenizerInfo};
+use crate::record::{SampleKind, Split, SplitCounts, TokenRecord, TokenizerInfo};
 use crate::shard::{Expect, ShardFile};
 
 type ShardSlot = OnceLock<std::result::Result<Arc<ShardFile>, (Option<usize>, String)>>;
@@ -75,6 +75,9 @@ pub struct Sample {
     pub split: Split,
     /// The working image bytes, if the dataset includes pixels.
     pub pixels: Option<Vec<u8>>,
+    /// Image, text or pair. A text sample has no view: `tokens` is empty, `crop` zero, `view` 0, and its text is
+    /// its one caption.
+    pub kind: SampleKind,
 }
 
 /// How a [`SampleStream`] reads an epoch.
@@ -332,7 +335,7 @@ impl Dataset {
                             for r in 0..v.rows() {
                                 counts.add(v.split(r));
                                 ids.push(v.sample_id(r));
-                                if want_pixels && !v.has_pixels(r) {
+                                if want_pixels && !v.is_text(r) && !v.has_pixels(r) {
                                     no_pixels.push(v.sample_id(r));
                                 }
                             }
@@ -394,7 +397,7 @@ impl Dataset {
                 let (mut per_sample, mut lengths) = (Vec::new(), Vec::new());
                 for b in 0..shard.num_batches() {
                     shard.with_batch(b, |v| {
-                        for &t in v.all_tokens() {
+                        for t in v.image_tokens() {
                             hist[usize::from(t)] += 1;
                         }
                         for r in 0..v.rows() {
@@ -427,7 +430,7 @@ impl Dataset {
         let index = self.index();
         let bytes = index.bytes();
         let n = index.len();
-        let token_bytes = n * info.views() as u64 * info.tokens_per_view() as u64 * 2;
+        let token_bytes = total * 2;
         Ok(DatasetStats {
             shards: index.shards.len(),
             batches: index.shards.iter().map(|s| s.batches).sum(),
@@ -619,8 +622,20 @@ impl Worker {
                                 });
                             }
                             let sample_id = v.sample_id(r);
-                            let view = view_for(self.options.seed, self.epoch, sample_id, k);
-                            let vr = v.view(r, view as usize);
+                            let kind = v.kind(r);
+                            let (view, vr) = if kind == SampleKind::Text {
+                                (
+                                    0,
+                                    crate::record::ViewRecord {
+                                        crop: [0; 4],
+                                        flip: false,
+                                        tokens: Vec::new(),
+                                    },
+                                )
+                            } else {
+                                let view = view_for(self.options.seed, self.epoch, sample_id, k);
+                                (view, v.view(r, view as usize))
+                            };
                             slots[i] = Some(Slot::Sample(Box::new(Sample {
                                 position: chunk[i],
                                 index: idx,
@@ -633,6 +648,7 @@ impl Worker {
                                 label: v.label(r),
                                 split: v.split(r),
                                 pixels: v.pixels(r),
+                                kind,
                             })));
                         }
                         Ok(())

@@ -108,9 +108,9 @@ impl DatasetIndex {
             path: path.clone(),
             reason,
         };
-        if index.format_version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&index.format_version) {
             return Err(invalid(format!(
-                "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                "format_version {} is not supported (this build reads 1 to {FORMAT_VERSION})",
                 index.format_version
             )));
         }

@@ -79,5 +79,5 @@ pub use part::{
     part_file_name, read_part, PartEntry, PartReader, PartWriter, TokensManifest, PARTS_FORMAT_VERSION,
     PART_METADATA_KEY, TOKENS_MANIFEST_FILE,
 };
-pub use record::{Split, SplitCounts, TokenRecord, TokenizerInfo, ViewRecord};
+pub use record::{SampleKind, Split, SplitCounts, TokenRecord, TokenizerInfo, ViewRecord};
 pub use shard::{read_shard_bytes, shard_file_name, shard_schema, FORMAT_VERSION, META_FORMAT_VERSION, META_TOKENIZER};

@@ -63,7 +63,51 @@ impl std::fmt::Display for Split {
     }
 }
 
-/// Everything the tokenize stage produced for one sample: one row of a token part and of a shard.
+/// The three kinds of sample a dataset holds. Stored in shards (format 2) as a `u8` code: image = 0, text = 1,
+/// pair = 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleKind {
+    /// An image without a caption.
+    Image,
+    /// A text without an image (a segment of a text-only document).
+    Text,
+    /// An image with one or more captions.
+    Pair,
+}
+
+impl SampleKind {
+    /// The `u8` code stored in shards.
+    pub fn code(self) -> u8 {
+        match self {
+            SampleKind::Image => 0,
+            SampleKind::Text => 1,
+            SampleKind::Pair => 2,
+        }
+    }
+
+    /// The kind for a stored code, if valid.
+    pub fn from_code(code: u8) -> Option<SampleKind> {
+        match code {
+            0 => Some(SampleKind::Image),
+            1 => Some(SampleKind::Text),
+            2 => Some(SampleKind::Pair),
+            _ => None,
+        }
+    }
+
+    /// `"image"`, `"text"` or `"pair"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SampleKind::Image => "image",
+            SampleKind::Text => "text",
+            SampleKind::Pair => "pair",
+        }
+    }
+}
+
+/// Everything the tokenize stage produced for one sample: one row of a token part and of a shard. A text sample
+/// has no views and exactly one caption (its text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
     /// The sample's id (unique in the dataset; from the manifest).
@@ -78,6 +122,17 @@ pub struct TokenRecord {
     pub split: Split,
     /// The working image (JPEG bytes), if the tokenize stage kept it.
     pub pixels: Option<Vec<u8>>,
+}
+
+impl TokenRecord {
+    /// Text when it has no views, pair when it has views and captions, image otherwise.
+    pub fn kind(&self) -> SampleKind {
+        match (self.views.is_empty(), self.captions.is_empty()) {
+            (true, _) => SampleKind::Text,
+            (false, true) => SampleKind::Image,
+            (false, false) => SampleKind::Pair,
+        }
+    }
 }
 
 /// Counts per split.
@@ -192,7 +247,16 @@ impl TokenizerInfo {
                 reason,
             })
         };
-        if r.views.len() != self.views() {
+        if r.views.is_empty() {
+            if r.captions.len() != 1 || r.captions[0].is_empty() || r.pixels.is_some() {
+                return bad(
+                    "is a text sample (no views) but does not have exactly one non-empty text and no pixels".into(),
+                );
+            }
+            if self.text_vocab_size.is_none() {
+                return bad("is a text sample, but the tokenizer info has no text vocabulary".into());
+            }
+        } else if r.views.len() != self.views() {
             return bad(format!(
                 "has {} views, the tokenizer info says {}",
                 r.views.len(),

@@ -33,11 +33,11 @@ use arrow::ipc::{Block, CompressionType, MetadataVersion};
 use crate::error::{io_err, PackError, Result};
 use crate::index::ShardEntry;
 use crate::part::column;
-use crate::record::{Split, TokenRecord, TokenizerInfo, ViewRecord};
+use crate::record::{SampleKind, Split, TokenRecord, TokenizerInfo, ViewRecord};
 use crate::util::{self, HashingWriter};
 
 /// Version of the shard and index format written by this build (`imglish.format_version`).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Schema metadata key of the format version.
 pub const META_FORMAT_VERSION: &str = "imglish.format_version";
 /// Schema metadata key of the [`TokenizerInfo`] JSON.
@@ -69,14 +69,33 @@ fn fixed(n: usize) -> i32 {
 
 /// The exact schema (fields and metadata) of a shard for this tokenizer.
 pub fn shard_schema(info: &TokenizerInfo, include_pixels: bool) -> Schema {
+    shard_schema_version(info, include_pixels, FORMAT_VERSION)
+}
+
+/// The schema of a shard of format `version` (1: no `kind` column, views never null; 2: `kind`, and the view
+/// columns are null on text rows).
+pub(crate) fn shard_schema_version(info: &TokenizerInfo, include_pixels: bool, version: u32) -> Schema {
     let (k, g) = (fixed(info.views()), fixed(info.tokens_per_view()));
+    let views_nullable = version >= 2;
     let view_tokens = DataType::FixedSizeList(item(DataType::UInt16), g);
     let view_crop = DataType::FixedSizeList(item(DataType::UInt32), 4);
     let mut fields = vec![
         Field::new("sample_id", DataType::UInt64, false),
-        Field::new("tokens", DataType::FixedSizeList(view_field(view_tokens), k), false),
-        Field::new("crops", DataType::FixedSizeList(view_field(view_crop), k), false),
-        Field::new("flips", DataType::FixedSizeList(item(DataType::Boolean), k), false),
+        Field::new(
+            "tokens",
+            DataType::FixedSizeList(view_field(view_tokens), k),
+            views_nullable,
+        ),
+        Field::new(
+            "crops",
+            DataType::FixedSizeList(view_field(view_crop), k),
+            views_nullable,
+        ),
+        Field::new(
+            "flips",
+            DataType::FixedSizeList(item(DataType::Boolean), k),
+            views_nullable,
+        ),
         Field::new(
             "captions",
             DataType::List(item(DataType::List(item(DataType::UInt32)))),
@@ -85,11 +104,14 @@ pub fn shard_schema(info: &TokenizerInfo, include_pixels: bool) -> Schema {
         Field::new("label", DataType::Int32, true),
         Field::new("split", DataType::UInt8, false),
     ];
+    if version >= 2 {
+        fields.push(Field::new("kind", DataType::UInt8, false));
+    }
     if include_pixels {
         fields.push(Field::new("pixels", DataType::Binary, true));
     }
-    let metadata: std::collections::HashMap<String, String> = [
-        (META_FORMAT_VERSION, FORMAT_VERSION.to_string()),
+    let mut metadata: std::collections::HashMap<String, String> = [
+        (META_FORMAT_VERSION, version.to_string()),
         (META_TOKENIZER, json(info)),
         ("imglish.tokenizer_fingerprint", info.fingerprint.clone()),
         ("imglish.grid", format!("{}x{}", info.grid[0], info.grid[1])),
@@ -105,6 +127,12 @@ pub fn shard_schema(info: &TokenizerInfo, include_pixels: bool) -> Schema {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if version >= 2 {
+        metadata.insert(
+            "imglish.kind_codes".into(),
+            r#"{"0":"image","1":"text","2":"pair"}"#.to_string(),
+        );
+    }
     Schema::new_with_metadata(fields, metadata)
 }
 
@@ -116,6 +144,20 @@ fn fsl(values: ArrayRef, item_field: FieldRef, size: usize) -> std::result::Resu
     FixedSizeListArray::try_new(item_field, fixed(size), values, None).map_err(|e| e.to_string())
 }
 
+/// A per-row list of the `K` views, null on text rows.
+fn fsl_rows(
+    values: ArrayRef,
+    item_field: FieldRef,
+    size: usize,
+    valid: &[bool],
+) -> std::result::Result<FixedSizeListArray, String> {
+    let nulls = valid
+        .iter()
+        .any(|v| !v)
+        .then(|| arrow::buffer::NullBuffer::from(valid.to_vec()));
+    FixedSizeListArray::try_new(item_field, fixed(size), values, nulls).map_err(|e| e.to_string())
+}
+
 /// Builds one record batch of a shard. Records must already be checked against `info`.
 pub(crate) fn records_to_batch(
     schema: &SchemaRef,
@@ -123,7 +165,21 @@ pub(crate) fn records_to_batch(
     records: &[TokenRecord],
 ) -> std::result::Result<RecordBatch, String> {
     let (k, g) = (info.views(), info.tokens_per_view());
-    let (tokens, crops, flips) = crate::record::flatten_views(records);
+    // Text rows have no views: their slots hold zeros under a null entry.
+    let (mut tokens, mut crops, mut flips) = (Vec::new(), Vec::new(), Vec::new());
+    for r in records {
+        if r.views.is_empty() {
+            tokens.resize(tokens.len() + k * g, 0u16);
+            crops.resize(crops.len() + k * 4, 0u32);
+            flips.resize(flips.len() + k, false);
+        } else {
+            let (t, c, f) = crate::record::flatten_views(std::slice::from_ref(r));
+            tokens.extend(t);
+            crops.extend(c);
+            flips.extend(f);
+        }
+    }
+    let valid: Vec<bool> = records.iter().map(|r| !r.views.is_empty()).collect();
     let view_tokens = fsl(Arc::new(UInt16Array::from(tokens)), item(DataType::UInt16), g)?;
     let view_tokens_type = view_tokens.data_type().clone();
     let view_crops = fsl(Arc::new(UInt32Array::from(crops)), item(DataType::UInt32), 4)?;
@@ -146,13 +202,28 @@ pub(crate) fn records_to_batch(
     );
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(records.iter().map(|r| r.sample_id))),
-        Arc::new(fsl(Arc::new(view_tokens), view_field(view_tokens_type), k)?),
-        Arc::new(fsl(Arc::new(view_crops), view_field(view_crops_type), k)?),
-        Arc::new(fsl(Arc::new(BooleanArray::from(flips)), item(DataType::Boolean), k)?),
+        Arc::new(fsl_rows(
+            Arc::new(view_tokens),
+            view_field(view_tokens_type),
+            k,
+            &valid,
+        )?),
+        Arc::new(fsl_rows(Arc::new(view_crops), view_field(view_crops_type), k, &valid)?),
+        Arc::new(fsl_rows(
+            Arc::new(BooleanArray::from(flips)),
+            item(DataType::Boolean),
+            k,
+            &valid,
+        )?),
         Arc::new(captions),
         Arc::new(Int32Array::from_iter(records.iter().map(|r| r.label))),
         Arc::new(UInt8Array::from_iter_values(records.iter().map(|r| r.split.code()))),
     ];
+    if schema.field_with_name("kind").is_ok() {
+        columns.push(Arc::new(UInt8Array::from_iter_values(
+            records.iter().map(|r| r.kind().code()),
+        )));
+    }
     if schema.fields().len() > columns.len() {
         columns.push(Arc::new(BinaryArray::from_iter(
             records.iter().map(|r| r.pixels.as_deref()),
@@ -399,11 +470,12 @@ impl ShardFile {
         let schema =
             arrow::ipc::convert::try_fb_to_schema(fb_schema).map_err(|e| corrupt(format!("bad schema: {e}")))?;
         let md = schema.metadata();
-        match md.get(META_FORMAT_VERSION) {
-            Some(v) if v == &FORMAT_VERSION.to_string() => {}
+        let version = match md.get(META_FORMAT_VERSION) {
+            Some(v) if v == "1" => 1,
+            Some(v) if v == &FORMAT_VERSION.to_string() => FORMAT_VERSION,
             Some(v) => {
                 return Err(corrupt(format!(
-                    "{META_FORMAT_VERSION} is {v}, this build reads version {FORMAT_VERSION}"
+                    "{META_FORMAT_VERSION} is {v}, this build reads versions 1 to {FORMAT_VERSION}"
                 )))
             }
             None => {
@@ -411,7 +483,7 @@ impl ShardFile {
                     "no {META_FORMAT_VERSION} in the schema metadata (not an imglish shard)"
                 )))
             }
-        }
+        };
         let info: TokenizerInfo = md
             .get(META_TOKENIZER)
             .ok_or_else(|| corrupt(format!("no {META_TOKENIZER} in the schema metadata")))
@@ -428,7 +500,7 @@ impl ShardFile {
         let pixels = expect
             .include_pixels
             .unwrap_or_else(|| schema.fields().iter().any(|f| f.name() == "pixels"));
-        let expected_schema = shard_schema(&info, pixels);
+        let expected_schema = shard_schema_version(&info, pixels, version);
         if schema.fields() != expected_schema.fields() || schema.metadata() != expected_schema.metadata() {
             return Err(corrupt(format!(
                 "schema differs from the imglish shard schema: {schema}"
@@ -660,7 +732,30 @@ pub(crate) struct BatchView<'a> {
     caption_tokens: &'a [u32],
     labels: &'a Int32Array,
     splits: &'a [u8],
+    kinds: Vec<u8>,
     pixels: Option<&'a BinaryArray>,
+}
+
+/// The values of a per-row view list whose null rows must be exactly the text rows.
+fn view_values<'a, T: Array + 'static>(
+    a: &'a FixedSizeListArray,
+    text_rows: &[bool],
+    what: &str,
+) -> std::result::Result<&'a T, String> {
+    if a.values().null_count() > 0 {
+        return Err(format!("{what} has nulls inside a view"));
+    }
+    if let Some(row) = (0..a.len()).find(|&r| a.is_null(r) != text_rows[r]) {
+        return Err(format!(
+            "{what} of row {row} is {} although the row is {}a text sample",
+            if a.is_null(row) { "null" } else { "present" },
+            if text_rows[row] { "" } else { "not " }
+        ));
+    }
+    a.values()
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| format!("{what} has the wrong type"))
 }
 
 fn fsl_values<'a, T: Array + 'static>(a: &'a FixedSizeListArray, what: &str) -> std::result::Result<&'a T, String> {
@@ -681,12 +776,37 @@ impl<'a> BatchView<'a> {
     ) -> std::result::Result<BatchView<'a>, String> {
         let (k, g, rows) = (info.views(), info.tokens_per_view(), batch.num_rows());
         let ids = column::<UInt64Array>(batch, 0)?;
-        let tokens = fsl_values::<FixedSizeListArray>(column::<FixedSizeListArray>(batch, 1)?, "tokens")?;
-        let tokens = fsl_values::<UInt16Array>(tokens, "tokens")?.values();
-        let crops = fsl_values::<FixedSizeListArray>(column::<FixedSizeListArray>(batch, 2)?, "crops")?;
-        let crops = fsl_values::<UInt32Array>(crops, "crops")?.values();
-        let flips = fsl_values::<BooleanArray>(column::<FixedSizeListArray>(batch, 3)?, "flips")?;
         let captions = column::<ListArray>(batch, 4)?;
+        // Format 2 has a `kind` column after `split`; format 1 has none (every row with a view: image or pair).
+        let v2 = batch.schema().fields().iter().any(|f| f.name() == "kind");
+        let kinds: Vec<u8> = if v2 {
+            let kinds = column::<UInt8Array>(batch, 7)?.values();
+            if let Some(p) = kinds.iter().position(|&c| SampleKind::from_code(c).is_none()) {
+                return Err(format!("row {p} has kind code {}", kinds[p]));
+            }
+            kinds.to_vec()
+        } else {
+            let o = captions.value_offsets();
+            (0..rows)
+                .map(|r| {
+                    if o[r + 1] > o[r] {
+                        SampleKind::Pair
+                    } else {
+                        SampleKind::Image
+                    }
+                    .code()
+                })
+                .collect()
+        };
+        if kinds.len() != rows {
+            return Err("column lengths do not match the row count".into());
+        }
+        let text_rows: Vec<bool> = kinds.iter().map(|&c| c == SampleKind::Text.code()).collect();
+        let tokens = view_values::<FixedSizeListArray>(column::<FixedSizeListArray>(batch, 1)?, &text_rows, "tokens")?;
+        let tokens = fsl_values::<UInt16Array>(tokens, "tokens")?.values();
+        let crops = view_values::<FixedSizeListArray>(column::<FixedSizeListArray>(batch, 2)?, &text_rows, "crops")?;
+        let crops = fsl_values::<UInt32Array>(crops, "crops")?.values();
+        let flips = view_values::<BooleanArray>(column::<FixedSizeListArray>(batch, 3)?, &text_rows, "flips")?;
         let inner = captions
             .values()
             .as_any()
@@ -702,12 +822,22 @@ impl<'a> BatchView<'a> {
         }
         let labels = column::<Int32Array>(batch, 5)?;
         let splits = column::<UInt8Array>(batch, 6)?.values();
+        let pixel_column = if v2 { 8 } else { 7 };
         let pixels = match batch.num_columns() {
-            8 => Some(column::<BinaryArray>(batch, 7)?),
+            n if n == pixel_column + 1 => Some(column::<BinaryArray>(batch, pixel_column)?),
             _ => None,
         };
         if ids.len() != rows || tokens.len() != rows * k * g || crops.len() != rows * k * 4 || flips.len() != rows * k {
             return Err("column lengths do not match the row count".into());
+        }
+        for (row, _) in text_rows.iter().enumerate().filter(|(_, &t)| t) {
+            let o = captions.value_offsets();
+            if o[row + 1] - o[row] != 1 {
+                return Err(format!(
+                    "row {row} is a text sample with {} texts, not 1",
+                    o[row + 1] - o[row]
+                ));
+            }
         }
         if info.vocab_size < 1 << 16 {
             if let Some(p) = tokens.iter().position(|&t| u32::from(t) >= info.vocab_size) {
@@ -747,8 +877,25 @@ impl<'a> BatchView<'a> {
             caption_tokens: caption_tokens.values(),
             labels,
             splits,
+            kinds,
             pixels,
         })
+    }
+
+    pub(crate) fn kind(&self, row: usize) -> SampleKind {
+        SampleKind::from_code(self.kinds[row]).unwrap_or(SampleKind::Image)
+    }
+
+    pub(crate) fn is_text(&self, row: usize) -> bool {
+        self.kind(row) == SampleKind::Text
+    }
+
+    /// The visual tokens of every view of the rows that have views.
+    pub(crate) fn image_tokens(&self) -> impl Iterator<Item = u16> + '_ {
+        let per_row = self.k * self.g;
+        (0..self.rows)
+            .filter(|&r| !self.is_text(r))
+            .flat_map(move |r| self.tokens[r * per_row..(r + 1) * per_row].iter().copied())
     }
 
     pub(crate) fn rows(&self) -> usize {
@@ -805,14 +952,14 @@ impl<'a> BatchView<'a> {
         self.pixels.and_then(|p| p.is_valid(row).then(|| p.value(row).to_vec()))
     }
 
-    pub(crate) fn all_tokens(&self) -> &'a [u16] {
-        self.tokens
-    }
-
     pub(crate) fn record(&self, row: usize) -> TokenRecord {
         TokenRecord {
             sample_id: self.sample_id(row),
-            views: (0..self.k).map(|v| self.view(row, v)).collect(),
+            views: if self.is_text(row) {
+                Vec::new()
+            } else {
+                (0..self.k).map(|v| self.view(row, v)).collect()
+            },
             captions: self.captions(row),
             label: self.label(row),
             split: self.split(row),
@@ -832,4 +979,50 @@ pub fn read_shard_bytes(bytes: &[u8]) -> Result<(TokenizerInfo, Vec<TokenRecord>
         shard.with_batch(i, |v| records.extend((0..v.rows()).map(|r| v.record(r))))?;
     }
     Ok((shard.info().clone(), records))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dataset of format 1 (no `kind` column, views never null) stays readable: rows with captions are pairs,
+    /// the others images.
+    #[test]
+    fn format_1_shards_stay_readable() {
+        let info = TokenizerInfo {
+            fingerprint: "ab".repeat(32),
+            card: serde_json::json!({}),
+            grid: [2, 2],
+            vocab_size: 50,
+            text_vocab_size: Some(100),
+            text_special_ids: Default::default(),
+            views_per_sample: 1,
+        };
+        let records: Vec<TokenRecord> = (0..6u64)
+            .map(|id| TokenRecord {
+                sample_id: id,
+                views: vec![ViewRecord {
+                    crop: [0, 0, 8, 8],
+                    flip: false,
+                    tokens: vec![id as u16; 4],
+                }],
+                captions: if id % 2 == 0 { vec![vec![3, 4]] } else { vec![] },
+                label: None,
+                split: Split::Train,
+                pixels: None,
+            })
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schema = Arc::new(shard_schema_version(&info, false, 1));
+        let mut w = ShardWriter::create(dir.path(), "shard-00000.arrow".into(), schema, &info, Split::Train, 1)
+            .expect("writer");
+        w.write(&records).expect("write");
+        w.finish().expect("finish");
+        let bytes = std::fs::read(dir.path().join("shard-00000.arrow")).expect("read");
+        let (back_info, back) = read_shard_bytes(&bytes).expect("a format 1 shard reads");
+        assert_eq!(back_info, info);
+        assert_eq!(back, records);
+        let kinds: Vec<SampleKind> = back.iter().map(TokenRecord::kind).collect();
+        assert_eq!(kinds[..2], [SampleKind::Pair, SampleKind::Image]);
+    }
 }

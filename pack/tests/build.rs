@@ -144,7 +144,7 @@ fn build_fingerprint_covers_inputs_config_and_manifest() {
     let work = tempfile::tempdir().expect("tempdir");
     let info = info(1, [2, 2], 64);
     let tokens = work.path().join("tokens");
-    write_parts(&tokens, &info, &(0..50).collect::<Vec<_>>(), 50, false);
+    write_parts(&tokens, &info, &(0..50).collect::<Vec<_>>(), 50, true);
     let manifest = work.path().join("manifest");
     std::fs::create_dir_all(&manifest).expect("mkdir");
     std::fs::write(manifest.join("ingest.json"), r#"{"fingerprint": "abc", "other": 1}"#).expect("write");
@@ -190,7 +190,7 @@ fn an_interrupted_build_resumes_keeping_verified_shards() {
     let work = tempfile::tempdir().expect("tempdir");
     let info = info(2, [4, 4], 1024);
     let tokens = work.path().join("tokens");
-    write_parts(&tokens, &info, &(0..600).collect::<Vec<_>>(), 100, false);
+    write_parts(&tokens, &info, &(0..600).collect::<Vec<_>>(), 100, true);
     let cfg = config(Some(2));
     let out = work.path().join("ds");
     pack_dataset(&tokens, None, &out, &cfg, &|_| {}).expect("pack");
@@ -228,14 +228,14 @@ fn shards_are_plain_arrow_ipc_files_readable_without_imglish() {
     let work = tempfile::tempdir().expect("tempdir");
     let info = info(2, [3, 4], 512);
     let tokens = work.path().join("tokens");
-    write_parts(&tokens, &info, &(0..100).collect::<Vec<_>>(), 100, false);
+    write_parts(&tokens, &info, &(0..100).collect::<Vec<_>>(), 100, true);
     let out = work.path().join("ds");
     pack_dataset(&tokens, None, &out, &config(None), &|_| {}).expect("pack");
     let mut seen = BTreeMap::new();
     for path in shard_paths(&out) {
         let reader = FileReader::try_new(std::fs::File::open(&path).expect("open"), None).expect("arrow reader");
         let schema = reader.schema();
-        assert_eq!(schema.metadata()["imglish.format_version"], "1");
+        assert_eq!(schema.metadata()["imglish.format_version"], "2");
         assert_eq!(schema.metadata()["imglish.grid"], "3x4");
         assert_eq!(schema.metadata()["imglish.views_per_sample"], "2");
         for batch in reader {

@@ -367,7 +367,7 @@ fn a_bad_index_is_refused() {
     assert_eq!(
         e.to_string(),
         format!(
-            "{}: format_version 99 is not supported (this build reads 1)",
+            "{}: format_version 99 is not supported (this build reads 1 to 2)",
             path.display()
         )
     );

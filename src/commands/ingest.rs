@@ -2,15 +2,35 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use imglish_ingest::{ingest, CsvHeader, IngestConfig, JoinOn, LabelMode, ParquetColumns, ValidationLimits};
+use imglish_ingest::{
+    ingest, CsvHeader, IngestConfig, JoinOn, LabelMode, ParquetColumns, TextOptions, ValidationLimits,
+};
 
 use crate::output::Output;
 
 #[derive(Debug, Args)]
 pub struct IngestArgs {
     /// Image sources: directories (recursive), WebDataset tar shards, Parquet files with image bytes.
-    #[arg(long, required = true, num_args = 1.., value_name = "SRC")]
+    #[arg(long, num_args = 1.., value_name = "SRC", required_unless_present = "texts")]
     pub images: Vec<PathBuf>,
+
+    /// Text-only corpora: plain text (one document per line), .jsonl (see --text-field), .parquet (see
+    /// --text-column). Documents go to texts.parquet; empty, oversized, non-UTF-8 and duplicate ones are rejects.
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    pub texts: Vec<PathBuf>,
+
+    /// The JSONL field holding each document.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+
+    /// The Parquet column holding each document.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+
+    /// Reject documents longer than this many bytes (long documents within it are cut into segments at
+    /// tokenize time, not dropped).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_text_bytes: usize,
 
     /// Caption sets: COCO captions .json, .jsonl, .csv, .tsv, .parquet.
     #[arg(long, num_args = 1.., value_name = "FILE")]
@@ -104,7 +124,12 @@ pub enum Header {
 }
 
 pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
-    let config = IngestConfig::try_new(args.images.clone())?
+    let texts = TextOptions {
+        field: args.text_field.clone(),
+        column: args.text_column.clone(),
+        max_bytes: args.max_text_bytes,
+    };
+    let config = IngestConfig::try_new_with_texts(args.images.clone(), args.texts.clone(), texts)?
         .with_captions(args.captions.clone())
         .try_with_val_fraction(args.val_fraction)?
         .with_seed(args.seed)
@@ -141,11 +166,12 @@ pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
     let c = &summary.counts;
     let reasons: Vec<String> = c.by_reason.iter().map(|(r, n)| format!("{r}: {n}")).collect();
     let text = format!(
-        "ingest: {} seen, {} accepted ({} train, {} val), {} rejected{}\n  {} images without captions, {} caption entries without images, {} classes\n  manifest: {} ({:.1}s, {:.0} images/s)",
+        "ingest: {} seen, {} accepted ({} train, {} val{}), {} rejected{}\n  {} images without captions, {} caption entries without images, {} classes\n  manifest: {} ({:.1}s, {:.0} items/s)",
         c.seen,
         c.accepted,
         c.splits.get("train").copied().unwrap_or(0),
         c.splits.get("val").copied().unwrap_or(0),
+        if c.texts > 0 { format!("; {} text documents", c.texts) } else { String::new() },
         c.rejected,
         if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
         c.images_without_captions,

@@ -121,10 +121,21 @@ pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<
     })?;
     bar.finish_and_clear();
     let text = format!(
-        "tokenize: {} images ({} views) tokenized, {} rejected; parts: {} written, {} already done, {} pending\n  {:.1} images/s on {}; model busy {:.0}% of the time, waiting for data {:.0}%\n  {}",
+        "tokenize: {} images ({} views) tokenized, {} rejected{}; parts: {} written, {} already done, {} pending\n  {:.1} images/s on {}; model busy {:.0}% of the time, waiting for data {:.0}%\n  {}",
         s.images,
         s.views,
         s.rejected,
+        if s.texts > 0 {
+            format!(
+                "; {} text documents in {} text samples ({} documents longer than --max-text-len cut into \
+                 consecutive segments, none dropped)",
+                s.texts,
+                s.text_segments,
+                s.texts_cut
+            )
+        } else {
+            String::new()
+        },
         s.parts_written,
         s.parts_skipped,
         s.parts_pending,

@@ -177,12 +177,22 @@ fn fit_text(a: &FitTextArgs, out: &Output) -> anyhow::Result<()> {
         .iter()
         .filter(|r| r.split == imglish_ingest::Split::Train)
         .flat_map(|r| r.captions.iter().cloned())
+        .chain(
+            manifest
+                .texts
+                .iter()
+                .filter(|t| t.split == imglish_ingest::Split::Train)
+                .map(|t| t.text.clone()),
+        )
         .collect();
     anyhow::ensure!(
         !captions.is_empty(),
-        "{}: the train split has no captions",
+        "{}: the train split has no captions and no text documents",
         a.manifest.display()
     );
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let model = match a.model {
         Model::Bpe => TextModel::Bpe,
         Model::Wordpiece => TextModel::Wordpiece,
@@ -191,7 +201,7 @@ fn fit_text(a: &FitTextArgs, out: &Output) -> anyhow::Result<()> {
     fit_text_tokenizer(&captions, model, a.vocab_size, &a.out)?;
     let tok = imglish_tokenizer::TextTokenizer::load(&a.out, 64)?;
     let text = format!(
-        "tokenizer fit-text: {:?} with {} tokens on {} captions -> {}",
+        "tokenizer fit-text: {:?} with {} tokens on {} captions and texts -> {}",
         model,
         tok.vocab_size(),
         captions.len(),

@@ -146,6 +146,28 @@ impl TextTokenizer {
     }
 }
 
+impl TextTokenizer {
+    /// Token ids of a document of any length, cut into consecutive segments of at most `max_len` ids each: the
+    /// special tokens the tokenizer puts around a text (e.g. `[BOS] ... [EOS]`) wrap every segment, and no
+    /// token is dropped.
+    pub fn encode_segments(&self, text: &str) -> Result<Vec<Vec<u32>>> {
+        let enc = self.inner.encode(text, true).map_err(|e| Error::Model {
+            model: "text tokenizer".into(),
+            reason: format!("cannot encode a document of {} bytes: {e}", text.len()),
+        })?;
+        let ids = enc.get_ids();
+        if ids.len() <= self.max_len {
+            return Ok(vec![ids.to_vec()]);
+        }
+        let special: std::collections::HashSet<u32> = self.special.values().copied().collect();
+        let head = ids.iter().take_while(|i| special.contains(i)).count();
+        let tail = ids[head..].iter().rev().take_while(|i| special.contains(i)).count();
+        let (prefix, body, suffix) = (&ids[..head], &ids[head..ids.len() - tail], &ids[ids.len() - tail..]);
+        let room = self.max_len.saturating_sub(head + tail).max(1);
+        Ok(body.chunks(room).map(|c| [prefix, c, suffix].concat()).collect())
+    }
+}
+
 /// Trains a text tokenizer on `captions` and writes it as `tokenizer.json` to `out`.
 pub fn fit_text_tokenizer(captions: &[String], model: TextModel, vocab_size: usize, out: &Path) -> Result<()> {
     let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();

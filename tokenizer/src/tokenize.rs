@@ -117,6 +117,12 @@ pub struct TokenizeSummary {
     pub wait_seconds: f64,
     /// `true` when every part is done and `tokenize.json` was written.
     pub complete: bool,
+    /// Text-only documents tokenized in this run.
+    pub texts: u64,
+    /// Text samples they gave (a document longer than the maximum text length is cut into several).
+    pub text_segments: u64,
+    /// Documents that were cut into more than one segment.
+    pub texts_cut: u64,
 }
 
 impl TokenizeSummary {
@@ -263,7 +269,22 @@ pub fn tokenize(
     });
     let run_fingerprint = crate::card::sha256_hex(run.to_string().as_bytes());
     let rows = &manifest.rows;
-    let n_parts = rows.len().div_ceil(config.part_samples).max(1);
+    let docs = &manifest.texts;
+    if !docs.is_empty() && text.is_none() {
+        return Err(Error::Model {
+            model: manifest_dir.display().to_string(),
+            reason: format!(
+                "the manifest has {} text documents (texts.parquet): tokenize them with --text-tokenizer",
+                docs.len()
+            ),
+        });
+    }
+    let n_parts = if rows.is_empty() && !docs.is_empty() {
+        0
+    } else {
+        rows.len().div_ceil(config.part_samples).max(1)
+    };
+    let n_text_parts = docs.len().div_ceil(config.part_samples);
     let mut summary = TokenizeSummary::default();
     let images_per_batch = config.batch_size.div_ceil(config.views as usize).max(1);
 
@@ -363,18 +384,26 @@ pub fn tokenize(
             },
         )?;
         let entry = writer.finish().map_err(|e| pack_err(&part_path, e))?;
-        let done = PartDone {
-            run: run_fingerprint.clone(),
-            entry,
-            rejects,
-        };
-        let bytes = serde_json::to_vec_pretty(&done).unwrap_or_default();
-        imglish_ingest::write_atomic(&done_path(out, n), &bytes).map_err(|e| Error::Model {
-            model: out.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        mark_done(out, n, &run_fingerprint, entry, rejects)?;
         summary.parts_written += 1;
     }
+    // Text-only documents: parts after the image parts, one text sample per segment.
+    for j in 0..n_text_parts {
+        let n = n_parts + j;
+        if read_done(out, n, &run_fingerprint).is_some() {
+            summary.parts_skipped += 1;
+            continue;
+        }
+        if n as u32 % config.worker.1 != config.worker.0 {
+            summary.parts_pending += 1;
+            continue;
+        }
+        let chunk = &docs[j * config.part_samples..((j + 1) * config.part_samples).min(docs.len())];
+        let entry = write_text_part(out, n, chunk, text, &info, &mut summary, progress)?;
+        mark_done(out, n, &run_fingerprint, entry, Vec::new())?;
+        summary.parts_written += 1;
+    }
+    let n_parts = n_parts + n_text_parts;
 
     // Once every part is done (by this or other workers), write the stage's manifest and rejects.
     let mut entries = Vec::with_capacity(n_parts);
@@ -414,6 +443,75 @@ pub fn tokenize(
     summary.complete = true;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Marks part `n` done: its entry and rejects in the sidecar, written atomically.
+fn mark_done(
+    out: &Path,
+    n: usize,
+    run: &str,
+    entry: PartEntry,
+    rejects: Vec<(String, String, String, String)>,
+) -> Result<()> {
+    let done = PartDone {
+        run: run.to_string(),
+        entry,
+        rejects,
+    };
+    let bytes = serde_json::to_vec_pretty(&done).unwrap_or_default();
+    imglish_ingest::write_atomic(&done_path(out, n), &bytes).map_err(|e| Error::Model {
+        model: out.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes part `n` from text-only documents: each document's ids cut into segments of at most the text
+/// tokenizer's maximum length, one text sample per segment (the first keeps the document's id, the others get
+/// ids derived from it and the segment number).
+fn write_text_part(
+    out: &Path,
+    n: usize,
+    docs: &[imglish_ingest::TextRow],
+    text: Option<&TextTokenizer>,
+    info: &TokenizerInfo,
+    summary: &mut TokenizeSummary,
+    progress: &dyn Fn(u64),
+) -> Result<PartEntry> {
+    let Some(text) = text else {
+        return Err(Error::Model {
+            model: out.display().to_string(),
+            reason: "text documents need --text-tokenizer".into(),
+        });
+    };
+    let part_path = out.join(part_file_name(n));
+    let mut writer = PartWriter::try_new(&part_path, info).map_err(|e| pack_err(&part_path, e))?;
+    for doc in docs {
+        let segments = text.encode_segments(&doc.text)?;
+        summary.texts += 1;
+        summary.text_segments += segments.len() as u64;
+        summary.texts_cut += u64::from(segments.len() > 1);
+        for (s, ids) in segments.into_iter().enumerate() {
+            let sample_id = if s == 0 {
+                doc.sample_id
+            } else {
+                imglish_ingest::mix64(doc.sample_id ^ imglish_ingest::mix64(s as u64))
+            };
+            let record = TokenRecord {
+                sample_id,
+                views: Vec::new(),
+                captions: vec![ids],
+                label: None,
+                split: match doc.split {
+                    imglish_ingest::Split::Train => Split::Train,
+                    imglish_ingest::Split::Val => Split::Val,
+                },
+                pixels: None,
+            };
+            writer.write(&record).map_err(|e| pack_err(&part_path, e))?;
+        }
+        progress(1);
+    }
+    writer.finish().map_err(|e| pack_err(&part_path, e))
 }
 
 fn pack_err(path: &Path, e: imglish_pack::PackError) -> Error {

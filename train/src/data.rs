@@ -6,7 +6,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use imglish_ingest::{decode_rgb, render_view, DecodeOptions, Filter, Resizer, ViewParams};
-use imglish_pack::{Dataset, Partition, Sample, Shuffle, Split, StreamOptions, StreamState, TokenRecord, ViewRecord};
+use imglish_pack::{
+    Dataset, Partition, Sample, SampleKind, Shuffle, Split, StreamOptions, StreamState, TokenRecord, ViewRecord,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -226,6 +228,8 @@ pub(crate) struct BeitBatcher {
     builder: Builder,
     pending: Pending,
     resizer: Resizer,
+    /// The first text sample passed over (BEiT trains on images only).
+    text_seen: Option<u64>,
 }
 
 impl BeitBatcher {
@@ -234,6 +238,7 @@ impl BeitBatcher {
             pending: builder.pending(),
             builder,
             resizer: Resizer::new(),
+            text_seen: None,
         }
     }
 }
@@ -242,6 +247,10 @@ impl Batcher for BeitBatcher {
     type Batch = Batch;
 
     fn push(&mut self, s: Sample, epoch: u64) {
+        if s.kind == SampleKind::Text {
+            self.text_seen.get_or_insert(s.sample_id);
+            return;
+        }
         self.builder.push(
             &mut self.pending,
             &mut self.resizer,
@@ -265,7 +274,14 @@ impl Batcher for BeitBatcher {
     }
 
     fn first_skip(&self) -> Option<(u64, String)> {
-        self.pending.skipped.first().cloned()
+        self.pending.skipped.first().cloned().or_else(|| {
+            self.text_seen.map(|id| {
+                (
+                    id,
+                    "a text sample: BEiT trains on images (--model beit3 trains on texts)".into(),
+                )
+            })
+        })
     }
 }
 
@@ -464,7 +480,8 @@ impl FixedSet {
                 continue;
             }
             for b in 0..shard.batches as usize {
-                for r in dataset.batch_records(i, b)? {
+                // Text samples have nothing for an image model.
+                for r in dataset.batch_records(i, b)?.into_iter().filter(|r| !r.views.is_empty()) {
                     if samples >= limit {
                         break 'outer;
                     }

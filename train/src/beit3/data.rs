@@ -356,7 +356,8 @@ impl Batcher for Beit3Batcher {
     fn push(&mut self, s: Sample, epoch: u64) {
         let b = &self.builder;
         let has_text = !s.captions.is_empty();
-        let Some(kind) = b.objective.kind(b.seed, epoch, s.sample_id, true, has_text) else {
+        let has_image = s.kind != imglish_pack::SampleKind::Text;
+        let Some(kind) = b.objective.kind(b.seed, epoch, s.sample_id, has_image, has_text) else {
             return;
         };
         let caption =
@@ -416,13 +417,14 @@ pub(crate) fn fixed_set(
                     break 'outer;
                 }
                 seen += 1;
-                let v = &r.views[0];
+                let v = r.views.first();
                 let caption = r.captions.first().map(Vec::as_slice);
                 for kind in SampleKind::ALL {
-                    if (kind.has_text() && caption.is_none()) || builder.objective.mix[kind as usize] <= 0.0 {
+                    let missing = (kind.has_text() && caption.is_none()) || (kind.has_image() && v.is_none());
+                    if missing || builder.objective.mix[kind as usize] <= 0.0 {
                         continue;
                     }
-                    let view = (v.tokens.as_slice(), v.crop, v.flip);
+                    let view = v.map_or((&[][..], [0; 4], false), |v| (v.tokens.as_slice(), v.crop, v.flip));
                     let group = &mut pending.groups[kind as usize];
                     let added = builder.add(
                         group,

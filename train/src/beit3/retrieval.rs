@@ -124,10 +124,9 @@ fn load_pairs(dataset: &Dataset, split: Split, config: &Beit3Config, batch: usiz
                 if count as usize >= limit {
                     break 'outer;
                 }
-                let Some(caption) = r.captions.first().filter(|c| !c.is_empty()) else {
+                let (Some(caption), Some(v)) = (r.captions.first().filter(|c| !c.is_empty()), r.views.first()) else {
                     continue;
                 };
-                let v = &r.views[0];
                 if config.input == InputKind::Pixels {
                     let px = render_pixels(r.pixels.as_deref(), v.crop, v.flip, config.image_size(), &mut resizer)
                         .map_err(|reason| TrainError::Sample {
