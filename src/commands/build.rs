@@ -172,9 +172,10 @@ fn plan(config: &toml::Table, base: &Path, out: &Path) -> anyhow::Result<Vec<Sta
     let ingest = table(config, "ingest").context("the config has no [ingest] table")?;
     let mut argv = vec!["ingest".into(), "--out".into(), p(&manifest)];
     argv.extend(flags(ingest, &[], base, out)?);
-    // Source trees and caption files that exist before the build (the demo's are covered by its stage).
+    // Source trees, caption files and text corpora that exist before the build (the demo's are covered by its
+    // stage).
     let mut inputs = Vec::new();
-    for key in ["images", "captions"] {
+    for key in ["images", "captions", "texts"] {
         for v in ingest.get(key).and_then(toml::Value::as_array).into_iter().flatten() {
             let path = PathBuf::from(resolve(v.as_str().unwrap_or_default(), base, out));
             if !path.starts_with(out) {
