@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::error::{Result, TrainError};
 use crate::tensors::{self, Stored};
@@ -150,7 +150,8 @@ impl AdamW {
             for p in &self.params {
                 let g = p.tensor.grad();
                 if g.defined() {
-                    total += g.pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]);
+                    // Per-tensor L2 norms in the gradient's precision (as clip_grad_norm_), summed in f64.
+                    total += g.norm().double_value(&[]).powi(2);
                 }
             }
             total.sqrt()
@@ -192,10 +193,18 @@ impl AdamW {
                 if p.decay && wd > 0.0 {
                     let _ = p.tensor.g_mul_scalar_(1.0 - lr * wd);
                 }
-                let _ = p.exp_avg.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
-                let _ = p.exp_avg_sq.g_mul_scalar_(b2).g_add_(&(&g * &g * (1.0 - b2)));
-                let denom = (p.exp_avg_sq.sqrt() / bc2.sqrt()) + eps;
-                let _ = p.tensor.g_sub_(&(&p.exp_avg / denom * (lr / bc1)));
+                // In place, as PyTorch's single-tensor AdamW: m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g²;
+                // p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps). Two temporaries per tensor.
+                let _ = p.exp_avg.lerp_(&g, 1.0 - b1);
+                let _ = p.exp_avg_sq.g_mul_scalar_(b2).addcmul_(&g, &(&g * (1.0 - b2)));
+                if lr > 0.0 {
+                    let mut denom = p.exp_avg_sq.sqrt();
+                    let _ = denom
+                        .g_div_scalar_(bc2.sqrt())
+                        .g_add_scalar_(eps)
+                        .g_mul_scalar_(-bc1 / lr);
+                    let _ = p.tensor.addcdiv_(&p.exp_avg, &denom);
+                }
             }
         });
     }
@@ -227,6 +236,7 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     #[test]
     fn schedule_warms_up_then_decays() {
