@@ -43,7 +43,7 @@ fn text_corpora_are_ingested_segmented_packed_and_trained_on() {
         text.push(b'\n');
     }
     text.extend_from_slice(b"red\n\n\xff\xfe\n");
-    text.extend_from_slice(&vec![b'a'; 3000]);
+    text.extend_from_slice(&[b'a'; 3000]);
     text.push(b'\n');
     std::fs::write(d.join("docs.txt"), &text).expect("write");
     std::fs::write(d.join("docs.jsonl"), "{\"body\": \"a blue square\"}\n{\"body\": 7}\n").expect("write");

@@ -316,7 +316,7 @@ mod tests {
         let txt = dir.path().join("docs.txt");
         let mut bytes = b"first document\n\n   \nsecond document\nfirst document\n".to_vec();
         bytes.extend_from_slice(b"\xff\xfe broken\n");
-        bytes.extend_from_slice(&vec![b'x'; 40]);
+        bytes.extend_from_slice(&[b'x'; 40]);
         bytes.push(b'\n');
         std::fs::write(&txt, bytes).expect("write");
         let jsonl = dir.path().join("docs.jsonl");

@@ -14,7 +14,7 @@ fn text_record(id: u64) -> TokenRecord {
         views: Vec::new(),
         captions: vec![(0..5 + id % 7).map(|t| ((id * 13 + t) % 5000) as u32).collect()],
         label: None,
-        split: if id % 4 == 0 { Split::Val } else { Split::Train },
+        split: if id.is_multiple_of(4) { Split::Val } else { Split::Train },
         pixels: None,
     }
 }
@@ -24,7 +24,7 @@ fn write_mixed(dir: &std::path::Path, info: &TokenizerInfo, pixels: bool) -> Vec
     let mut all = Vec::new();
     let mut w = PartWriter::try_new(dir.join(part_file_name(0)), info).expect("writer");
     for id in 0..90u64 {
-        let r = if id % 3 == 0 {
+        let r = if id.is_multiple_of(3) {
             text_record(id)
         } else {
             record(info, id, pixels)

@@ -64,7 +64,7 @@ fn make_dataset(root: &Path, n: u64, captions: bool) -> PathBuf {
             views: vec![view(0), view(1)],
             captions: caps,
             label: Some(i32::from(class)),
-            split: if id % 5 == 0 { Split::Val } else { Split::Train },
+            split: if id.is_multiple_of(5) { Split::Val } else { Split::Train },
             pixels: None,
         })
         .expect("write");

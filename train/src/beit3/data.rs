@@ -232,10 +232,8 @@ impl Group {
                     pad.push(i >= input.len());
                     let p = pred.get(i).copied().unwrap_or(false);
                     predict.push(p);
-                    if p {
-                        targets.push(i64::from(orig[i]));
-                    }
                 }
+                targets.extend(orig.iter().zip(pred).filter(|(_, &p)| p).map(|(&t, _)| i64::from(t)));
             }
             let len = len as i64;
             g.text = Some(Tensor::from_slice(&ids).view([n, len]).to_device(device));
@@ -393,6 +391,9 @@ impl Batcher for Beit3Batcher {
     }
 }
 
+/// Samples skipped, with the reason.
+type Skipped = Vec<(u64, String)>;
+
 /// The fixed validation set: the first `limit` samples of a split, centre view and first caption, each sample
 /// in every kind it can be (so that all three kinds are scored), masks keyed by a reserved epoch.
 pub(crate) fn fixed_set(
@@ -401,7 +402,7 @@ pub(crate) fn fixed_set(
     builder: &Beit3Builder,
     batch_size: usize,
     limit: usize,
-) -> Result<(Vec<Beit3Batch>, Vec<(u64, String)>)> {
+) -> Result<(Vec<Beit3Batch>, Skipped)> {
     const EVAL_EPOCH: u64 = u64::MAX;
     let mut resizer = Resizer::new();
     let (mut batches, mut skipped) = (Vec::new(), Vec::new());
