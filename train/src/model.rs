@@ -12,7 +12,7 @@ use imglish_ingest::{mix64, Rng};
 
 use crate::config::{InputKind, ModelConfig, RelPosBias};
 use crate::error::Result;
-use crate::tensors::{self, Stored};
+use crate::tensors;
 
 /// A BEiT encoder + MIM head and the variables it owns.
 pub struct Beit {
@@ -326,26 +326,13 @@ impl Beit {
 
     /// Writes every parameter to a safetensors file (float32, PyTorch names; see `docs/training.md`).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let named = self
-            .named_parameters()
-            .into_iter()
-            .map(|(n, t)| (n, t.to_kind(Kind::Float)))
-            .collect();
-        tensors::write(named, path)
+        tensors::save_params(self.named_parameters(), path)
     }
 
     /// Loads every parameter from a safetensors file written by [`Beit::save`] (or by PyTorch with the same
     /// names); a missing, extra or misshaped tensor is an error naming it.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let stored = Stored::read(path, "weights")?;
-        let params = self.named_parameters();
-        if let Some(extra) = stored.names().find(|k| !params.contains_key(*k)) {
-            return Err(stored.bad(format!("unexpected tensor '{extra}' (does the model config match?)")));
-        }
-        for (name, mut p) in params {
-            stored.copy_into(&name, &mut p)?;
-        }
-        Ok(())
+        tensors::load_params(self.named_parameters(), path)
     }
 }
 

@@ -73,3 +73,26 @@ impl Stored {
         Ok(())
     }
 }
+
+/// Writes named parameters as float32 safetensors.
+pub(crate) fn save_params(params: BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    write(
+        params
+            .into_iter()
+            .map(|(n, t)| (n, t.to_kind(tch::Kind::Float)))
+            .collect(),
+        path,
+    )
+}
+
+/// Loads every parameter from a safetensors file; a missing, extra or misshaped tensor is an error naming it.
+pub(crate) fn load_params(params: BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let stored = Stored::read(path, "weights")?;
+    if let Some(extra) = stored.names().find(|k| !params.contains_key(*k)) {
+        return Err(stored.bad(format!("unexpected tensor '{extra}' (does the model config match?)")));
+    }
+    for (name, mut p) in params {
+        stored.copy_into(&name, &mut p)?;
+    }
+    Ok(())
+}

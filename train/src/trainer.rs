@@ -373,38 +373,15 @@ pub fn train(
     let mut model = Beit::new(&config.model, device, config.seed)?;
     model.set_compute_kind(options.precision.compute_kind());
     let mut opt = AdamW::new(model.named_parameters(), config.optim.clone())?;
-    let (mut step, mut stream_state, mut samples) = (0u64, StreamState::default(), 0u64);
-    if options.resume {
-        if let Some(ckpt) = latest_checkpoint(out)? {
-            let state: CheckpointState<TrainConfig> = read_state(&ckpt, "beit")?;
-            if state.config != *config {
-                return Err(TrainError::Checkpoint {
-                    path: ckpt,
-                    reason: format!(
-                        "written by a run with other settings: {}",
-                        config_diff(&state.config, config)
-                    ),
-                });
-            }
-            if state.dataset_fingerprint != dataset.index().build_fingerprint {
-                return Err(TrainError::Checkpoint {
-                    path: ckpt,
-                    reason: "written for another dataset (build fingerprints differ)".into(),
-                });
-            }
-            model.load(&ckpt.join("model.safetensors"))?;
-            opt.load(&ckpt.join("optimizer.safetensors"))?;
-            (step, stream_state, samples) = (state.step, state.stream, state.samples);
-            truncate_metrics(&metrics_path, step)?;
-        }
-    } else if latest_checkpoint(out)?.is_some() {
-        return Err(TrainError::Config(format!(
-            "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
-            out.display()
-        )));
-    } else {
-        let _ = fs::remove_file(&metrics_path);
-    }
+    let (mut step, mut stream_state, mut samples) = restore(
+        out,
+        config,
+        &dataset,
+        "beit",
+        &mut |p| model.load(p),
+        &mut opt,
+        options.resume,
+    )?;
     fs::write(
         out.join("config.json"),
         serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?,
@@ -627,6 +604,51 @@ fn check_dataset(dataset: &Dataset, model: &ModelConfig) -> Result<()> {
         return Err(bad("--input pixels needs a dataset packed with --include-pixels".into()));
     }
     Ok(())
+}
+
+/// Restores model (through `load_model`), optimiser and stream from the newest checkpoint under `out` when
+/// `resume` (refusing one written with other settings, naming the fields, or for another dataset), or refuses an
+/// output folder that already holds checkpoints. Returns `(step, stream state, samples)`.
+pub(crate) fn restore<C: PartialEq + Serialize + serde::de::DeserializeOwned>(
+    out: &Path,
+    config: &C,
+    dataset: &Dataset,
+    architecture: &str,
+    load_model: &mut dyn FnMut(&Path) -> Result<()>,
+    opt: &mut AdamW,
+    resume: bool,
+) -> Result<(u64, StreamState, u64)> {
+    let metrics = out.join("metrics.jsonl");
+    let Some(ckpt) = latest_checkpoint(out)? else {
+        let _ = fs::remove_file(&metrics);
+        return Ok((0, StreamState::default(), 0));
+    };
+    if !resume {
+        return Err(TrainError::Config(format!(
+            "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
+            out.display()
+        )));
+    }
+    let state: CheckpointState<C> = read_state(&ckpt, architecture)?;
+    if state.config != *config {
+        return Err(TrainError::Checkpoint {
+            path: ckpt,
+            reason: format!(
+                "written by a run with other settings: {}",
+                config_diff(&state.config, config)
+            ),
+        });
+    }
+    if state.dataset_fingerprint != dataset.index().build_fingerprint {
+        return Err(TrainError::Checkpoint {
+            path: ckpt,
+            reason: "written for another dataset (build fingerprints differ)".into(),
+        });
+    }
+    load_model(&ckpt.join("model.safetensors"))?;
+    opt.load(&ckpt.join("optimizer.safetensors"))?;
+    truncate_metrics(&metrics, state.step)?;
+    Ok((state.step, state.stream, state.samples))
 }
 
 /// Writes a checkpoint directory atomically (temporary name, fsync, rename), then keeps the newest `keep`.

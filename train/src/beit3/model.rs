@@ -18,7 +18,7 @@ use crate::beit3::config::Beit3Config;
 use crate::config::InputKind;
 use crate::error::Result;
 use crate::model::{drop_path, lin, param_key, trunc_normal_, uniform_, Input};
-use crate::tensors::{self, Stored};
+use crate::tensors;
 
 /// Which expert each position of a sequence uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -453,26 +453,13 @@ impl Beit3 {
     /// Writes every parameter to a safetensors file (float32, torchscale names plus `mim_head.*`,
     /// `mlm_head.*`).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let named = self
-            .named_parameters()
-            .into_iter()
-            .map(|(n, t)| (n, t.to_kind(Kind::Float)))
-            .collect();
-        tensors::write(named, path)
+        tensors::save_params(self.named_parameters(), path)
     }
 
     /// Loads every parameter from a safetensors file written by [`Beit3::save`] (or by PyTorch with the same
     /// names); a missing, extra or misshaped tensor is an error naming it.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let stored = Stored::read(path, "weights")?;
-        let params = self.named_parameters();
-        if let Some(extra) = stored.names().find(|k| !params.contains_key(*k)) {
-            return Err(stored.bad(format!("unexpected tensor '{extra}' (does the model config match?)")));
-        }
-        for (name, mut p) in params {
-            stored.copy_into(&name, &mut p)?;
-        }
-        Ok(())
+        tensors::load_params(self.named_parameters(), path)
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use imglish_ingest::mix64;
-use imglish_pack::{Dataset, Split, StreamState};
+use imglish_pack::{Dataset, Split};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -21,8 +21,8 @@ use crate::error::{io_err, Result, TrainError};
 use crate::optim::{AdamW, OptimConfig};
 use crate::plot::plot_losses;
 use crate::trainer::{
-    config_diff, latest_checkpoint, read_state, truncate_metrics, write_checkpoint, write_json_line, CheckpointState,
-    DataMode, RunOptions, Source, CHECKPOINT_VERSION,
+    latest_checkpoint, read_state, restore, write_checkpoint, write_json_line, CheckpointState, DataMode, RunOptions,
+    Source, CHECKPOINT_VERSION,
 };
 
 /// Everything that decides what a BEiT-3 run computes (resuming requires the same values).
@@ -341,49 +341,6 @@ fn validate(config: &Beit3TrainConfig) -> Result<()> {
     Ok(())
 }
 
-/// Restores model, optimiser and stream from the newest checkpoint (`resume`), or refuses an output folder
-/// that already holds checkpoints. Returns `(step, stream state, samples)`.
-fn restore(
-    out: &Path,
-    config: &Beit3TrainConfig,
-    dataset: &Dataset,
-    model: &mut Beit3,
-    opt: &mut AdamW,
-    resume: bool,
-) -> Result<(u64, StreamState, u64)> {
-    let metrics = out.join("metrics.jsonl");
-    let Some(ckpt) = latest_checkpoint(out)? else {
-        let _ = fs::remove_file(&metrics);
-        return Ok((0, StreamState::default(), 0));
-    };
-    if !resume {
-        return Err(TrainError::Config(format!(
-            "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
-            out.display()
-        )));
-    }
-    let state: CheckpointState<Beit3TrainConfig> = read_state(&ckpt, "beit3")?;
-    if state.config != *config {
-        return Err(TrainError::Checkpoint {
-            path: ckpt,
-            reason: format!(
-                "written by a run with other settings: {}",
-                config_diff(&state.config, config)
-            ),
-        });
-    }
-    if state.dataset_fingerprint != dataset.index().build_fingerprint {
-        return Err(TrainError::Checkpoint {
-            path: ckpt,
-            reason: "written for another dataset (build fingerprints differ)".into(),
-        });
-    }
-    model.load(&ckpt.join("model.safetensors"))?;
-    opt.load(&ckpt.join("optimizer.safetensors"))?;
-    truncate_metrics(&metrics, state.step)?;
-    Ok((state.step, state.stream, state.samples))
-}
-
 /// Pretrains BEiT-3 on `dataset_dir`, writing checkpoints, `metrics.jsonl` and `loss.png` under `out`.
 pub fn train_beit3(
     dataset_dir: &Path,
@@ -401,8 +358,15 @@ pub fn train_beit3(
     let mut model = Beit3::new(&config.model, device, config.seed)?;
     model.set_compute_kind(options.precision.compute_kind());
     let mut opt = AdamW::new(model.named_parameters(), config.optim.clone())?;
-    let (mut step, mut stream_state, mut samples) =
-        restore(out, config, &dataset, &mut model, &mut opt, options.resume)?;
+    let (mut step, mut stream_state, mut samples) = restore(
+        out,
+        config,
+        &dataset,
+        "beit3",
+        &mut |p| model.load(p),
+        &mut opt,
+        options.resume,
+    )?;
     let json = serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
     fs::write(out.join("config.json"), json).map_err(io_err(out.join("config.json")))?;
 
