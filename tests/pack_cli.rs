@@ -277,3 +277,40 @@ fn include_pixels_over_parts_without_pixels_is_refused() {
         "{leftovers:?}"
     );
 }
+
+#[test]
+fn a_second_writer_on_a_folder_is_refused_at_once() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let tokens = work.path().join("tokens");
+    write_tokens(&tokens, 20);
+    let out = work.path().join("dataset");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    // This process plays the first writer: it holds the folder's lock as a running stage does.
+    let held = std::fs::File::open(&out).expect("open");
+    held.lock().expect("lock");
+    let args = [
+        "pack",
+        "--tokens",
+        tokens.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+    ];
+    let o = imglish(&args);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr).trim(),
+        format!(
+            "error: another imglish process (pid {}) is writing {}; wait for it to finish or stop it",
+            std::process::id(),
+            out.display()
+        )
+    );
+    assert!(
+        std::fs::read_dir(&out).expect("ls").next().is_none(),
+        "the refused run wrote nothing"
+    );
+    // Once the first writer is gone (here: unlocked; a killed process releases it too), the folder is free.
+    held.unlock().expect("unlock");
+    let o = imglish(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+}

@@ -124,6 +124,7 @@ pub enum Header {
 }
 
 pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
+    let _lock = super::lock::lock_dir(&args.out)?;
     let texts = TextOptions {
         field: args.text_field.clone(),
         column: args.text_column.clone(),

@@ -5,6 +5,7 @@ pub mod demo;
 mod doctor;
 pub mod ingest;
 pub mod inspect;
+mod lock;
 pub mod pack;
 pub mod probe;
 pub mod quickstart;

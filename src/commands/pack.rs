@@ -45,6 +45,7 @@ pub struct PackArgs {
 }
 
 pub fn run(args: &PackArgs, out: &Output) -> anyhow::Result<()> {
+    let _lock = super::lock::lock_dir(&args.out)?;
     let config = PackConfig {
         target_shard_bytes: args.target_shard_bytes,
         batch_rows: args.batch_rows,

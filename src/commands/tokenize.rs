@@ -77,6 +77,12 @@ fn parse_worker(s: &str) -> Result<(u32, u32), String> {
 }
 
 pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    // Workers of one run (`--worker I/N`) share the folder by design (each writes its own parts).
+    let _lock = if args.worker.1 == 1 {
+        Some(super::lock::lock_dir(&args.out)?)
+    } else {
+        None
+    };
     let options = SessionOptions::default()
         .with_device(args.device)
         .try_with_threads(threads)?;

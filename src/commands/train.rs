@@ -395,6 +395,7 @@ impl TrainArgs {
 }
 
 pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    let _lock = super::lock::lock_dir(&args.out)?;
     imglish_train::set_threads(threads);
     let device: TorchDevice = args.device.parse()?;
     let precision: Precision = args.precision.parse()?;
