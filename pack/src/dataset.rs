@@ -198,6 +198,8 @@ pub struct DatasetStats {
     pub perplexity: f64,
     /// Captions per sample.
     pub captions_per_sample: LengthSummary,
+    /// Samples per kind: `[image, text, pair]` (format 1 datasets: no text samples).
+    pub kinds: [u64; 3],
     /// Tokens per caption.
     pub caption_tokens: LengthSummary,
 }
@@ -388,32 +390,34 @@ impl Dataset {
     pub fn stats(&self) -> Result<DatasetStats> {
         let info = self.tokenizer();
         let vocab = info.vocab_size as usize;
-        type Acc = (Vec<u64>, Vec<u64>, Vec<u64>);
+        type Acc = (Vec<u64>, Vec<u64>, Vec<u64>, [u64; 3]);
         let per_shard: Vec<Result<Acc>> = (0..self.shards().len())
             .into_par_iter()
             .map(|i| {
                 let shard = self.shard(i)?;
                 let mut hist = vec![0u64; vocab];
-                let (mut per_sample, mut lengths) = (Vec::new(), Vec::new());
+                let (mut per_sample, mut lengths, mut kinds) = (Vec::new(), Vec::new(), [0u64; 3]);
                 for b in 0..shard.num_batches() {
                     shard.with_batch(b, |v| {
                         for t in v.image_tokens() {
                             hist[usize::from(t)] += 1;
                         }
                         for r in 0..v.rows() {
+                            kinds[v.kind(r).code() as usize] += 1;
                             let before = lengths.len();
                             lengths.extend(v.caption_lengths(r).map(|l| l as u64));
                             per_sample.push((lengths.len() - before) as u64);
                         }
                     })?;
                 }
-                Ok((hist, per_sample, lengths))
+                Ok((hist, per_sample, lengths, kinds))
             })
             .collect();
         let mut hist = vec![0u64; vocab];
-        let (mut per_sample, mut lengths) = (Vec::new(), Vec::new());
+        let (mut per_sample, mut lengths, mut kinds) = (Vec::new(), Vec::new(), [0u64; 3]);
         for r in per_shard {
-            let (h, p, l) = r?;
+            let (h, p, l, k) = r?;
+            kinds.iter_mut().zip(k).for_each(|(a, b)| *a += b);
             hist.iter_mut().zip(h).for_each(|(a, b)| *a += b);
             per_sample.extend(p);
             lengths.extend(l);
@@ -447,6 +451,7 @@ impl Dataset {
             codes_used: hist.iter().filter(|&&c| c > 0).count() as u64,
             perplexity: if total == 0 { 0.0 } else { entropy.exp() },
             captions_per_sample: LengthSummary::of(per_sample),
+            kinds,
             caption_tokens: LengthSummary::of(lengths),
         })
     }

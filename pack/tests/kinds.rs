@@ -93,6 +93,8 @@ fn text_samples_round_trip_through_pack_the_reader_and_the_stream() {
         // The code histogram counts the views of image and pair samples only.
         let stats = ds.stats().expect("stats");
         assert_eq!(stats.token_bytes, 60 * 2 * 9 * 2);
+        let pairs = written.iter().filter(|r| r.kind() == SampleKind::Pair).count() as u64;
+        assert_eq!(stats.kinds, [60 - pairs, 30, pairs]);
     }
 }
 

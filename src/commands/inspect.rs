@@ -41,7 +41,7 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
     let mut text = format!(
         "dataset {}\n\
          \x20 shards            {} ({} record batches of up to {} rows), {:.2} MB\n\
-         \x20 samples           {} ({} train, {} val), {:.0} bytes/sample\n\
+         \x20 samples           {} ({} train, {} val), {:.0} bytes/sample; {} images, {} texts, {} pairs\n\
          \x20 tokens            {} views x {}x{} grid, vocab {}; raw u16 tokens {:.2} MB, compression {:.2}x\n\
          \x20 codes used        {} of {} ({:.1}%), perplexity {:.1}\n\
          \x20 captions/sample   {}\n\
@@ -57,6 +57,9 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
         stats.counts.train,
         stats.counts.val,
         stats.bytes_per_sample,
+        stats.kinds[0],
+        stats.kinds[1],
+        stats.kinds[2],
         info.views_per_sample,
         info.grid[0],
         info.grid[1],
