@@ -107,6 +107,10 @@ pub struct TrainArgs {
     /// BEiT-3: the MLM head's weight is the text embedding.
     #[arg(long)]
     pub tie_mlm_head: bool,
+    /// BEiT-3: vision-language FFN experts for image-text pairs in the top N layers (the paper's; not in
+    /// torchscale).
+    #[arg(long, default_value_t = 0)]
+    pub vl_experts: i64,
 
     /// A model configuration JSON file (every field of the model config) instead of a preset.
     #[arg(long, value_name = "FILE", conflicts_with = "preset")]
@@ -315,6 +319,9 @@ impl TrainArgs {
             model.drop_path = p;
         }
         model.tie_mlm_head |= self.tie_mlm_head;
+        if self.vl_experts > 0 {
+            model.vl_experts = self.vl_experts;
+        }
         model.input = self.input_kind();
         model.validate()?;
         let text = TextMasking::from_special_ids(text_vocab, &info.text_special_ids)

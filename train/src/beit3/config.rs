@@ -40,6 +40,11 @@ pub struct Beit3Config {
     pub init_std: f64,
     /// The MLM head's weight is the text embedding (only its bias is a parameter of its own).
     pub tie_mlm_head: bool,
+    /// The paper's vision-language experts: in the top this-many layers, image-text pairs go through a third
+    /// feed-forward expert (`ffn.C`) over the whole joint sequence instead of the vision and language experts
+    /// (beyond torchscale, which has none; a model with any has no torchscale counterpart).
+    #[serde(default)]
+    pub vl_experts: i64,
 }
 
 /// The named presets: `(name, dim, depth, heads, ffn_dim)`.
@@ -73,6 +78,7 @@ impl Beit3Config {
             drop_path: 0.1,
             init_std: 0.02,
             tie_mlm_head: false,
+            vl_experts: 0,
         };
         config.validate()?;
         Ok(config)
@@ -147,6 +153,12 @@ impl Beit3Config {
                 self.max_source_positions
             ));
         }
+        if !(0..=self.depth).contains(&self.vl_experts) {
+            return bad(format!(
+                "vl_experts must be in 0..={} (the depth), got {}",
+                self.depth, self.vl_experts
+            ));
+        }
         if !(0.0..1.0).contains(&self.drop_path) {
             return bad(format!("drop_path must be in [0, 1) (got {})", self.drop_path));
         }
@@ -171,6 +183,11 @@ impl Beit3Config {
         if self.input != InputKind::Pixels {
             return Err(TrainError::Config(
                 "torchscale's BEiT3 reads pixels; this model reads visual token ids (--input tokens)".into(),
+            ));
+        }
+        if self.vl_experts > 0 {
+            return Err(TrainError::Config(
+                "torchscale's BEiT3 has no vision-language experts (--vl-experts)".into(),
             ));
         }
         Ok(serde_json::json!({

@@ -88,6 +88,9 @@ struct Layer {
     inner_attn_ln: Multiway<nn::LayerNorm>,
     final_layer_norm: Multiway<nn::LayerNorm>,
     ffn: Multiway<Ffn>,
+    /// The vision-language expert (`ffn.C`), in the top `vl_experts` layers: pairs use it over the whole
+    /// sequence.
+    ffn_vl: Option<Ffn>,
     drop_path: f64,
 }
 
@@ -185,6 +188,21 @@ fn linear(p: nn::Path<'_>, i: i64, o: i64) -> nn::Linear {
     nn::linear(p, i, o, Default::default())
 }
 
+fn ffn(p: nn::Path<'_>, c: &Beit3Config) -> Ffn {
+    Ffn {
+        fc1: linear(&p / "fc1", c.dim, c.ffn_dim),
+        fc2: linear(&p / "fc2", c.ffn_dim, c.dim),
+        ffn_layernorm: layer_norm(&p / "ffn_layernorm", c.ffn_dim, c.layer_norm_eps),
+    }
+}
+
+impl Ffn {
+    fn forward(&self, h: &Tensor, cast: Option<Kind>) -> Tensor {
+        let a = lin(&self.fc1, h, cast).gelu("none");
+        lin(&self.fc2, &self.ffn_layernorm.forward(&a), cast)
+    }
+}
+
 impl Beit3 {
     /// Builds the model on `device`, initialised from `seed`: truncated normal (std `init_std`, cut at ±1 std)
     /// for linear weights, embeddings and tokens; zero biases; LayerNorm one/zero; then torchscale's sub-LN
@@ -230,11 +248,8 @@ impl Beit3 {
                     out_proj: Multiway::new(&(&a / "out_proj"), |p| linear(p, c.dim, c.dim)),
                     inner_attn_ln: Multiway::new(&(&a / "inner_attn_ln"), |p| layer_norm(p, c.dim, eps)),
                     final_layer_norm: Multiway::new(&(&l / "final_layer_norm"), |p| layer_norm(p, c.dim, eps)),
-                    ffn: Multiway::new(&(&l / "ffn"), |p| Ffn {
-                        fc1: linear(&p / "fc1", c.dim, c.ffn_dim),
-                        fc2: linear(&p / "fc2", c.ffn_dim, c.dim),
-                        ffn_layernorm: layer_norm(&p / "ffn_layernorm", c.ffn_dim, eps),
-                    }),
+                    ffn: Multiway::new(&(&l / "ffn"), |p| ffn(p, c)),
+                    ffn_vl: (i >= c.depth - c.vl_experts).then(|| ffn(&l / "ffn" / "C", c)),
                     drop_path: if c.depth > 1 {
                         c.drop_path * i as f64 / (c.depth - 1) as f64
                     } else {
@@ -476,10 +491,10 @@ impl Layer {
         let y = self.attention(&self.self_attn_layer_norm.forward(x, way), way, key_mask, c, cast);
         let x = x + drop_path(&y, self.drop_path, key.map(|k| mix64(k ^ 1)));
         let h = self.final_layer_norm.forward(&x, way);
-        let y = self.ffn.apply(&h, way, |f, h| {
-            let a = lin(&f.fc1, h, cast).gelu("none");
-            lin(&f.fc2, &f.ffn_layernorm.forward(&a), cast)
-        });
+        let y = match (&self.ffn_vl, way) {
+            (Some(vl), Way::Split(_)) => vl.forward(&h, cast),
+            _ => self.ffn.apply(&h, way, |f, h| f.forward(h, cast)),
+        };
         &x + drop_path(&y, self.drop_path, key.map(|k| mix64(k ^ 2)))
     }
 
@@ -514,5 +529,68 @@ impl Layer {
             .to_kind(Kind::Float);
         let out = self.inner_attn_ln.forward(&out, way);
         self.out_proj.forward(&out, way, cast)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vision_language_experts_change_pairs_only() {
+        let mut c = Beit3Config::preset("beit3-tiny", [2, 2], 20, 30).expect("preset");
+        (c.dim, c.heads, c.depth, c.ffn_dim, c.max_source_positions) = (16, 2, 2, 32, 12);
+        let plain = Beit3::new(&c, Device::Cpu, 1).expect("model");
+        c.vl_experts = 1;
+        let vl = Beit3::new(&c, Device::Cpu, 1).expect("model");
+        let extra: Vec<String> = vl
+            .named_parameters()
+            .into_keys()
+            .filter(|k| !plain.named_parameters().contains_key(k))
+            .collect();
+        assert_eq!(
+            extra,
+            [
+                "encoder.layers.1.ffn.C.fc1.bias",
+                "encoder.layers.1.ffn.C.fc1.weight",
+                "encoder.layers.1.ffn.C.fc2.bias",
+                "encoder.layers.1.ffn.C.fc2.weight",
+                "encoder.layers.1.ffn.C.ffn_layernorm.bias",
+                "encoder.layers.1.ffn.C.ffn_layernorm.weight",
+            ]
+        );
+        let tokens = Input::Tokens(Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8]).view([2, 4]));
+        let ids = Tensor::from_slice(&[2i64, 7, 9, 3, 2, 11, 3, 0]).view([2, 4]);
+        let image = ImageIn {
+            input: &tokens,
+            mask: None,
+        };
+        let text = TextIn {
+            ids: &ids,
+            padding: None,
+        };
+        let diff = |a: &Encoded, b: &Encoded| (&a.x - &b.x).abs().max().double_value(&[]);
+        assert_eq!(
+            diff(
+                &plain.encode(Some(&image), None, None),
+                &vl.encode(Some(&image), None, None)
+            ),
+            0.0
+        );
+        assert_eq!(
+            diff(
+                &plain.encode(None, Some(&text), None),
+                &vl.encode(None, Some(&text), None)
+            ),
+            0.0
+        );
+        assert!(
+            diff(
+                &plain.encode(Some(&image), Some(&text), None),
+                &vl.encode(Some(&image), Some(&text), None)
+            ) > 1e-3
+        );
+        c.vl_experts = 3;
+        assert!(c.validate().is_err());
     }
 }
