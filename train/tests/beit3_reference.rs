@@ -4,40 +4,14 @@
 //! must agree within 1e-4.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 
 use imglish_train::{Beit3, Beit3Config, ImageIn, Input, InputKind, MaskKind, Masking, TextIn};
 use tch::{Device, Kind, Tensor};
 
-fn manifest_dir() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
+mod common;
 
-fn repo() -> PathBuf {
-    manifest_dir().join("..")
-}
-
-fn python() -> PathBuf {
-    let out = Command::new(repo().join("scripts/setup-libtorch"))
-        .arg("--python")
-        .output()
-        .expect("scripts/setup-libtorch --python");
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/setup-libtorch",
-        path.display()
-    );
-    path
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
+use common::{max_diff, python, repo};
 
 fn small(tie: bool) -> Beit3Config {
     let mut c = Beit3Config::preset("beit3-tiny", [3, 3], 40, 50).expect("preset");

@@ -3,44 +3,14 @@
 //! must agree within 1e-4.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 
 use imglish_train::{Beit, Input, InputKind, MaskKind, Masking, ModelConfig, RelPosBias};
 use tch::{Device, Kind, Tensor};
 
-/// This package's directory. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test, which stays right when the
-/// (shared) target directory holds a binary compiled from another clone of the repository; the compile-time
-/// value is the fallback for running the binary by hand.
-fn manifest_dir() -> std::path::PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
+mod common;
 
-fn repo() -> PathBuf {
-    manifest_dir().join("..")
-}
-
-/// The python of the torch venv (`scripts/setup-libtorch` installs it; `scripts/test` runs that first).
-fn python() -> PathBuf {
-    let out = Command::new(repo().join("scripts/setup-libtorch"))
-        .arg("--python")
-        .output()
-        .expect("scripts/setup-libtorch --python");
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/setup-libtorch (the PyTorch reference needs torch==2.13.0)",
-        path.display()
-    );
-    path
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
+use common::{max_diff, python, repo};
 
 fn check(config: ModelConfig, name: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
