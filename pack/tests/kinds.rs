@@ -111,3 +111,36 @@ fn a_text_sample_must_have_exactly_one_text() {
         "sample 7: is a text sample (no views) but does not have exactly one non-empty text and no pixels"
     );
 }
+
+#[test]
+fn a_pack_that_fails_midway_leaves_no_temporary_shard() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let info = info(1, [2, 2], 64);
+    let tokens = work.path().join("tokens");
+    std::fs::create_dir_all(&tokens).expect("mkdir");
+    let mut w = PartWriter::try_new(tokens.join(part_file_name(0)), &info).expect("writer");
+    // The first 40 samples carry pixels, the rest do not: `--include-pixels` fails once a shard is open.
+    for id in 0..60u64 {
+        let mut r = record(&info, id, id < 40);
+        r.split = Split::Train;
+        w.write(&r).expect("write");
+    }
+    TokensManifest::new(info.clone(), vec![w.finish().expect("finish")])
+        .write(&tokens)
+        .expect("manifest");
+    let out = work.path().join("ds");
+    let config = PackConfig {
+        batch_rows: 8,
+        include_pixels: true,
+        ..PackConfig::default()
+    };
+    let e = pack_dataset(&tokens, None, &out, &config, &|_| {}).expect_err("samples without pixels");
+    assert!(e.to_string().starts_with("sample 40: its token part holds no pixels"), "{e}");
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .expect("ls")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.iter().all(|f| !f.ends_with(".tmp") && !f.starts_with("shard-")), "{left:?}");
+    assert!(!out.join(INDEX_FILE).exists());
+}
