@@ -135,12 +135,18 @@ fn a_pack_that_fails_midway_leaves_no_temporary_shard() {
         ..PackConfig::default()
     };
     let e = pack_dataset(&tokens, None, &out, &config, &|_| {}).expect_err("samples without pixels");
-    assert!(e.to_string().starts_with("sample 40: its token part holds no pixels"), "{e}");
+    assert!(
+        e.to_string().starts_with("sample 40: its token part holds no pixels"),
+        "{e}"
+    );
     let left: Vec<String> = std::fs::read_dir(&out)
         .expect("ls")
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(left.iter().all(|f| !f.ends_with(".tmp") && !f.starts_with("shard-")), "{left:?}");
+    assert!(
+        left.iter().all(|f| !f.ends_with(".tmp") && !f.starts_with("shard-")),
+        "{left:?}"
+    );
     assert!(!out.join(INDEX_FILE).exists());
 }
