@@ -231,3 +231,66 @@ fn settings_that_cannot_work_are_refused() {
     let err = train_beit3(&dataset, &dir.path().join("run2"), &c, &options(), &mut |_| {}).expect_err("world");
     assert!(err.to_string().contains("BEiT-3 training runs in one process"), "{err}");
 }
+
+/// A dataset of text samples only: BEiT can use none of them and must say so instead of waiting forever.
+#[test]
+fn beit_on_a_dataset_without_images_stops_with_the_reason() {
+    use imglish_train::{train, MaskKind, Masking, ModelConfig, TrainConfig};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir_all(&tokens).expect("mkdir");
+    let info = TokenizerInfo {
+        fingerprint: "ef".repeat(32),
+        card: serde_json::json!({"name": "synthetic"}),
+        grid: [4, 4],
+        vocab_size: VOCAB,
+        text_vocab_size: Some(TEXT_VOCAB),
+        text_special_ids: specials(),
+        views_per_sample: 1,
+    };
+    let mut part = PartWriter::try_new(tokens.join(part_file_name(0)), &info).expect("part");
+    for id in 0..30u64 {
+        part.write(&TokenRecord {
+            sample_id: id,
+            views: vec![],
+            captions: vec![vec![2, 5 + (id % 30) as u32, 3]],
+            label: None,
+            split: if id < 25 { Split::Train } else { Split::Val },
+            pixels: None,
+        })
+        .expect("write");
+    }
+    TokensManifest::new(info, vec![part.finish().expect("finish")])
+        .write(&tokens)
+        .expect("manifest");
+    let dataset = dir.path().join("dataset");
+    pack_dataset(&tokens, None, &dataset, &PackConfig::default(), &|_| {}).expect("pack");
+    let mut model = ModelConfig::preset("tiny", [4, 4], i64::from(VOCAB)).expect("preset");
+    (model.dim, model.heads, model.depth) = (16, 2, 1);
+    let c = config(2);
+    let beit = TrainConfig {
+        model,
+        optim: c.optim,
+        masking: Masking::new(MaskKind::Blockwise, [4, 4]).expect("masking"),
+        steps: 2,
+        accum: 1,
+        seed: 1,
+        stream: c.stream,
+    };
+    let started = std::time::Instant::now();
+    let err = train(&dataset, &dir.path().join("run"), &beit, &options(), &mut |_| {}).expect_err("no images");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "dataset {}: no usable training sample in a whole epoch (25 read; the first, sample {}, was skipped: a \
+             text sample: BEiT trains on images (--model beit3 trains on texts))",
+            dataset.display(),
+            err.to_string()
+                .split("sample ")
+                .nth(2)
+                .and_then(|s| s.split(',').next())
+                .unwrap_or("?")
+        )
+    );
+    assert!(started.elapsed().as_secs() < 30);
+}
