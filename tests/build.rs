@@ -118,3 +118,34 @@ fn builds_are_reproducible_resumable_and_verifiable() {
         )
     );
 }
+
+#[test]
+fn text_corpora_in_a_build_config_are_inputs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let text = std::fs::read_to_string(manifest_dir().join("examples/build/demo.toml")).expect("example config");
+    let config = text.replace("images = 240", "images = 40").replace(
+        "captions = [\"{out}/demo/captions/coco_captions.json\"]",
+        "captions = [\"{out}/demo/captions/coco_captions.json\"]\ntexts = [\"docs.txt\"]",
+    );
+    assert!(config.contains("texts = [\"docs.txt\"]"));
+    std::fs::write(d.join("demo.toml"), config).expect("write config");
+    std::fs::write(
+        d.join("docs.txt"),
+        "a red circle\na blue square above a ring\nthree small crosses\n",
+    )
+    .expect("docs");
+    ok(&imglish(d, &["-q", "build", "demo.toml", "--out", "a"]));
+    let inspect = imglish(d, &["--log-format", "json", "inspect", "a/dataset"]);
+    ok(&inspect);
+    let stdout = String::from_utf8_lossy(&inspect.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("line")).expect("json");
+    assert_eq!(v["stats"]["kinds"][1], 3, "three text samples: {v}");
+
+    // The text corpus is an input: changing it runs ingest again.
+    std::fs::write(d.join("docs.txt"), "a red circle\n").expect("docs");
+    let again = imglish(d, &["build", "demo.toml", "--out", "a"]);
+    ok(&again);
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(!stdout.contains("build: ingest up to date (skipped)"), "{stdout}");
+}
