@@ -249,31 +249,10 @@ impl Beit {
     fn embed(&self, input: &Input, mask: Option<&Tensor>) -> Tensor {
         let x = match (&self.embed, input) {
             (Embed::Tokens(e), Input::Tokens(t)) => e.forward(t),
-            (Embed::Pixels(conv), Input::Pixels(p)) => match self.cast {
-                None => conv.forward(p),
-                Some(k) => p
-                    .to_kind(k)
-                    .conv2d(
-                        &conv.ws.to_kind(k),
-                        conv.bs.as_ref().map(|b| b.to_kind(k)),
-                        [self.config.patch_size; 2],
-                        [0, 0],
-                        [1, 1],
-                        1,
-                    )
-                    .to_kind(Kind::Float),
-            }
-            .flatten(2, -1)
-            .transpose(1, 2),
+            (Embed::Pixels(conv), Input::Pixels(p)) => patch_embed(conv, p, self.config.patch_size, self.cast),
             _ => panic!("model input kind does not match the model configuration"),
         };
-        match mask {
-            Some(m) => {
-                let w = m.unsqueeze(-1).to_kind(x.kind());
-                &x * (1.0 - &w) + &self.mask_token * &w
-            }
-            None => x,
-        }
+        with_mask_token(x, mask, &self.mask_token)
     }
 
     fn rel_bias(&self, table: &Tensor) -> Tensor {
@@ -333,6 +312,38 @@ impl Beit {
     /// names); a missing, extra or misshaped tensor is an error naming it.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         tensors::load_params(self.named_parameters(), path)
+    }
+}
+
+/// Patch embedding `[B, N, dim]` of pixels `[B, 3, H, W]` through the strided convolution `conv`, computed in
+/// `cast` (if set) and returned in float32.
+pub(crate) fn patch_embed(conv: &nn::Conv2D, pixels: &Tensor, patch: i64, cast: Option<Kind>) -> Tensor {
+    match cast {
+        None => conv.forward(pixels),
+        Some(k) => pixels
+            .to_kind(k)
+            .conv2d(
+                &conv.ws.to_kind(k),
+                conv.bs.as_ref().map(|b| b.to_kind(k)),
+                [patch; 2],
+                [0, 0],
+                [1, 1],
+                1,
+            )
+            .to_kind(Kind::Float),
+    }
+    .flatten(2, -1)
+    .transpose(1, 2)
+}
+
+/// `x` `[B, N, dim]` with the positions of `mask` (`[B, N]` bool) replaced by `mask_token`.
+pub(crate) fn with_mask_token(x: Tensor, mask: Option<&Tensor>, mask_token: &Tensor) -> Tensor {
+    match mask {
+        Some(m) => {
+            let w = m.unsqueeze(-1).to_kind(x.kind());
+            &x * (1.0 - &w) + mask_token * &w
+        }
+        None => x,
     }
 }
 

@@ -120,27 +120,13 @@ impl Beit3Config {
         }
     }
 
-    /// Checks every field and the combination.
+    /// Checks every field and the combination (the image side with the same rules as a BEiT configuration).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
-        if self.dim <= 0 || self.depth <= 0 || self.heads <= 0 || self.ffn_dim <= 0 {
-            return bad(format!(
-                "dim, depth, heads and ffn_dim must be positive (got {}, {}, {}, {})",
-                self.dim, self.depth, self.heads, self.ffn_dim
-            ));
+        if self.ffn_dim <= 0 {
+            return bad(format!("ffn_dim must be positive (got {})", self.ffn_dim));
         }
-        if self.dim % self.heads != 0 {
-            return bad(format!("dim {} is not a multiple of heads {}", self.dim, self.heads));
-        }
-        if self.grid[0] <= 0 || self.grid[1] <= 0 || self.patch_size <= 0 {
-            return bad(format!(
-                "grid {:?} and patch_size {} must be positive",
-                self.grid, self.patch_size
-            ));
-        }
-        if self.vocab_size < 2 || self.vocab_size > 65536 {
-            return bad(format!("vocab_size must be in 2..=65536 (got {})", self.vocab_size));
-        }
+        self.data_config().validate()?;
         if self.text_vocab_size < 2 || self.text_vocab_size > 1 << 24 {
             return bad(format!(
                 "text_vocab_size must be in 2..=16777216 (got {})",
@@ -158,14 +144,6 @@ impl Beit3Config {
                 "vl_experts must be in 0..={} (the depth), got {}",
                 self.depth, self.vl_experts
             ));
-        }
-        if !(0.0..1.0).contains(&self.drop_path) {
-            return bad(format!("drop_path must be in [0, 1) (got {})", self.drop_path));
-        }
-        if self.layer_norm_eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
-            || self.init_std.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
-        {
-            return bad("layer_norm_eps and init_std must be positive".into());
         }
         Ok(())
     }

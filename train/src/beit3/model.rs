@@ -17,7 +17,7 @@ use imglish_ingest::mix64;
 use crate::beit3::config::Beit3Config;
 use crate::config::InputKind;
 use crate::error::Result;
-use crate::model::{drop_path, lin, param_key, trunc_normal_, uniform_, Input};
+use crate::model::{drop_path, lin, param_key, patch_embed, trunc_normal_, uniform_, with_mask_token, Input};
 use crate::tensors;
 
 /// Which expert each position of a sequence uses.
@@ -342,31 +342,10 @@ impl Beit3 {
     fn embed_image(&self, image: &ImageIn<'_>) -> Tensor {
         let x = match (&self.vision, image.input) {
             (VisionInput::Tokens(e), Input::Tokens(t)) => e.forward(t),
-            (VisionInput::Pixels(conv), Input::Pixels(p)) => match self.cast {
-                None => conv.forward(p),
-                Some(k) => p
-                    .to_kind(k)
-                    .conv2d(
-                        &conv.ws.to_kind(k),
-                        conv.bs.as_ref().map(|b| b.to_kind(k)),
-                        [self.config.patch_size; 2],
-                        [0, 0],
-                        [1, 1],
-                        1,
-                    )
-                    .to_kind(Kind::Float),
-            }
-            .flatten(2, -1)
-            .transpose(1, 2),
+            (VisionInput::Pixels(conv), Input::Pixels(p)) => patch_embed(conv, p, self.config.patch_size, self.cast),
             _ => panic!("model input kind does not match the model configuration"),
         };
-        let x = match image.mask {
-            Some(m) => {
-                let w = m.unsqueeze(-1).to_kind(x.kind());
-                &x * (1.0 - &w) + &self.mask_token * &w
-            }
-            None => x,
-        };
+        let x = with_mask_token(x, image.mask, &self.mask_token);
         let b = x.size()[0];
         let cls = self.cls_token.expand([b, 1, self.config.dim], false);
         let x = Tensor::cat(&[cls, x], 1);
