@@ -170,7 +170,8 @@ fn quickstart_with_beit3_trains_every_task_and_runs_both_probes() {
     assert_eq!(ranks.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&ranks.stderr).trim(),
-        "error: training on qs/dataset failed: invalid configuration: world size 2: BEiT-3 training runs in one \
-         process (several would train unrelated models; data-parallel training is not available yet)"
+        "error: rank 0 of world size 2: `imglish train` trains in one process; for data-parallel training over \
+         several processes or machines run `torchrun --nproc_per_node N -m imglish.pretrain --dataset qs/dataset \
+         --out r3` (docs/guides.md, \"From one machine to a cluster\")"
     );
 }

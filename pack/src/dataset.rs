@@ -478,6 +478,34 @@ impl Dataset {
         EpochOrder::new(&self.batch_layout(&self.selection(split)), shuffle, seed, epoch)
     }
 
+    /// Random access to `epoch` of `split` by global position ([`EpochReader`]).
+    pub fn epoch_reader(&self, split: Option<Split>, shuffle: Shuffle, seed: u64, epoch: u64) -> Result<EpochReader> {
+        let selection = self.selection(split);
+        let layout = self.batch_layout(&selection);
+        let order = Arc::new(EpochOrder::new(&layout, shuffle, seed, epoch)?);
+        Ok(EpochReader {
+            dataset: self.clone(),
+            order,
+            plan: Arc::new(self.plan(selection)),
+            seed,
+            epoch,
+        })
+    }
+
+    fn plan(&self, selection: Vec<usize>) -> Plan {
+        let mut firsts = Vec::with_capacity(selection.len());
+        let mut f = 0u64;
+        for &i in &selection {
+            firsts.push(f);
+            f += self.shards()[i].rows;
+        }
+        Plan {
+            selection,
+            firsts,
+            batch_rows: u64::from(self.index().config.batch_rows),
+        }
+    }
+
     /// Streams one epoch from `state` (use `StreamState::default()` to start; [`SampleStream::state`] to resume,
     /// with the same or another world size). Workers decode on background threads into bounded channels.
     pub fn stream(&self, options: &StreamOptions, state: StreamState) -> Result<SampleStream> {
@@ -495,17 +523,7 @@ impl Dataset {
         let n = order.len();
         let start = state.position.min(n);
         let end = p.end(start, n, options.drop_last);
-        let mut firsts = Vec::with_capacity(selection.len());
-        let mut f = 0u64;
-        for &i in &selection {
-            firsts.push(f);
-            f += self.shards()[i].rows;
-        }
-        let plan = Arc::new(Plan {
-            selection,
-            firsts,
-            batch_rows: u64::from(self.index().config.batch_rows),
-        });
+        let plan = Arc::new(self.plan(selection));
         let corrupt = Arc::new(Mutex::new(CorruptReport::default()));
         let mut receivers = Vec::new();
         let mut handles = Vec::new();
@@ -552,6 +570,7 @@ impl Dataset {
     }
 }
 
+#[derive(Debug)]
 struct Plan {
     selection: Vec<usize>,
     firsts: Vec<u64>,
@@ -603,100 +622,178 @@ struct Worker {
 
 impl Worker {
     fn run(self, tx: &std::sync::mpsc::SyncSender<Vec<Slot>>) {
-        let k = self.dataset.tokenizer().views_per_sample;
         let mut positions = self.partition.positions(self.start, self.end).peekable();
+        let lookup = Lookup {
+            dataset: &self.dataset,
+            order: &self.order,
+            plan: &self.plan,
+            seed: self.options.seed,
+            epoch: self.epoch,
+        };
         while positions.peek().is_some() {
             let chunk: Vec<u64> = positions.by_ref().take(self.options.chunk_samples).collect();
-            let mut slots: Vec<Option<Slot>> = chunk.iter().map(|_| None).collect();
-            let mut groups: BTreeMap<(usize, usize), Vec<Wanted>> = BTreeMap::new();
-            for (i, &p) in chunk.iter().enumerate() {
-                let idx = self.order.sample_at(p);
-                let (s, b, r) = self.plan.locate(idx);
-                groups.entry((s, b)).or_default().push((i, r, idx));
-            }
-            let mut fatal = false;
-            for ((s, b), wanted) in groups {
-                let result = self.dataset.shard(s).and_then(|shard| {
-                    shard.with_batch(b, |v| {
-                        for &(i, r, idx) in &wanted {
-                            if r >= v.rows() {
-                                return Err(PackError::CorruptShard {
-                                    shard: shard.name().to_string(),
-                                    batch: Some(b),
-                                    reason: format!("has {} rows, row {r} was expected", v.rows()),
-                                });
-                            }
-                            let sample_id = v.sample_id(r);
-                            let kind = v.kind(r);
-                            let (view, vr) = if kind == SampleKind::Text {
-                                (
-                                    0,
-                                    crate::record::ViewRecord {
-                                        crop: [0; 4],
-                                        flip: false,
-                                        tokens: Vec::new(),
-                                    },
-                                )
-                            } else {
-                                let view = view_for(self.options.seed, self.epoch, sample_id, k);
-                                (view, v.view(r, view as usize))
-                            };
-                            slots[i] = Some(Slot::Sample(Box::new(Sample {
-                                position: chunk[i],
-                                index: idx,
-                                sample_id,
-                                view,
-                                crop: vr.crop,
-                                flip: vr.flip,
-                                tokens: vr.tokens,
-                                captions: v.captions(r),
-                                label: v.label(r),
-                                split: v.split(r),
-                                pixels: v.pixels(r),
-                                kind,
-                            })));
-                        }
-                        Ok(())
-                    })?
-                });
-                if let Err(e) = result {
-                    if self.options.skip_corrupt {
-                        tracing::warn!("skipping {} samples: {e}", wanted.len());
-                        if let Ok(mut c) = self.corrupt.lock() {
-                            c.skipped_samples += wanted.len() as u64;
-                            c.shards
-                                .entry(self.dataset.shards()[s].file.clone())
-                                .or_insert_with(|| e.to_string());
-                        }
-                        for &(i, _, _) in &wanted {
-                            slots[i] = Some(Slot::Skipped);
-                        }
-                    } else {
-                        let first = wanted.first().map_or(0, |w| w.0);
-                        slots.truncate(first);
-                        slots.push(Some(Slot::Failed(e)));
-                        fatal = true;
-                        break;
-                    }
-                }
-            }
-            // On failure, deliver what precedes the first failed position, then the error.
-            let out: Vec<Slot> = if fatal {
-                let mut v: Vec<Slot> = Vec::new();
-                for s in slots {
-                    match s {
-                        Some(s) => v.push(s),
-                        None => break,
-                    }
-                }
-                v
-            } else {
-                slots.into_iter().flatten().collect()
-            };
+            let skip = self.options.skip_corrupt.then_some(&*self.corrupt);
+            let (out, fatal) = lookup.resolve(&chunk, skip);
             if tx.send(out).is_err() || fatal {
                 return;
             }
         }
+    }
+}
+
+/// Resolves global positions of one epoch to samples.
+struct Lookup<'a> {
+    dataset: &'a Dataset,
+    order: &'a EpochOrder,
+    plan: &'a Plan,
+    seed: u64,
+    epoch: u64,
+}
+
+impl Lookup<'_> {
+    /// The samples at `chunk` (positions), each record batch decoded once. With `skip` (skip corrupt data),
+    /// samples of a bad shard or batch become [`Slot::Skipped`] and are counted there; without it the result
+    /// stops at the first failed position with [`Slot::Failed`], and the flag is `true`.
+    fn resolve(&self, chunk: &[u64], skip: Option<&Mutex<CorruptReport>>) -> (Vec<Slot>, bool) {
+        let k = self.dataset.tokenizer().views_per_sample;
+        let mut slots: Vec<Option<Slot>> = chunk.iter().map(|_| None).collect();
+        let mut groups: BTreeMap<(usize, usize), Vec<Wanted>> = BTreeMap::new();
+        for (i, &p) in chunk.iter().enumerate() {
+            let idx = self.order.sample_at(p);
+            let (s, b, r) = self.plan.locate(idx);
+            groups.entry((s, b)).or_default().push((i, r, idx));
+        }
+        let mut fatal = false;
+        for ((s, b), wanted) in groups {
+            let result = self.dataset.shard(s).and_then(|shard| {
+                shard.with_batch(b, |v| {
+                    for &(i, r, idx) in &wanted {
+                        if r >= v.rows() {
+                            return Err(PackError::CorruptShard {
+                                shard: shard.name().to_string(),
+                                batch: Some(b),
+                                reason: format!("has {} rows, row {r} was expected", v.rows()),
+                            });
+                        }
+                        let sample_id = v.sample_id(r);
+                        let kind = v.kind(r);
+                        let (view, vr) = if kind == SampleKind::Text {
+                            (
+                                0,
+                                crate::record::ViewRecord {
+                                    crop: [0; 4],
+                                    flip: false,
+                                    tokens: Vec::new(),
+                                },
+                            )
+                        } else {
+                            let view = view_for(self.seed, self.epoch, sample_id, k);
+                            (view, v.view(r, view as usize))
+                        };
+                        slots[i] = Some(Slot::Sample(Box::new(Sample {
+                            position: chunk[i],
+                            index: idx,
+                            sample_id,
+                            view,
+                            crop: vr.crop,
+                            flip: vr.flip,
+                            tokens: vr.tokens,
+                            captions: v.captions(r),
+                            label: v.label(r),
+                            split: v.split(r),
+                            pixels: v.pixels(r),
+                            kind,
+                        })));
+                    }
+                    Ok(())
+                })?
+            });
+            if let Err(e) = result {
+                if let Some(corrupt) = skip {
+                    tracing::warn!("skipping {} samples: {e}", wanted.len());
+                    if let Ok(mut c) = corrupt.lock() {
+                        c.skipped_samples += wanted.len() as u64;
+                        c.shards
+                            .entry(self.dataset.shards()[s].file.clone())
+                            .or_insert_with(|| e.to_string());
+                    }
+                    for &(i, _, _) in &wanted {
+                        slots[i] = Some(Slot::Skipped);
+                    }
+                } else {
+                    let first = wanted.first().map_or(0, |w| w.0);
+                    slots.truncate(first);
+                    slots.push(Some(Slot::Failed(e)));
+                    fatal = true;
+                    break;
+                }
+            }
+        }
+        // On failure, deliver what precedes the first failed position, then the error.
+        let out: Vec<Slot> = if fatal {
+            slots.into_iter().map_while(|s| s).collect()
+        } else {
+            slots.into_iter().flatten().collect()
+        };
+        (out, fatal)
+    }
+}
+
+/// Random access to one epoch by global position, for readers that plan their own positions (the Python
+/// package's `StreamingDataset` hands each DataLoader worker whole batches). Made by [`Dataset::epoch_reader`].
+#[derive(Debug, Clone)]
+pub struct EpochReader {
+    dataset: Dataset,
+    order: Arc<EpochOrder>,
+    plan: Arc<Plan>,
+    seed: u64,
+    epoch: u64,
+}
+
+impl EpochReader {
+    /// Samples in the epoch (positions `0..len()`).
+    pub fn len(&self) -> u64 {
+        self.order.len()
+    }
+
+    /// Whether the epoch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The samples at `positions` (each `< len()`), in that order, with the view of the epoch chosen as the
+    /// streaming reader chooses it; each record batch is decoded once per call. A corrupt shard or batch is an
+    /// error naming it.
+    pub fn samples(&self, positions: &[u64]) -> Result<Vec<Sample>> {
+        if let Some(&p) = positions.iter().find(|&&p| p >= self.len()) {
+            return Err(PackError::OutOfRange {
+                what: "position",
+                index: p,
+                len: self.len(),
+            });
+        }
+        let lookup = Lookup {
+            dataset: &self.dataset,
+            order: &self.order,
+            plan: &self.plan,
+            seed: self.seed,
+            epoch: self.epoch,
+        };
+        let (slots, _) = lookup.resolve(positions, None);
+        let mut out = Vec::with_capacity(positions.len());
+        for slot in slots {
+            match slot {
+                Slot::Sample(s) => out.push(*s),
+                Slot::Failed(e) => return Err(e),
+                Slot::Skipped => {}
+            }
+        }
+        Ok(out)
     }
 }
 

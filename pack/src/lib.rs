@@ -70,7 +70,7 @@ mod util;
 
 pub use build::{manifest_fingerprint, pack_dataset, PackSummary, PROGRESS_FILE};
 pub use dataset::{
-    CorruptReport, Dataset, DatasetStats, LengthSummary, Sample, SampleStream, StreamOptions, VerifyReport,
+    CorruptReport, Dataset, DatasetStats, EpochReader, LengthSummary, Sample, SampleStream, StreamOptions, VerifyReport,
 };
 pub use error::{PackError, Result};
 pub use index::{DatasetIndex, PackConfig, ShardEntry, INDEX_FILE};

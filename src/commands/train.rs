@@ -6,9 +6,8 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use imglish_pack::{Dataset, Shuffle};
 use imglish_train::{
-    train, train_beit3, Beit3Config, Beit3Event, Beit3Metrics, Beit3TrainConfig, DataMode, Event, InputKind, MaskKind,
-    Masking, ModelConfig, Objective, OptimConfig, Precision, RelPosBias, RunOptions, StreamConfig, TextMasking,
-    TorchDevice, TrainConfig,
+    train, train_beit3, Beit3Event, Beit3Metrics, Beit3TrainConfig, DataMode, Event, InputKind, MaskKind, ModelKind,
+    Precision, RelPosBias, RunOptions, TorchDevice, TrainOptions,
 };
 
 use crate::output::Output;
@@ -249,159 +248,72 @@ fn parse_mix(text: &str) -> Result<[f64; 3], String> {
 }
 
 impl TrainArgs {
-    fn stream(&self) -> StreamConfig {
-        StreamConfig {
+    /// The options that decide what the run computes (shared with `python -m imglish.pretrain`).
+    fn options(&self) -> TrainOptions {
+        TrainOptions {
+            model: match self.model {
+                ModelArg::Beit => ModelKind::Beit,
+                ModelArg::Beit3 => ModelKind::Beit3,
+            },
+            preset: self.preset.clone(),
+            model_config: self.model_config.clone(),
+            dim: self.size.dim,
+            depth: self.size.depth,
+            heads: self.size.heads,
+            drop_path: self.drop_path,
+            rel_pos: self.rel_pos.map(|r| match r {
+                RelPosArg::Shared => RelPosBias::Shared,
+                RelPosArg::PerLayer => RelPosBias::PerLayer,
+                RelPosArg::Off => RelPosBias::Off,
+            }),
+            abs_pos: self.abs_pos,
+            input: match self.input {
+                InputArg::Tokens => InputKind::Tokens,
+                InputArg::Pixels => InputKind::Pixels,
+            },
+            mix: self.mix,
+            text_mask_ratio: self.text_mask_ratio,
+            pair_text_mask_ratio: self.pair_text_mask_ratio,
+            tie_mlm_head: self.tie_mlm_head,
+            vl_experts: self.vl_experts,
+            steps: self.steps,
             batch_size: self.batch_size,
+            accum: self.accum,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_steps: self.warmup_steps,
+            weight_decay: self.weight_decay,
+            clip_grad: self.clip_grad,
+            mask: match self.mask {
+                MaskArg::Blockwise => MaskKind::Blockwise,
+                MaskArg::Random => MaskKind::Random,
+            },
+            mask_ratio: self.mask_ratio,
+            min_mask_block: self.min_mask_block,
+            seed: self.seed,
             shuffle: match self.shuffle {
                 ShuffleArg::Window => Shuffle::default(),
                 ShuffleArg::Global => Shuffle::Global,
                 ShuffleArg::None => Shuffle::None,
             },
-            rank: self.rank,
-            world_size: self.world_size,
             prefetch: self.prefetch,
             skip_corrupt: self.skip_corrupt,
         }
     }
-
-    fn optim(&self) -> anyhow::Result<OptimConfig> {
-        let optim = OptimConfig {
-            lr: self.lr,
-            min_lr: self.min_lr,
-            warmup_steps: self.warmup_steps,
-            weight_decay: self.weight_decay,
-            clip_grad: (self.clip_grad > 0.0).then_some(self.clip_grad),
-            ..OptimConfig::default()
-        };
-        optim.validate()?;
-        Ok(optim)
-    }
-
-    fn input_kind(&self) -> InputKind {
-        match self.input {
-            InputArg::Tokens => InputKind::Tokens,
-            InputArg::Pixels => InputKind::Pixels,
-        }
-    }
-
-    fn beit3_config(&self, dataset: &Dataset) -> anyhow::Result<Beit3TrainConfig> {
-        let info = dataset.tokenizer();
-        let grid = [i64::from(info.grid[0]), i64::from(info.grid[1])];
-        let text_vocab = info.text_vocab_size.ok_or_else(|| {
-            anyhow::anyhow!(
-                "dataset {}: --model beit3 needs text token ids, and this dataset was tokenized without a text \
-                 tokenizer (tokenize --text-tokenizer)",
-                dataset.dir().display()
-            )
-        })?;
-        let mut model = match &self.model_config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                serde_json::from_str::<Beit3Config>(&text)
-                    .with_context(|| format!("{} is not a BEiT-3 model configuration", path.display()))?
-            }
-            None => {
-                let name = if self.preset.starts_with("beit3-") {
-                    self.preset.clone()
-                } else {
-                    format!("beit3-{}", self.preset)
-                };
-                Beit3Config::preset(&name, grid, i64::from(info.vocab_size), i64::from(text_vocab))?
-            }
-        };
-        if let Some(d) = self.size.dim {
-            model.dim = d;
-            model.ffn_dim = 4 * d;
-        }
-        model.depth = self.size.depth.unwrap_or(model.depth);
-        model.heads = self.size.heads.unwrap_or(model.heads);
-        if let Some(p) = self.drop_path {
-            model.drop_path = p;
-        }
-        model.tie_mlm_head |= self.tie_mlm_head;
-        if self.vl_experts > 0 {
-            model.vl_experts = self.vl_experts;
-        }
-        model.input = self.input_kind();
-        model.validate()?;
-        let text = TextMasking::from_special_ids(text_vocab, &info.text_special_ids)
-            .with_context(|| format!("dataset {}", dataset.dir().display()))?;
-        let g = [grid[0] as usize, grid[1] as usize];
-        let mut objective = Objective::beit3(g, text)?;
-        if let Some(r) = self.mask_ratio {
-            objective.image_masking = objective.image_masking.clone().try_with_ratio(r)?;
-            objective.pair_image_masking = objective.pair_image_masking.clone().try_with_ratio(r)?;
-        }
-        if let Some(b) = self.min_mask_block {
-            objective.image_masking = objective.image_masking.clone().try_with_min_block(b)?;
-            objective.pair_image_masking = objective.pair_image_masking.clone().try_with_min_block(b)?;
-        }
-        objective.mix = self.mix;
-        objective.text_ratio = self.text_mask_ratio;
-        objective.pair_text_ratio = self.pair_text_mask_ratio;
-        objective.validate()?;
-        Ok(Beit3TrainConfig {
-            model,
-            objective,
-            optim: self.optim()?,
-            steps: self.steps,
-            accum: self.accum,
-            seed: self.seed,
-            stream: self.stream(),
-        })
-    }
-
-    fn config(&self, dataset: &Dataset) -> anyhow::Result<TrainConfig> {
-        let info = dataset.tokenizer();
-        let grid = [i64::from(info.grid[0]), i64::from(info.grid[1])];
-        let mut model = match &self.model_config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                serde_json::from_str::<ModelConfig>(&text)
-                    .with_context(|| format!("{} is not a model configuration", path.display()))?
-            }
-            None => ModelConfig::preset(&self.preset, grid, i64::from(info.vocab_size))?,
-        };
-        model.dim = self.size.dim.unwrap_or(model.dim);
-        model.depth = self.size.depth.unwrap_or(model.depth);
-        model.heads = self.size.heads.unwrap_or(model.heads);
-        if let Some(p) = self.drop_path {
-            model.drop_path = p;
-        }
-        model.abs_pos_emb |= self.abs_pos;
-        if let Some(r) = self.rel_pos {
-            model.rel_pos_bias = match r {
-                RelPosArg::Shared => RelPosBias::Shared,
-                RelPosArg::PerLayer => RelPosBias::PerLayer,
-                RelPosArg::Off => RelPosBias::Off,
-            };
-        }
-        model.input = self.input_kind();
-        model.validate()?;
-        let kind = match self.mask {
-            MaskArg::Blockwise => MaskKind::Blockwise,
-            MaskArg::Random => MaskKind::Random,
-        };
-        let mut masking = Masking::new(kind, [grid[0] as usize, grid[1] as usize])?;
-        if let Some(r) = self.mask_ratio {
-            masking = masking.try_with_ratio(r)?;
-        }
-        if let Some(b) = self.min_mask_block {
-            masking = masking.try_with_min_block(b)?;
-        }
-        Ok(TrainConfig {
-            model,
-            optim: self.optim()?,
-            masking,
-            steps: self.steps,
-            accum: self.accum,
-            seed: self.seed,
-            stream: self.stream(),
-        })
-    }
 }
 
 pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    if args.world_size != 1 || args.rank != 0 {
+        anyhow::bail!(
+            "rank {} of world size {}: `imglish train` trains in one process; for data-parallel training over several \
+             processes or machines run `torchrun --nproc_per_node N -m imglish.pretrain --dataset {} --out {}` \
+             (docs/guides.md, \"From one machine to a cluster\")",
+            args.rank,
+            args.world_size,
+            args.dataset.display(),
+            args.out.display()
+        );
+    }
     let _lock = super::lock::lock_dir(&args.out)?;
     imglish_train::set_threads(threads);
     let device: TorchDevice = args.device.parse()?;
@@ -424,11 +336,12 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
             DataMode::Stream
         },
     };
+    let train_options = args.options();
     if args.model == ModelArg::Beit3 {
-        let config = args.beit3_config(&dataset)?;
+        let config = train_options.beit3_config(&dataset)?;
         return run_beit3(args, &config, &options, out);
     }
-    let config = args.config(&dataset)?;
+    let config = train_options.beit_config(&dataset)?;
     let bar = out.progress(0, "training");
     let mut observer = |e: &Event| match e {
         Event::Started {

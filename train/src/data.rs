@@ -69,6 +69,14 @@ impl Batch {
         self.sample_ids.is_empty()
     }
 
+    /// The normalised pixels `[B * 3 * H * W]` of a pixel-input batch.
+    pub fn pixels(&self) -> Option<&[f32]> {
+        match &self.input {
+            BatchInput::Pixels(p) => Some(p),
+            BatchInput::Tokens => None,
+        }
+    }
+
     /// The tensors on `device`.
     pub fn to_device(&self, config: &ModelConfig, device: Device) -> DeviceBatch {
         let b = self.len() as i64;
@@ -300,6 +308,22 @@ pub struct StreamConfig {
     pub prefetch: usize,
     /// Skip samples of corrupt shards instead of failing (counted and reported).
     pub skip_corrupt: bool,
+}
+
+impl StreamConfig {
+    /// Refuses anything but rank 0 of 1: several processes running this trainer would train unrelated models.
+    /// Data-parallel training runs on torch.distributed through `python -m imglish.pretrain`.
+    pub fn check_single_process(&self) -> Result<()> {
+        if self.world_size != 1 || self.rank != 0 {
+            return Err(TrainError::Config(format!(
+                "rank {} of world size {}: this trainer runs in one process (several would train unrelated \
+                 models); data-parallel training runs under torchrun: `torchrun --nproc_per_node N -m \
+                 imglish.pretrain ...`",
+                self.rank, self.world_size
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Batches from a background thread: the training stream, epoch after epoch.

@@ -35,6 +35,7 @@
 //! # }
 //! ```
 
+mod batches;
 mod beit3;
 mod config;
 mod data;
@@ -43,15 +44,17 @@ mod error;
 mod masking;
 mod model;
 mod optim;
+mod options;
 mod plot;
 mod probe;
 mod tensors;
 mod trainer;
 
+pub use batches::{Array, BatchMaker, MadeBatch};
 pub use beit3::{
     caption_for, load_beit3, probe_retrieval, train_beit3, Beit3, Beit3Batch, Beit3Config, Beit3Event, Beit3Metrics,
     Beit3Summary, Beit3TrainConfig, Encoded, Group, ImageIn, MaskedText, Objective, Recall, RetrievalConfig,
-    RetrievalReport, SampleKind, TaskMetrics, TextIn, TextMasking, Way, BEIT3_PRESETS,
+    RetrievalReport, SampleKind, TaskMetrics, TextArrays, TextIn, TextMasking, Way, BEIT3_PRESETS,
 };
 pub use config::{InputKind, ModelConfig, RelPosBias, PRESETS};
 pub use data::{Batch, DeviceBatch, FixedSet, Loader, StreamConfig};
@@ -60,6 +63,7 @@ pub use error::{Result, TrainError};
 pub use masking::{MaskKind, Masking};
 pub use model::{relative_position_index, Beit, Input};
 pub use optim::{decays, AdamW, OptimConfig};
+pub use options::{ModelKind, TrainOptions};
 pub use plot::plot_losses;
 pub use probe::{probe, ProbeConfig, ProbeReport};
 pub use trainer::{

@@ -358,12 +358,7 @@ pub fn train(
             "steps, accum and batch size must be positive".into(),
         ));
     }
-    if config.stream.world_size == 0 || config.stream.rank >= config.stream.world_size {
-        return Err(TrainError::Config(format!(
-            "rank {} is not below world size {}",
-            config.stream.rank, config.stream.world_size
-        )));
-    }
+    config.stream.check_single_process()?;
     let device = options.device.resolve()?;
     let dataset = Dataset::open(dataset_dir)?;
     check_dataset(&dataset, &config.model)?;

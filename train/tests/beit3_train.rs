@@ -229,7 +229,7 @@ fn settings_that_cannot_work_are_refused() {
     let mut c = config(2);
     c.stream.world_size = 2;
     let err = train_beit3(&dataset, &dir.path().join("run2"), &c, &options(), &mut |_| {}).expect_err("world");
-    assert!(err.to_string().contains("BEiT-3 training runs in one process"), "{err}");
+    assert!(err.to_string().contains("this trainer runs in one process"), "{err}");
 }
 
 /// A dataset of text samples only: BEiT can use none of them and must say so instead of waiting forever.

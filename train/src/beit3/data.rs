@@ -40,11 +40,13 @@ impl SampleKind {
         }
     }
 
-    fn has_image(self) -> bool {
+    /// Whether samples of this kind have an image.
+    pub fn has_image(self) -> bool {
         self != SampleKind::Text
     }
 
-    fn has_text(self) -> bool {
+    /// Whether samples of this kind have a text.
+    pub fn has_text(self) -> bool {
         self != SampleKind::Image
     }
 }
@@ -224,28 +226,55 @@ impl Group {
             g.mim_targets = Some(Tensor::from_slice(&masked).to_device(device));
         }
         if kind.has_text() {
-            let len = self.texts.iter().map(Vec::len).max().unwrap_or(0);
-            let (mut ids, mut pad, mut predict, mut targets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((orig, input), pred) in self.texts.iter().zip(&self.text_input).zip(&self.text_predict) {
-                for i in 0..len {
-                    ids.push(i64::from(input.get(i).copied().unwrap_or(pad_id)));
-                    pad.push(i >= input.len());
-                    let p = pred.get(i).copied().unwrap_or(false);
-                    predict.push(p);
-                }
-                targets.extend(orig.iter().zip(pred).filter(|(_, &p)| p).map(|(&t, _)| i64::from(t)));
-            }
-            let len = len as i64;
-            g.text = Some(Tensor::from_slice(&ids).view([n, len]).to_device(device));
-            g.padding = Some(Tensor::from_slice(&pad).view([n, len]).to_device(device));
-            g.text_predict = Some(Tensor::from_slice(&predict).view([n, len]).to_device(device));
-            g.mlm_targets = Some(Tensor::from_slice(&targets).to_device(device));
+            let t = self.text_arrays(pad_id);
+            let len = t.len as i64;
+            g.text = Some(Tensor::from_slice(&t.ids).view([n, len]).to_device(device));
+            g.padding = Some(Tensor::from_slice(&t.padding).view([n, len]).to_device(device));
+            g.text_predict = Some(Tensor::from_slice(&t.predict).view([n, len]).to_device(device));
+            g.mlm_targets = Some(Tensor::from_slice(&t.targets).to_device(device));
         }
         g
     }
 }
 
 /// Builds BEiT-3 batches from samples (on the loader thread, and for the fixed validation set).
+/// A group's texts padded to one length: model input ids (masked), padding and prediction flags `[n, len]`
+/// row-major, and the original ids of the predicted positions in that order (the MLM targets).
+#[derive(Debug, Clone, Default)]
+pub struct TextArrays {
+    /// The padded length (the longest text of the group).
+    pub len: usize,
+    /// Input ids (masked; padding filled with the pad id).
+    pub ids: Vec<i64>,
+    /// `true` at padding.
+    pub padding: Vec<bool>,
+    /// `true` where the MLM head predicts.
+    pub predict: Vec<bool>,
+    /// Original ids at the predicted positions.
+    pub targets: Vec<i64>,
+}
+
+impl Group {
+    /// The group's texts as padded arrays (see [`TextArrays`]).
+    pub fn text_arrays(&self, pad_id: u32) -> TextArrays {
+        let len = self.texts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut t = TextArrays {
+            len,
+            ..TextArrays::default()
+        };
+        for ((orig, input), pred) in self.texts.iter().zip(&self.text_input).zip(&self.text_predict) {
+            for i in 0..len {
+                t.ids.push(i64::from(input.get(i).copied().unwrap_or(pad_id)));
+                t.padding.push(i >= input.len());
+                t.predict.push(pred.get(i).copied().unwrap_or(false));
+            }
+            t.targets
+                .extend(orig.iter().zip(pred).filter(|(_, &p)| p).map(|(&t, _)| i64::from(t)));
+        }
+        t
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Beit3Builder {
     pub(crate) config: Beit3Config,

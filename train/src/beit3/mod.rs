@@ -9,7 +9,8 @@ mod text_mask;
 mod trainer;
 
 pub use config::{Beit3Config, BEIT3_PRESETS};
-pub use data::{caption_for, Beit3Batch, Group, Objective, SampleKind};
+pub use data::{caption_for, Beit3Batch, Group, Objective, SampleKind, TextArrays};
+pub(crate) use data::{Beit3Batcher, Beit3Builder};
 pub use model::{Beit3, Encoded, ImageIn, TextIn, Way};
 pub use retrieval::{probe_retrieval, Recall, RetrievalConfig, RetrievalReport};
 pub use text_mask::{MaskedText, TextMasking};

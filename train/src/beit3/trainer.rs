@@ -332,12 +332,7 @@ fn validate(config: &Beit3TrainConfig) -> Result<()> {
             "steps, accum and batch size must be positive".into(),
         ));
     }
-    if config.stream.world_size != 1 {
-        return Err(TrainError::Config(format!(
-            "world size {}: BEiT-3 training runs in one process (several would train unrelated models; data-parallel training is not available yet)",
-            config.stream.world_size
-        )));
-    }
+    config.stream.check_single_process()?;
     Ok(())
 }
 

@@ -1,0 +1,490 @@
+"""``python -m imglish.pretrain``: data-parallel BEiT-3 pretraining on torch.distributed, launched by torchrun.
+
+    torchrun --nproc_per_node 2 -m imglish.pretrain --dataset DATASET --out RUN --steps 1000 --batch-size 64
+
+The same options as ``imglish train`` give the same configuration (computed by imglish's Rust core), the same
+batches (views, masks, kinds and captions of the Rust trainer, read by :class:`imglish.StreamingDataset`), and
+the same checkpoint layout (``RUN/checkpoints/step-N/{model,optimizer}.safetensors`` + ``state.json``), so that
+``imglish probe`` reads its checkpoints and ``imglish train --resume`` and ``python -m imglish.pretrain --resume``
+continue each other's runs. ``--batch-size`` is the global micro-batch (all ranks together); each rank takes
+``batch-size / world-size`` samples of it, so a run's numbers do not depend on the world size, and a resume may
+use another one.
+
+Gradients are those of the global batch: each rank's summed cross-entropies are divided by the global count of
+predicted tokens (all ranks, all micro-batches of the step) and DDP averages across ranks.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import _native
+from .data import Dataset, StreamingDataset, batch_to_torch, train_config
+from .models import Beit3Pretrain, decays
+
+CHECKPOINT_VERSION = 1
+TASKS = ("image_mim", "pair_mim", "text_mlm", "pair_mlm")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m imglish.pretrain",
+        description="Data-parallel BEiT-3 pretraining on an imglish dataset (launch with torchrun).",
+    )
+    p.add_argument("--dataset", required=True, help="a packed dataset (imglish pack)")
+    p.add_argument("--out", required=True, help="the run folder (checkpoints, metrics.jsonl)")
+    p.add_argument("--model", default="beit3", choices=["beit3", "beit"])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--dim", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--drop-path", type=float)
+    p.add_argument("--input", default="tokens", choices=["tokens", "pixels"])
+    p.add_argument("--mix", default="image=1,text=1,pair=1")
+    p.add_argument("--text-mask-ratio", type=float, default=0.15)
+    p.add_argument("--pair-text-mask-ratio", type=float, default=0.5)
+    p.add_argument("--tie-mlm-head", action="store_true")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64, help="global micro-batch (all ranks together)")
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip-grad", type=float, default=3.0)
+    p.add_argument("--mask-ratio", type=float)
+    p.add_argument("--min-mask-block", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffle", default="window", choices=["window", "global", "none"])
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="0: only at the end")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--stop-at", type=int, help="stop after this step (with a checkpoint)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (each rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--precision", default="f32", choices=["f32", "bf16"], help="bf16: autocast on CUDA")
+    p.add_argument("--threads", type=int, help="intra-op threads per rank")
+    p.add_argument("--log-samples", action="store_true", help="write each rank's delivered sample ids")
+    return p.parse_args(argv)
+
+
+def parse_mix(text):
+    mix = [0.0, 0.0, 0.0]
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = part.partition("=")
+        slots = {"image": 0, "text": 1, "pair": 2}
+        if name.strip() not in slots or not value:
+            raise SystemExit(f"error: --mix '{part}' is not KIND=WEIGHT with KIND image, text or pair")
+        mix[slots[name.strip()]] = float(value)
+    return mix
+
+
+def options_of(args):
+    """``imglish train``'s options (imglish_train::TrainOptions) for these arguments."""
+    opts = {
+        "model": args.model,
+        "preset": args.preset,
+        "input": args.input,
+        "mix": parse_mix(args.mix),
+        "text_mask_ratio": args.text_mask_ratio,
+        "pair_text_mask_ratio": args.pair_text_mask_ratio,
+        "tie_mlm_head": args.tie_mlm_head,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "accum": args.accum,
+        "lr": args.lr,
+        "min_lr": args.min_lr,
+        "warmup_steps": args.warmup_steps,
+        "weight_decay": args.weight_decay,
+        "clip_grad": args.clip_grad,
+        "seed": args.seed,
+        "shuffle": {"window": {"kind": "window", "batches": 16}, "global": {"kind": "global"}, "none": {"kind": "none"}}[
+            args.shuffle
+        ],
+    }
+    for key in ("dim", "depth", "heads", "drop_path", "mask_ratio", "min_mask_block"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    return opts
+
+
+def lr_at(optim, step, total):
+    """imglish's schedule: linear warmup, then cosine to min_lr (OptimConfig::lr_at)."""
+    warm = optim["warmup_steps"]
+    if step < warm:
+        return optim["lr"] * (step + 1) / warm
+    span = max(total - warm, 1)
+    t = min((step - warm) / span, 1.0)
+    return optim["min_lr"] + 0.5 * (optim["lr"] - optim["min_lr"]) * (1 + math.cos(math.pi * t))
+
+
+class Dist:
+    """Rank, world size and device; torch.distributed when launched with a world size above 1."""
+
+    def __init__(self, device):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise SystemExit("error: --device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.on = self.world > 1
+        if self.on:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def all_sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.on:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.on:
+            dist.barrier()
+
+    def close(self):
+        if self.on:
+            dist.destroy_process_group()
+
+
+def latest_checkpoint(out):
+    root = os.path.join(out, "checkpoints")
+    best = None
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith("step-") and os.path.exists(os.path.join(root, name, "state.json")):
+                step = int(name[5:])
+                if best is None or step > best[0]:
+                    best = (step, os.path.join(root, name))
+    return best[1] if best else None
+
+
+def diff(a, b, prefix=""):
+    """The paths where two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {json.dumps(a)} vs {json.dumps(b)}"]
+
+
+def fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(out, model, optimizer, names, state, keep):
+    """Rank 0: temporary folder, fsync, rename, then keep the newest ``keep`` (as imglish train)."""
+    root = os.path.join(out, "checkpoints")
+    name = f"step-{state['step']:08}"
+    tmp, dst = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(model.imglish_state_dict(), os.path.join(tmp, "model.safetensors"))
+    moments = {}
+    step = 0
+    for p, key in names.items():
+        s = optimizer.state.get(p, {})
+        if "exp_avg" in s:
+            moments[f"exp_avg.{key}"] = s["exp_avg"].detach().float().contiguous().cpu()
+            moments[f"exp_avg_sq.{key}"] = s["exp_avg_sq"].detach().float().contiguous().cpu()
+            step = int(s["step"])
+        else:
+            moments[f"exp_avg.{key}"] = torch.zeros_like(p, device="cpu", dtype=torch.float32)
+            moments[f"exp_avg_sq.{key}"] = torch.zeros_like(p, device="cpu", dtype=torch.float32)
+    moments["step"] = torch.tensor([step], dtype=torch.int64)
+    save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+    for f in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        fsync_file(os.path.join(tmp, f))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.rename(tmp, dst)
+    fd = os.open(root, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    steps = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step-"))
+    for s in steps[: max(len(steps) - max(keep, 1), 0)]:
+        shutil.rmtree(os.path.join(root, f"step-{s:08}"), ignore_errors=True)
+    return dst
+
+
+def restore(ckpt, config, fingerprint, model, optimizer, names):
+    """Loads a checkpoint written by either trainer; refuses other settings (naming them) or another dataset."""
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    arch = state.get("architecture", "beit")
+    if arch != "beit3":
+        raise SystemExit(f"error: checkpoint {ckpt}: a {arch} checkpoint, this run trains beit3")
+    if state["config"] != config:
+        raise SystemExit(
+            f"error: checkpoint {ckpt}: written by a run with other settings: {'; '.join(diff(state['config'], config))}"
+        )
+    if state["dataset_fingerprint"] != fingerprint:
+        raise SystemExit(f"error: checkpoint {ckpt}: written for another dataset (build fingerprints differ)")
+    model.load_imglish_state_dict(load_file(os.path.join(ckpt, "model.safetensors")))
+    moments = load_file(os.path.join(ckpt, "optimizer.safetensors"))
+    step = int(moments["step"][0])
+    if step > 0:
+        for p, key in names.items():
+            optimizer.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": moments[f"exp_avg.{key}"].to(p.device).clone(),
+                "exp_avg_sq": moments[f"exp_avg_sq.{key}"].to(p.device).clone(),
+            }
+    return state
+
+
+def make_optimizer(model, optim):
+    names = model.imglish_names()
+    decay = [p for p, n in names.items() if decays(n, p.dim())]
+    plain = [p for p, n in names.items() if not decays(n, p.dim())]
+    groups = [
+        {"params": decay, "weight_decay": optim["weight_decay"]},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"], foreach=False)
+    return opt, names
+
+
+def counts(batch):
+    """(MIM targets, MLM targets) of one micro-batch."""
+    mim = sum(int(batch[f"{k}.mask"].sum()) for k in ("image", "pair") if f"{k}.mask" in batch)
+    mlm = sum(int(batch[f"{k}.predict"].sum()) for k in ("text", "pair") if f"{k}.predict" in batch)
+    return mim, mlm
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.model != "beit3":
+        raise SystemExit(
+            "error: python -m imglish.pretrain trains --model beit3 for now; BEiT v1 trains with `imglish train`"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = Dist(args.device)
+    try:
+        return run(args, d)
+    finally:
+        d.close()
+
+
+def run(args, d):
+    if args.batch_size % d.world:
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} (the global micro-batch) is not a multiple of the world size {d.world}"
+        )
+    dataset = Dataset(args.dataset)
+    config = train_config(args.dataset, **options_of(args))
+    fingerprint = dataset.index["build_fingerprint"]
+    torch.manual_seed(config["seed"])
+    model = Beit3Pretrain(config["model"]).to(d.device)
+    optimizer, names = make_optimizer(model, config["optim"])
+    ckpt = latest_checkpoint(args.out)
+    step, stream, samples = 0, {"epoch": 0, "position": 0}, 0
+    if ckpt and not args.resume:
+        raise SystemExit(
+            f"error: {args.out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
+        )
+    if ckpt:
+        state = restore(ckpt, config, fingerprint, model, optimizer, names)
+        step, stream, samples = state["step"], state["stream"], state["samples"]
+    if d.rank == 0:
+        os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), step)
+    d.barrier()
+    net = DDP(model, find_unused_parameters=True) if d.on else model
+
+    data = StreamingDataset(args.dataset, args.batch_size // d.world, config=config, endless=True)
+    data.load_state_dict(stream)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        num_workers=args.workers,
+        persistent_workers=False,
+        prefetch_factor=4 if args.workers else None,
+    )
+    until = min(config["steps"], args.stop_at if args.stop_at is not None else config["steps"])
+    if d.rank == 0:
+        params = sum(p.numel() for p in model.parameters())
+        print(
+            f"pretrain: BEiT-3 ({params / 1e6:.2f}M parameters) on {d.world} x {d.device.type}, steps {step}..{until}, "
+            f"global batch {args.batch_size} x {config['accum']}",
+            file=sys.stderr,
+        )
+    samples_log = open(os.path.join(args.out, f"samples-rank{d.rank}.jsonl"), "a") if args.log_samples else None
+    it = iter(loader)
+    window = Window()
+    last_ckpt = None
+    accum = config["accum"]
+    while step < until:
+        micro = [batch_to_torch(next(it), d.device) for _ in range(accum)]
+        mim_total, mlm_total = d.all_sum([sum(c) for c in zip(*(counts(b) for b in micro))] if micro else [0, 0])
+        lr = lr_at(config["optim"], step, config["steps"])
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        # Stochastic depth draws from a generator keyed by (seed, step, rank): a resumed run draws the same.
+        torch.manual_seed((config["seed"] * 1_000_003 + step) * 4099 + d.rank)
+        sums = torch.zeros(2, dtype=torch.float64)
+        for i, b in enumerate(micro):
+            sync = i == accum - 1 or not d.on
+            with contextlib.nullcontext() if sync else net.no_sync():
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                    mim, mlm, tally = net(b)
+                loss = (mim / max(mim_total, 1.0) + mlm / max(mlm_total, 1.0)) * d.world
+                loss.backward()
+            sums += torch.tensor([float(mim.detach()), float(mlm.detach())], dtype=torch.float64)
+            window.add(tally, b)
+            if samples_log is not None:
+                ids = sorted(int(x) for k, v in b.items() if k.endswith(".ids") for x in v.tolist())
+                samples_log.write(json.dumps({"step": step, "micro": i, "ids": ids}) + "\n")
+        clip = config["optim"].get("clip_grad")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        samples += args.batch_size * accum
+        stream = micro[-1]["__state__"]
+        mim_sum, mlm_sum = d.all_sum(sums.tolist())
+        loss = mim_sum / max(mim_total, 1.0) + mlm_sum / max(mlm_total, 1.0)
+        if not math.isfinite(loss):
+            raise SystemExit(f"error: step {step}: the loss is {loss} (lower the learning rate or enable clipping)")
+        window.loss(loss, stream, lr, grad_norm)
+        if step % args.log_every == 0 or step == until:
+            record = window.metrics(d, step, args.batch_size * accum)
+            if d.rank == 0:
+                append_json(os.path.join(args.out, "metrics.jsonl"), record)
+                print(line(record), file=sys.stderr, flush=True)
+            window = Window()
+        if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == until:
+            if samples_log is not None:
+                samples_log.flush()
+                os.fsync(samples_log.fileno())
+            if d.rank == 0:
+                state = {
+                    "format_version": CHECKPOINT_VERSION,
+                    "imglish_version": _native.__version__,
+                    "architecture": "beit3",
+                    "step": step,
+                    "stream": stream,
+                    "samples": samples,
+                    "dataset_fingerprint": fingerprint,
+                    "config": config,
+                }
+                last_ckpt = write_checkpoint(args.out, model, optimizer, names, state, args.keep_checkpoints)
+                print(f"checkpoint {last_ckpt}", file=sys.stderr, flush=True)
+            d.barrier()
+    if samples_log is not None:
+        samples_log.close()
+    if d.rank == 0:
+        print(f"pretrain: {step} steps, {samples} samples; checkpoint {last_ckpt}", file=sys.stderr)
+    return 0
+
+
+class Window:
+    """Task sums between two log lines (summed over ranks when reported)."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+        self.tasks = {t: [0.0, 0.0, 0.0] for t in TASKS}
+        self.kinds = [0.0, 0.0, 0.0]
+        self.steps = 0
+        self.last = None
+
+    def add(self, tally, batch):
+        for task, (loss, correct, count) in tally.items():
+            acc = self.tasks[task]
+            acc[0] += float(loss)
+            acc[1] += float(correct)
+            acc[2] += float(count)
+        for i, k in enumerate(("image", "text", "pair")):
+            if f"{k}.ids" in batch:
+                self.kinds[i] += len(batch[f"{k}.ids"])
+
+    def loss(self, loss, stream, lr, grad_norm):
+        self.steps += 1
+        self.last = (loss, stream, lr, grad_norm)
+
+    def metrics(self, d, step, samples_per_step):
+        flat = [v for t in TASKS for v in self.tasks[t]] + self.kinds
+        total = d.all_sum(flat)
+        tasks = {}
+        for i, t in enumerate(TASKS):
+            loss, correct, count = total[3 * i : 3 * i + 3]
+            if count > 0:
+                tasks[t] = {"loss": loss / count, "accuracy": correct / count, "tokens": int(count)}
+        kinds = {k: int(n) for k, n in zip(("image", "text", "pair"), total[12:]) if n > 0}
+        _, stream, lr, grad_norm = self.last
+
+        def mean(a, b):
+            n = total[3 * a + 2] + total[3 * b + 2]
+            return (total[3 * a] + total[3 * b]) / n if n > 0 else 0.0
+
+        # As imglish train: mean MIM + mean MLM cross-entropy over the window.
+        loss = mean(0, 1) + mean(2, 3)
+        secs = max(time.monotonic() - self.t0, 1e-9)
+        return {
+            "kind": "train",
+            "step": step,
+            "epoch": stream["epoch"],
+            "loss": loss,
+            "tasks": tasks,
+            "samples": kinds,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "samples_per_s": self.steps * samples_per_step / secs,
+            "data_wait": 0.0,
+        }
+
+
+def line(m):
+    tasks = "  ".join(f"{n} {t['loss']:.3f}/{t['accuracy']:.3f}" for n, t in m["tasks"].items())
+    return (
+        f"step {m['step']:>6}  epoch {m['epoch']}  loss {m['loss']:.4f}  [{tasks}]  lr {m['lr']:.2e}  "
+        f"|g| {m['grad_norm']:.2f}  {m['samples_per_s']:.1f} samples/s"
+    )
+
+
+def append_json(path, value):
+    with open(path, "a") as f:
+        f.write(json.dumps(value) + "\n")
+
+
+def truncate_metrics(path, step):
+    """Drops metric lines after ``step`` (a resumed run rewrites them), as imglish train does."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line_ in f:
+            try:
+                if json.loads(line_).get("step", 0) <= step:
+                    keep.append(line_)
+            except json.JSONDecodeError:
+                pass
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

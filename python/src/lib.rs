@@ -1,0 +1,269 @@
+//! # imglish-python: the `imglish._native` extension module
+//!
+//! Thin pyo3 wrappers over the Rust crates, for the `imglish` Python package (`python/python/imglish`):
+//!
+//! - `Dataset`: a packed dataset (`imglish_pack::Dataset`): its index, statistics and `verify`.
+//! - `train_config`: training options (JSON) to the exact configuration `imglish train` would use
+//!   (`imglish_train::TrainOptions`), so that both front ends compute the same thing and resume each other.
+//! - `Reader`: batches at positions of the endless training stream (epoch after epoch), assembled by the
+//!   trainer's own code (`imglish_train::BatchMaker`): same views, masks, kinds and captions as `imglish train`
+//!   for the same `(seed, epoch, sample_id)`.
+//!
+//! Errors become `imglish.ImglishError` with the Rust message (it names the shard, sample or file).
+
+// pyo3's macros generate the unsafe FFI glue of the module; this crate itself has no unsafe code.
+#![allow(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use imglish_pack::{EpochReader, Split};
+use imglish_train::{BatchMaker, Beit3TrainConfig, ModelKind, TrainConfig, TrainOptions};
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyDict, PyList, PyTuple};
+
+pyo3::create_exception!(
+    _native,
+    ImglishError,
+    PyException,
+    "An error from imglish's Rust core; the message names the shard, sample or file and the reason."
+);
+
+fn err(e: impl std::fmt::Display) -> PyErr {
+    ImglishError::new_err(e.to_string())
+}
+
+fn json<T: serde::Serialize>(value: &T) -> PyResult<String> {
+    serde_json::to_string(value).map_err(err)
+}
+
+/// A packed dataset (a folder with `index.json` and shards).
+#[pyclass(frozen, module = "imglish._native")]
+struct Dataset {
+    inner: imglish_pack::Dataset,
+}
+
+#[pymethods]
+impl Dataset {
+    #[new]
+    fn new(path: PathBuf) -> PyResult<Self> {
+        let inner = imglish_pack::Dataset::open(&path).map_err(err)?;
+        Ok(Dataset { inner })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len() as usize
+    }
+
+    /// The dataset folder.
+    #[getter]
+    fn path(&self) -> String {
+        self.inner.dir().display().to_string()
+    }
+
+    /// `index.json` as a JSON string.
+    fn index_json(&self) -> PyResult<String> {
+        json(self.inner.index())
+    }
+
+    /// The shards' columns as a JSON list of `[name, Arrow type]`.
+    fn schema_json(&self) -> PyResult<String> {
+        let info = self.inner.tokenizer();
+        let schema = imglish_pack::shard_schema(info, self.inner.index().config.include_pixels);
+        let fields: Vec<(String, String)> = schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().to_string()))
+            .collect();
+        json(&fields)
+    }
+
+    /// Statistics (counts by split and kind, lengths) as a JSON string; reads every shard.
+    fn stats_json(&self, py: Python<'_>) -> PyResult<String> {
+        let stats = py.detach(|| self.inner.stats()).map_err(err)?;
+        json(&stats)
+    }
+
+    /// Checks every shard; the report as a JSON string (`problems` empty when all is well).
+    fn verify_json(&self, py: Python<'_>) -> PyResult<String> {
+        let report = py.detach(|| self.inner.verify());
+        json(&report)
+    }
+}
+
+/// The configuration `imglish train` would use for `options_json` (an `imglish_train::TrainOptions`; unknown
+/// keys are refused) on the dataset at `dataset`, as JSON.
+#[pyfunction]
+fn train_config(dataset: PathBuf, options_json: &str) -> PyResult<String> {
+    let options: TrainOptions =
+        serde_json::from_str(options_json).map_err(|e| err(format!("training options: {e}")))?;
+    let dataset = imglish_pack::Dataset::open(&dataset).map_err(err)?;
+    match options.model {
+        ModelKind::Beit => json(&options.beit_config(&dataset).map_err(err)?),
+        ModelKind::Beit3 => json(&options.beit3_config(&dataset).map_err(err)?),
+    }
+}
+
+/// The default training options as JSON.
+#[pyfunction]
+fn default_options() -> PyResult<String> {
+    json(&TrainOptions::default())
+}
+
+enum Config {
+    Beit(TrainConfig),
+    Beit3(Beit3TrainConfig),
+}
+
+impl Config {
+    fn maker(&self) -> BatchMaker {
+        match self {
+            Config::Beit(c) => BatchMaker::beit(c),
+            Config::Beit3(c) => BatchMaker::beit3(c),
+        }
+    }
+
+    fn stream(&self) -> (&imglish_train::StreamConfig, u64) {
+        match self {
+            Config::Beit(c) => (&c.stream, c.seed),
+            Config::Beit3(c) => (&c.stream, c.seed),
+        }
+    }
+}
+
+/// Batches of the endless training stream of a run's configuration.
+///
+/// The stream is the split's epochs one after the other; its offset `o` is position `o % len` of epoch
+/// `o // len`. `batch(offset, count, rank, world_size)` takes the stream's samples `offset .. offset + count`
+/// that fall to `rank` (every `world_size`-th one, starting at `rank`), so that `world_size` ranks taking the
+/// same `offset` and `count` together take each of those samples exactly once.
+#[pyclass(frozen, module = "imglish._native")]
+struct Reader {
+    dataset: imglish_pack::Dataset,
+    config: Config,
+    split: Split,
+    len: u64,
+    epoch: Mutex<Option<EpochReader>>,
+}
+
+impl Reader {
+    fn epoch_reader(&self, epoch: u64) -> PyResult<EpochReader> {
+        let mut slot = self
+            .epoch
+            .lock()
+            .map_err(|_| err("the reader's epoch cache is poisoned"))?;
+        if let Some(r) = slot.as_ref().filter(|r| r.epoch() == epoch) {
+            return Ok(r.clone());
+        }
+        let (stream, seed) = self.config.stream();
+        let r = self
+            .dataset
+            .epoch_reader(Some(self.split), stream.shuffle, seed, epoch)
+            .map_err(err)?;
+        *slot = Some(r.clone());
+        Ok(r)
+    }
+
+    fn make(&self, offset: u64, count: u64, rank: u64, world_size: u64) -> PyResult<imglish_train::MadeBatch> {
+        let mut maker = self.config.maker();
+        let mut i = rank;
+        while i < count {
+            let o = offset + i;
+            let (epoch, first) = (o / self.len, o % self.len);
+            // This epoch's positions for this rank within the request, in order.
+            let end_in_epoch = (epoch + 1) * self.len - offset;
+            let mut positions = Vec::new();
+            while i < count.min(end_in_epoch) {
+                positions.push(first + (i - (o - offset)));
+                i += world_size;
+            }
+            let reader = self.epoch_reader(epoch)?;
+            for s in reader.samples(&positions).map_err(err)? {
+                maker.push(s, epoch);
+            }
+        }
+        Ok(maker.take())
+    }
+}
+
+#[pymethods]
+impl Reader {
+    /// A reader of `path` for a configuration from `train_config` (`model`: `"beit"` or `"beit3"`), over the
+    /// `split` split (`"train"` or `"val"`).
+    #[new]
+    #[pyo3(signature = (path, model, config_json, split = "train"))]
+    fn new(path: PathBuf, model: &str, config_json: &str, split: &str) -> PyResult<Self> {
+        let config = match model {
+            "beit" => Config::Beit(serde_json::from_str(config_json).map_err(|e| err(format!("BEiT config: {e}")))?),
+            "beit3" => {
+                Config::Beit3(serde_json::from_str(config_json).map_err(|e| err(format!("BEiT-3 config: {e}")))?)
+            }
+            other => return Err(err(format!("unknown model '{other}' (beit or beit3)"))),
+        };
+        let split = match split {
+            "train" => Split::Train,
+            "val" => Split::Val,
+            other => return Err(err(format!("unknown split '{other}' (train or val)"))),
+        };
+        let dataset = imglish_pack::Dataset::open(&path).map_err(err)?;
+        let len = dataset.index().counts.get(split);
+        if len == 0 {
+            return Err(err(format!("dataset {}: the {split} split is empty", path.display())));
+        }
+        Ok(Reader {
+            dataset,
+            config,
+            split,
+            len,
+            epoch: Mutex::new(None),
+        })
+    }
+
+    /// Samples per epoch.
+    #[getter]
+    fn epoch_len(&self) -> u64 {
+        self.len
+    }
+
+    /// The batch of `rank`'s share of stream offsets `offset .. offset + count`: a dict of name → (dtype,
+    /// shape, bytearray), plus `"__len__"` (samples) and `"__skipped__"` (list of (sample id, reason)).
+    fn batch<'py>(
+        &self,
+        py: Python<'py>,
+        offset: u64,
+        count: u64,
+        rank: u64,
+        world_size: u64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        if world_size == 0 || rank >= world_size {
+            return Err(err(format!("rank {rank} is not below world size {world_size}")));
+        }
+        let made = py.detach(|| self.make(offset, count, rank, world_size))?;
+        let out = PyDict::new(py);
+        for a in &made.arrays {
+            let shape = PyTuple::new(py, &a.shape)?;
+            let value = (a.dtype, shape, PyByteArray::new(py, &a.bytes));
+            out.set_item(&a.name, value)?;
+        }
+        out.set_item("__len__", made.len)?;
+        let skipped = PyList::empty(py);
+        for (id, why) in &made.skipped {
+            skipped.append((id, why))?;
+        }
+        out.set_item("__skipped__", skipped)?;
+        Ok(out)
+    }
+}
+
+/// The `imglish._native` module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("ImglishError", m.py().get_type::<ImglishError>())?;
+    m.add_class::<Dataset>()?;
+    m.add_class::<Reader>()?;
+    m.add_function(wrap_pyfunction!(train_config, m)?)?;
+    m.add_function(wrap_pyfunction!(default_options, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
