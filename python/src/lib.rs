@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use imglish_pack::{EpochReader, Split};
-use imglish_train::{BatchMaker, Beit3TrainConfig, ModelKind, TrainConfig, TrainOptions};
+use imglish_train::{BatchMaker, Beit3TrainConfig, MadeBatch, ModelKind, TrainConfig, TrainOptions};
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict, PyList, PyTuple};
@@ -165,8 +165,10 @@ impl Reader {
         Ok(r)
     }
 
-    fn make(&self, offset: u64, count: u64, rank: u64, world_size: u64) -> PyResult<imglish_train::MadeBatch> {
+    /// The batch, and `(epoch, position, sample id)` of every stream sample it read (used or skipped).
+    fn make(&self, offset: u64, count: u64, rank: u64, world_size: u64) -> PyResult<(MadeBatch, Vec<[u64; 3]>)> {
         let mut maker = self.config.maker();
+        let mut read = Vec::new();
         let mut i = rank;
         while i < count {
             let o = offset + i;
@@ -180,10 +182,11 @@ impl Reader {
             }
             let reader = self.epoch_reader(epoch)?;
             for s in reader.samples(&positions).map_err(err)? {
+                read.push([epoch, s.position, s.sample_id]);
                 maker.push(s, epoch);
             }
         }
-        Ok(maker.take())
+        Ok((maker.take(), read))
     }
 }
 
@@ -227,7 +230,8 @@ impl Reader {
     }
 
     /// The batch of `rank`'s share of stream offsets `offset .. offset + count`: a dict of name → (dtype,
-    /// shape, bytearray), plus `"__len__"` (samples) and `"__skipped__"` (list of (sample id, reason)).
+    /// shape, bytearray), plus `"__len__"` (samples in the batch), `"__skipped__"` (list of (sample id, reason))
+    /// and `"__samples__"` (list of (epoch, position, sample id) of every stream sample read for it).
     fn batch<'py>(
         &self,
         py: Python<'py>,
@@ -239,7 +243,7 @@ impl Reader {
         if world_size == 0 || rank >= world_size {
             return Err(err(format!("rank {rank} is not below world size {world_size}")));
         }
-        let made = py.detach(|| self.make(offset, count, rank, world_size))?;
+        let (made, read) = py.detach(|| self.make(offset, count, rank, world_size))?;
         let out = PyDict::new(py);
         for a in &made.arrays {
             let shape = PyTuple::new(py, &a.shape)?;
@@ -252,6 +256,11 @@ impl Reader {
             skipped.append((id, why))?;
         }
         out.set_item("__skipped__", skipped)?;
+        let samples = PyList::empty(py);
+        for [epoch, position, id] in read {
+            samples.append((epoch, position, id))?;
+        }
+        out.set_item("__samples__", samples)?;
         Ok(out)
     }
 }

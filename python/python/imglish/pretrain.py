@@ -16,12 +16,14 @@ predicted tokens (all ranks, all micro-batches of the step) and DDP averages acr
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -75,7 +77,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda (each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--precision", default="f32", choices=["f32", "bf16"], help="bf16: autocast on CUDA")
     p.add_argument("--threads", type=int, help="intra-op threads per rank")
-    p.add_argument("--log-samples", action="store_true", help="write each rank's delivered sample ids")
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="write audit-w{WORLD}-rank{R}.jsonl: the (epoch, position, sample id) each rank read per step, and a sha256 of "
+        "its weights at the end",
+    )
     return p.parse_args(argv)
 
 
@@ -272,6 +279,8 @@ def counts(batch):
 
 def main(argv=None):
     args = parse_args(argv)
+    # The expanded CLS / mask tokens give gradients with other strides than DDP's buckets: harmless.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     if args.model != "beit3":
         raise SystemExit(
             "error: python -m imglish.pretrain trains --model beit3 for now; BEiT v1 trains with `imglish train`"
@@ -330,7 +339,8 @@ def run(args, d):
             f"global batch {args.batch_size} x {config['accum']}",
             file=sys.stderr,
         )
-    samples_log = open(os.path.join(args.out, f"samples-rank{d.rank}.jsonl"), "a") if args.log_samples else None
+    audit_path = os.path.join(args.out, f"audit-w{d.world}-rank{d.rank}.jsonl")
+    samples_log = open(audit_path, "a") if args.audit else None
     it = iter(loader)
     window = Window()
     last_ckpt = None
@@ -354,8 +364,7 @@ def run(args, d):
             sums += torch.tensor([float(mim.detach()), float(mlm.detach())], dtype=torch.float64)
             window.add(tally, b)
             if samples_log is not None:
-                ids = sorted(int(x) for k, v in b.items() if k.endswith(".ids") for x in v.tolist())
-                samples_log.write(json.dumps({"step": step, "micro": i, "ids": ids}) + "\n")
+                samples_log.write(json.dumps({"step": step + 1, "micro": i, "samples": b["__samples__"]}) + "\n")
         clip = config["optim"].get("clip_grad")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf")))
         optimizer.step()
@@ -393,6 +402,11 @@ def run(args, d):
                 print(f"checkpoint {last_ckpt}", file=sys.stderr, flush=True)
             d.barrier()
     if samples_log is not None:
+        digest = hashlib.sha256()
+        for key, t in sorted(model.imglish_state_dict().items()):
+            digest.update(key.encode())
+            digest.update(t.numpy().tobytes())
+        samples_log.write(json.dumps({"step": step, "weights_sha256": digest.hexdigest()}) + "\n")
         samples_log.close()
     if d.rank == 0:
         print(f"pretrain: {step} steps, {samples} samples; checkpoint {last_ckpt}", file=sys.stderr)
