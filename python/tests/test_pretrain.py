@@ -134,6 +134,27 @@ class PretrainTest(unittest.TestCase):
         self.assertEqual(metrics(rs2)[-1]["step"], 10)
         self.assertTrue(os.path.exists(os.path.join(rs2, "checkpoints", "step-00000010", "model.safetensors")))
 
+    def test_beit_on_timm_continues_like_imglish_train(self):
+        """BEiT v1 on timm's Beit: a 2-rank checkpoint resumed by both trainers gives the same losses."""
+        d = tmpdir(self)
+        py, rs = os.path.join(d, "py"), os.path.join(d, "rs")
+        common = ["--model", "beit", "--steps", "10", "--batch-size", "8"]
+        r = pretrain(py, *common, "--stop-at", "6", nproc=2)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        probe = run([imglish_bin(), "probe", "--checkpoint", py, "--dataset", dataset()])
+        self.assertEqual(probe.returncode, 0, probe.stderr)
+        self.assertTrue(probe.stdout.startswith("probe: val accuracy "), probe.stdout)
+        os.makedirs(rs)
+        subprocess.run(["cp", "-r", os.path.join(py, "checkpoints"), rs], check=True)
+        r = run([imglish_bin(), "train", "--dataset", dataset(), "--out", rs, "--log-every", "2", *MODEL, *common[2:], "--resume"])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = pretrain(py, *common, "--resume", "--log-every", "2", nproc=1, workers=0)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        rust, python = metrics(rs)[-1], metrics(py)[-1]
+        self.assertEqual((rust["step"], python["step"]), (10, 10))
+        self.assertLess(abs(rust["loss"] - python["loss"]), 1e-4 * rust["loss"], (rust, python))
+        self.assertEqual(rust["accuracy"], python["accuracy"])
+
     def test_refusals(self):
         out = os.path.join(tmpdir(self), "run")
         r = pretrain(out, "--steps", "2", "--batch-size", "5", nproc=2)

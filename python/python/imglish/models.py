@@ -187,3 +187,93 @@ def decays(name, dims):
         or name.startswith("encoder.embed_positions.")
     )
     return dims > 1 and not name.endswith(".bias") and not special
+
+
+class BeitPretrain(nn.Module):
+    """BEiT v1 masked image modelling on timm's ``Beit`` (the installed package), with imglish's mask token, LM
+    head and, for token input, ``token_embed`` instead of ``patch_embed``, under the names ``imglish train``
+    writes (timm's ``beit_*`` names). ``forward(batch)`` returns the summed MIM cross-entropy, 0, and tallies."""
+
+    def __init__(self, model):
+        super().__init__()
+        from functools import partial
+
+        from timm.models.beit import Beit
+
+        self.config = model
+        gh, gw = model["grid"]
+        self.num_patches = gh * gw
+        dim = model["dim"]
+        rel = model["rel_pos_bias"]
+        self.beit = Beit(
+            img_size=(gh * model["patch_size"], gw * model["patch_size"]),
+            patch_size=model["patch_size"],
+            num_classes=0,
+            global_pool="token",
+            embed_dim=dim,
+            depth=model["depth"],
+            num_heads=model["heads"],
+            mlp_ratio=model["mlp_ratio"],
+            qkv_bias=True,
+            drop_path_rate=model["drop_path"],
+            norm_layer=partial(nn.LayerNorm, eps=model["layer_norm_eps"]),
+            init_values=model.get("layer_scale_init"),
+            use_abs_pos_emb=model["abs_pos_emb"],
+            use_rel_pos_bias=rel == "per_layer",
+            use_shared_rel_pos_bias=rel == "shared",
+        )
+        if model["input"] == "tokens":
+            self.beit.patch_embed = None
+            self.token_embed = nn.Embedding(model["vocab_size"], dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.lm_head = nn.Linear(dim, model["vocab_size"])
+        std = model["init_std"]
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name in ("mask_token", "beit.cls_token", "beit.pos_embed", "token_embed.weight", "lm_head.weight"):
+                    nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+                elif name == "lm_head.bias":
+                    p.zero_()
+
+    def imglish_state_dict(self):
+        return {k: v.detach().float().contiguous().cpu() for k, v in self._named().items()}
+
+    def _named(self):
+        return {(n[len("beit.") :] if n.startswith("beit.") else n): p for n, p in self.named_parameters()}
+
+    def imglish_names(self):
+        return {p: n for n, p in self._named().items()}
+
+    def load_imglish_state_dict(self, tensors):
+        want = self._named()
+        extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
+        if extra or missing:
+            raise ValueError(f"checkpoint tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for k, p in want.items():
+                if tuple(tensors[k].shape) != tuple(p.shape):
+                    raise ValueError(f"tensor '{k}' has shape {tuple(tensors[k].shape)}, the model's is {tuple(p.shape)}")
+                p.copy_(tensors[k])
+
+    def forward(self, batch):
+        mask, tokens = batch["mask"], batch["tokens"]
+        if "pixels" in batch:
+            x = self.beit.patch_embed(batch["pixels"])
+        else:
+            x = self.token_embed(tokens)
+        b, n, _ = x.shape
+        w = mask.unsqueeze(-1).type_as(x)
+        x = x * (1 - w) + self.mask_token.expand(b, n, -1) * w
+        x = torch.cat((self.beit.cls_token.expand(b, -1, -1), x), dim=1)
+        if self.beit.pos_embed is not None:
+            x = x + self.beit.pos_embed
+        rel = self.beit.rel_pos_bias() if self.beit.rel_pos_bias is not None else None
+        for blk in self.beit.blocks:
+            x = blk(x, shared_rel_pos_bias=rel)
+        x = self.beit.norm(x)
+        logits = self.lm_head(x[:, 1:][mask]).float()
+        targets = tokens[mask]
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        zero = self.lm_head.bias.sum() * 0.0
+        tally = {"mim": (loss.detach(), (logits.argmax(-1) == targets).sum().detach(), targets.numel())}
+        return loss, zero, tally

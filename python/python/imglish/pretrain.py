@@ -1,4 +1,5 @@
-"""``python -m imglish.pretrain``: data-parallel BEiT-3 pretraining on torch.distributed, launched by torchrun.
+"""``python -m imglish.pretrain``: data-parallel BEiT-3 (torchscale ``BEiT3``) and BEiT (timm ``Beit``) pretraining
+on torch.distributed, launched by torchrun.
 
     torchrun --nproc_per_node 2 -m imglish.pretrain --dataset DATASET --out RUN --steps 1000 --batch-size 64
 
@@ -32,20 +33,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import _native
 from .data import Dataset, StreamingDataset, batch_to_torch, train_config
-from .models import Beit3Pretrain, decays
+from .models import BeitPretrain, Beit3Pretrain, decays
 
 CHECKPOINT_VERSION = 1
-TASKS = ("image_mim", "pair_mim", "text_mlm", "pair_mlm")
+TASKS = ("image_mim", "pair_mim", "text_mlm", "pair_mlm", "mim")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m imglish.pretrain",
-        description="Data-parallel BEiT-3 pretraining on an imglish dataset (launch with torchrun).",
+        description="Data-parallel BEiT-3 / BEiT pretraining on an imglish dataset (launch with torchrun).",
     )
     p.add_argument("--dataset", required=True, help="a packed dataset (imglish pack)")
     p.add_argument("--out", required=True, help="the run folder (checkpoints, metrics.jsonl)")
-    p.add_argument("--model", default="beit3", choices=["beit3", "beit"])
+    p.add_argument("--model", default="beit3", choices=["beit3", "beit"], help="BEiT-3 (torchscale) or BEiT v1 (timm)")
+    p.add_argument("--rel-pos", choices=["shared", "per-layer", "off"], help="BEiT: relative position bias")
+    p.add_argument("--abs-pos", action="store_true", help="BEiT: absolute position embeddings")
+    p.add_argument("--mask", default="blockwise", choices=["blockwise", "random"], help="BEiT: mask shape")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--dim", type=int)
     p.add_argument("--depth", type=int)
@@ -116,6 +120,8 @@ def options_of(args):
         "weight_decay": args.weight_decay,
         "clip_grad": args.clip_grad,
         "seed": args.seed,
+        "abs_pos": args.abs_pos,
+        "mask": args.mask,
         "shuffle": {"window": {"kind": "window", "batches": 16}, "global": {"kind": "global"}, "none": {"kind": "none"}}[
             args.shuffle
         ],
@@ -123,6 +129,8 @@ def options_of(args):
     for key in ("dim", "depth", "heads", "drop_path", "mask_ratio", "min_mask_block"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
+    if args.rel_pos is not None:
+        opts["rel_pos"] = args.rel_pos.replace("-", "_")
     return opts
 
 
@@ -232,13 +240,13 @@ def write_checkpoint(out, model, optimizer, names, state, keep):
     return dst
 
 
-def restore(ckpt, config, fingerprint, model, optimizer, names):
+def restore(ckpt, config, fingerprint, model, optimizer, names, architecture):
     """Loads a checkpoint written by either trainer; refuses other settings (naming them) or another dataset."""
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
     arch = state.get("architecture", "beit")
-    if arch != "beit3":
-        raise SystemExit(f"error: checkpoint {ckpt}: a {arch} checkpoint, this run trains beit3")
+    if arch != architecture:
+        raise SystemExit(f"error: checkpoint {ckpt}: a {arch} checkpoint, this run trains {architecture}")
     if state["config"] != config:
         raise SystemExit(
             f"error: checkpoint {ckpt}: written by a run with other settings: {'; '.join(diff(state['config'], config))}"
@@ -272,6 +280,8 @@ def make_optimizer(model, optim):
 
 def counts(batch):
     """(MIM targets, MLM targets) of one micro-batch."""
+    if "mask" in batch:  # BEiT
+        return int(batch["mask"].sum()), 0
     mim = sum(int(batch[f"{k}.mask"].sum()) for k in ("image", "pair") if f"{k}.mask" in batch)
     mlm = sum(int(batch[f"{k}.predict"].sum()) for k in ("text", "pair") if f"{k}.predict" in batch)
     return mim, mlm
@@ -281,10 +291,6 @@ def main(argv=None):
     args = parse_args(argv)
     # The expanded CLS / mask tokens give gradients with other strides than DDP's buckets: harmless.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    if args.model != "beit3":
-        raise SystemExit(
-            "error: python -m imglish.pretrain trains --model beit3 for now; BEiT v1 trains with `imglish train`"
-        )
     if args.threads:
         torch.set_num_threads(args.threads)
     d = Dist(args.device)
@@ -303,7 +309,7 @@ def run(args, d):
     config = train_config(args.dataset, **options_of(args))
     fingerprint = dataset.index["build_fingerprint"]
     torch.manual_seed(config["seed"])
-    model = Beit3Pretrain(config["model"]).to(d.device)
+    model = (Beit3Pretrain if args.model == "beit3" else BeitPretrain)(config["model"]).to(d.device)
     optimizer, names = make_optimizer(model, config["optim"])
     ckpt = latest_checkpoint(args.out)
     step, stream, samples = 0, {"epoch": 0, "position": 0}, 0
@@ -312,7 +318,7 @@ def run(args, d):
             f"error: {args.out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
         )
     if ckpt:
-        state = restore(ckpt, config, fingerprint, model, optimizer, names)
+        state = restore(ckpt, config, fingerprint, model, optimizer, names, args.model)
         step, stream, samples = state["step"], state["stream"], state["samples"]
     if d.rank == 0:
         os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
@@ -335,7 +341,7 @@ def run(args, d):
     if d.rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(
-            f"pretrain: BEiT-3 ({params / 1e6:.2f}M parameters) on {d.world} x {d.device.type}, steps {step}..{until}, "
+            f"pretrain: {'BEiT-3' if args.model == 'beit3' else 'BEiT'} ({params / 1e6:.2f}M parameters) on {d.world} x {d.device.type}, steps {step}..{until}, "
             f"global batch {args.batch_size} x {config['accum']}",
             file=sys.stderr,
         )
@@ -391,7 +397,7 @@ def run(args, d):
                 state = {
                     "format_version": CHECKPOINT_VERSION,
                     "imglish_version": _native.__version__,
-                    "architecture": "beit3",
+                    "architecture": args.model,
                     "step": step,
                     "stream": stream,
                     "samples": samples,
@@ -432,6 +438,8 @@ class Window:
         for i, k in enumerate(("image", "text", "pair")):
             if f"{k}.ids" in batch:
                 self.kinds[i] += len(batch[f"{k}.ids"])
+        if "sample_ids" in batch:
+            self.kinds[0] += len(batch["sample_ids"])
 
     def loss(self, loss, stream, lr, grad_norm):
         self.steps += 1
@@ -445,16 +453,28 @@ class Window:
             loss, correct, count = total[3 * i : 3 * i + 3]
             if count > 0:
                 tasks[t] = {"loss": loss / count, "accuracy": correct / count, "tokens": int(count)}
-        kinds = {k: int(n) for k, n in zip(("image", "text", "pair"), total[12:]) if n > 0}
+        kinds = {k: int(n) for k, n in zip(("image", "text", "pair"), total[3 * len(TASKS) :]) if n > 0}
         _, stream, lr, grad_norm = self.last
 
         def mean(a, b):
             n = total[3 * a + 2] + total[3 * b + 2]
             return (total[3 * a] + total[3 * b]) / n if n > 0 else 0.0
 
+        secs = max(time.monotonic() - self.t0, 1e-9)
+        if "mim" in tasks:  # BEiT: imglish train's StepMetrics
+            return {
+                "kind": "train",
+                "step": step,
+                "epoch": stream["epoch"],
+                "loss": tasks["mim"]["loss"],
+                "accuracy": tasks["mim"]["accuracy"],
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "samples_per_s": self.steps * samples_per_step / secs,
+                "data_wait": 0.0,
+            }
         # As imglish train: mean MIM + mean MLM cross-entropy over the window.
         loss = mean(0, 1) + mean(2, 3)
-        secs = max(time.monotonic() - self.t0, 1e-9)
         return {
             "kind": "train",
             "step": step,
@@ -470,6 +490,11 @@ class Window:
 
 
 def line(m):
+    if "accuracy" in m:
+        return (
+            f"step {m['step']:>6}  epoch {m['epoch']}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  lr {m['lr']:.2e}  "
+            f"|g| {m['grad_norm']:.2f}  {m['samples_per_s']:.1f} samples/s"
+        )
     tasks = "  ".join(f"{n} {t['loss']:.3f}/{t['accuracy']:.3f}" for n, t in m["tasks"].items())
     return (
         f"step {m['step']:>6}  epoch {m['epoch']}  loss {m['loss']:.4f}  [{tasks}]  lr {m['lr']:.2e}  "
