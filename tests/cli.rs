@@ -157,3 +157,49 @@ fn demo_corpus_is_byte_identical_for_a_seed_whatever_the_threads() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 }
+
+/// An ingest that accepts nothing fails (exit 1) and says why and how to fix it, unless --allow-empty.
+#[test]
+fn ingest_that_accepts_nothing_fails_with_the_cause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // A folder of symbolic links into another tree (a subset made with `ln -s`).
+    std::fs::create_dir_all(d.join("elsewhere")).expect("mkdir");
+    std::fs::create_dir_all(d.join("subset")).expect("mkdir");
+    for i in 0..3 {
+        let target = d.join(format!("elsewhere/{i}.jpg"));
+        std::fs::write(&target, b"not read").expect("write");
+        std::os::unix::fs::symlink(&target, d.join(format!("subset/{i}.jpg"))).expect("symlink");
+    }
+    let out = run(imglish().current_dir(d).args(["ingest", "--images", "subset", "--out", "m"]));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim().lines().last().expect("a line"),
+        "error: ingest accepted nothing: 3 seen, 3 rejected; most rejects: unsafe-path (3) (symbolic links that \
+         lead out of the source folder are refused: copy or hard-link the files into it). The manifest in m is \
+         empty; pass --allow-empty to accept that"
+    );
+    assert!(d.join("m/rejects.parquet").exists(), "the rejects are kept");
+    let ok = run(imglish().current_dir(d).args(["ingest", "--images", "subset", "--out", "m2", "--allow-empty"]));
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+
+    // --labels from-folders on a flat folder: no classes is an error.
+    std::fs::create_dir_all(d.join("flat")).expect("mkdir");
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
+    img.save(d.join("flat/a.png")).expect("png");
+    let out = run(imglish().current_dir(d).args([
+        "ingest",
+        "--images",
+        "flat",
+        "--out",
+        "m3",
+        "--labels",
+        "from-folders",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim().lines().last().expect("a line"),
+        "error: --labels from-folders found no class folders: images must sit in SRC/CLASS/..., one folder per class"
+    );
+}

@@ -95,6 +95,10 @@ pub struct IngestArgs {
     /// Parquet sources: an integer label column.
     #[arg(long)]
     pub label_column: Option<String>,
+
+    /// Succeed even when nothing is accepted (by default an empty manifest is an error, exit 1).
+    #[arg(long)]
+    pub allow_empty: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -186,5 +190,46 @@ pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
     json["event"] = "ingest".into();
     json["out"] = serde_json::to_value(&args.out)?;
     out.summary(&text, &json);
+    check_outcome(args, c)
+}
+
+/// How to fix the usual cause of a reject reason that takes a whole source.
+fn hint(reason: &str) -> &'static str {
+    match reason {
+        "unsafe-path" => {
+            " (symbolic links that lead out of the source folder are refused: copy or hard-link the files into it)"
+        }
+        "unsupported-format" => {
+            " (a folder source reads image files; pass .tar or .parquet files to --images themselves)"
+        }
+        "bad-record" => " (check the field names: --text-field, or the caption file's columns)",
+        _ => "",
+    }
+}
+
+/// An ingest that accepted nothing is a failure unless `--allow-empty`; `--labels from-folders` that found no
+/// class is one too; a reason that rejects most of what was seen gets a warning.
+fn check_outcome(args: &IngestArgs, c: &imglish_ingest::IngestCounts) -> anyhow::Result<()> {
+    let top = c.by_reason.iter().max_by_key(|(_, n)| **n);
+    if c.accepted == 0 && c.texts == 0 && !args.allow_empty {
+        let why = top.map_or(String::new(), |(r, n)| format!("; most rejects: {r} ({n}){}", hint(r)));
+        anyhow::bail!(
+            "ingest accepted nothing: {} seen, {} rejected{why}. The manifest in {} is empty; pass --allow-empty \
+             to accept that",
+            c.seen,
+            c.rejected,
+            args.out.display()
+        );
+    }
+    if matches!(args.labels, Labels::FromFolders) && c.classes == 0 && c.accepted > 0 {
+        anyhow::bail!(
+            "--labels from-folders found no class folders: images must sit in SRC/CLASS/..., one folder per class"
+        );
+    }
+    if let Some((r, n)) = top {
+        if *n * 2 > c.seen && c.accepted > 0 {
+            tracing::warn!("{n} of {} items were rejected as {r}{}", c.seen, hint(r));
+        }
+    }
     Ok(())
 }
