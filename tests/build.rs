@@ -149,3 +149,37 @@ fn text_corpora_in_a_build_config_are_inputs() {
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(!stdout.contains("build: ingest up to date (skipped)"), "{stdout}");
 }
+
+/// A misspelled table or key is refused before any stage runs, with a suggestion; no stage output appears.
+#[test]
+fn misspelled_tables_and_keys_are_refused_before_any_stage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let base = "version = 1\n[demo]\nimages = 60\n[ingest]\nimages = [\"{out}/demo/images\"]\n\
+                [tokenizer.fit]\ncodebook = 16\n";
+    let cases = [
+        (
+            format!("{base}[tokenise]\nviews = 2\n"),
+            "error: c.toml: invalid build config: unknown table `tokenise` (did you mean `tokenize`?); known: \
+             version, demo, ingest, tokenizer, text_tokenizer, tokenize, pack",
+        ),
+        (
+            format!("{base}[Pack]\nbatch_rows = 64\n"),
+            "error: c.toml: invalid build config: unknown table `Pack` (did you mean `pack`?); known: version, \
+             demo, ingest, tokenizer, text_tokenizer, tokenize, pack",
+        ),
+        (
+            format!("{base}[pack]\nbatch_row = 64\n"),
+            "error: c.toml: invalid settings for stage `pack` ([pack] table): unexpected argument '--batch-row' \
+             found (tip: a similar argument exists: '--batch-rows')",
+        ),
+    ];
+    for (i, (config, message)) in cases.iter().enumerate() {
+        std::fs::write(d.join("c.toml"), config).expect("write");
+        let out_dir = format!("b{i}");
+        let out = imglish(d, &["build", "c.toml", "--out", &out_dir]);
+        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), *message);
+        assert!(!d.join(&out_dir).join("demo").exists(), "a stage ran");
+    }
+}

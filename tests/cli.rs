@@ -171,7 +171,9 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
         std::fs::write(&target, b"not read").expect("write");
         std::os::unix::fs::symlink(&target, d.join(format!("subset/{i}.jpg"))).expect("symlink");
     }
-    let out = run(imglish().current_dir(d).args(["ingest", "--images", "subset", "--out", "m"]));
+    let out = run(imglish()
+        .current_dir(d)
+        .args(["ingest", "--images", "subset", "--out", "m"]));
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -181,25 +183,26 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
          empty; pass --allow-empty to accept that"
     );
     assert!(d.join("m/rejects.parquet").exists(), "the rejects are kept");
-    let ok = run(imglish().current_dir(d).args(["ingest", "--images", "subset", "--out", "m2", "--allow-empty"]));
+    let ok = run(imglish()
+        .current_dir(d)
+        .args(["ingest", "--images", "subset", "--out", "m2", "--allow-empty"]));
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
 
     // --labels from-folders on a flat folder: no classes is an error.
     std::fs::create_dir_all(d.join("flat")).expect("mkdir");
     let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
     img.save(d.join("flat/a.png")).expect("png");
-    let out = run(imglish().current_dir(d).args([
-        "ingest",
-        "--images",
-        "flat",
-        "--out",
-        "m3",
-        "--labels",
-        "from-folders",
-    ]));
+    let out =
+        run(imglish()
+            .current_dir(d)
+            .args(["ingest", "--images", "flat", "--out", "m3", "--labels", "from-folders"]));
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim().lines().last().expect("a line"),
+        String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .lines()
+            .last()
+            .expect("a line"),
         "error: --labels from-folders found no class folders: images must sit in SRC/CLASS/..., one folder per class"
     );
 }

@@ -136,12 +136,67 @@ fn resolve(s: &str, base: &Path, out: &Path) -> String {
     s.to_string()
 }
 
+/// The tables a build config may have, and the keys of those that are not a stage's flags.
+const TABLES: [&str; 7] = [
+    "version",
+    "demo",
+    "ingest",
+    "tokenizer",
+    "text_tokenizer",
+    "tokenize",
+    "pack",
+];
+
+/// Refuses unknown tables (and unknown keys of `[tokenizer]` / `[text_tokenizer]`), suggesting the closest name.
+fn check_keys(config: &toml::Table) -> anyhow::Result<()> {
+    let unknown = |key: &str, known: &[&str], what: &str| -> anyhow::Error {
+        let close = known
+            .iter()
+            .map(|k| (edit_distance(&key.to_lowercase(), k), *k))
+            .min()
+            .filter(|(d, _)| *d <= 2)
+            .map_or(String::new(), |(_, k)| format!(" (did you mean `{k}`?)"));
+        anyhow::anyhow!("unknown {what} `{key}`{close}; known: {}", known.join(", "))
+    };
+    for key in config.keys() {
+        if !TABLES.contains(&key.as_str()) {
+            return Err(unknown(key, &TABLES, "table"));
+        }
+    }
+    for (name, known) in [("tokenizer", ["model", "fit"]), ("text_tokenizer", ["file", "fit"])] {
+        for key in table(config, name).into_iter().flat_map(toml::Table::keys) {
+            if !known.contains(&key.as_str()) {
+                return Err(unknown(key, &known, &format!("key of [{name}]")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Levenshtein distance (small strings: table and key names).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 fn table<'a>(config: &'a toml::Table, key: &str) -> Option<&'a toml::Table> {
     config.get(key).and_then(toml::Value::as_table)
 }
 
 struct Stage {
     name: &'static str,
+    /// The config table its settings come from.
+    table: &'static str,
     argv: Vec<String>,
     /// Fingerprints of external inputs (source trees, model files).
     inputs: Vec<String>,
@@ -164,6 +219,7 @@ fn plan(config: &toml::Table, base: &Path, out: &Path) -> anyhow::Result<Vec<Sta
         argv.extend(flags(t, &[], base, out)?);
         stages.push(Stage {
             name: "demo",
+            table: "demo",
             argv,
             inputs: vec![],
             outputs: vec![demo.clone()],
@@ -185,6 +241,7 @@ fn plan(config: &toml::Table, base: &Path, out: &Path) -> anyhow::Result<Vec<Sta
     }
     stages.push(Stage {
         name: "ingest",
+        table: "ingest",
         argv,
         inputs,
         outputs: vec![manifest.clone()],
@@ -207,6 +264,7 @@ fn plan(config: &toml::Table, base: &Path, out: &Path) -> anyhow::Result<Vec<Sta
             let card = tok.join("visual.card.json");
             stages.push(Stage {
                 name: "tokenizer-fit",
+                table: "tokenizer.fit",
                 argv,
                 inputs: vec![],
                 outputs: vec![v.clone(), card],
@@ -232,6 +290,7 @@ fn plan(config: &toml::Table, base: &Path, out: &Path) -> anyhow::Result<Vec<Sta
                 argv.extend(flags(fit, &[], base, out)?);
                 stages.push(Stage {
                     name: "text-tokenizer-fit",
+                    table: "text_tokenizer.fit",
                     argv,
                     inputs: vec![],
                     outputs: vec![f.clone()],
@@ -270,6 +329,7 @@ fn plan(config: &toml::Table, base: &Path, out: &Path) -> anyhow::Result<Vec<Sta
     )?);
     stages.push(Stage {
         name: "tokenize",
+        table: "tokenize",
         argv,
         inputs,
         outputs: vec![tokens],
@@ -291,6 +351,7 @@ fn plan(config: &toml::Table, base: &Path, out: &Path) -> anyhow::Result<Vec<Sta
     )?);
     stages.push(Stage {
         name: "pack",
+        table: "pack",
         argv,
         inputs: vec![],
         outputs: vec![dataset],
@@ -357,12 +418,36 @@ fn build_in_place(
     out: &Output,
 ) -> anyhow::Result<()> {
     let d = Path::new(".");
+    check_keys(config).with_context(|| format!("{}: invalid build config", args.config.display()))?;
     let stages = plan(config, base, d).with_context(|| format!("{}: invalid build config", args.config.display()))?;
+    // Every stage's settings are checked before the first one runs, not hours later when its turn comes.
+    let mut parsed = Vec::with_capacity(stages.len());
+    for stage in &stages {
+        let cli = Cli::try_parse_from(std::iter::once("imglish".to_string()).chain(stage.argv.iter().cloned()))
+            .map_err(|e| {
+                let msg = e.to_string();
+                let first = msg
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ")
+                    .to_string();
+                let tip = msg.lines().find(|l| l.trim_start().starts_with("tip:")).map(str::trim);
+                anyhow::anyhow!(
+                    "{}: invalid settings for stage `{}` ([{}] table): {first}{}",
+                    args.config.display(),
+                    stage.name,
+                    stage.table,
+                    tip.map_or(String::new(), |t| format!(" ({t})"))
+                )
+            })?;
+        parsed.push(cli);
+    }
     let started = Instant::now();
     let mut upstream = hex(format!("imglish-build-v1\0{}", env!("CARGO_PKG_VERSION")));
     let mut changed = false;
     let mut records = Vec::new();
-    for stage in stages {
+    for (stage, cli) in stages.into_iter().zip(parsed) {
         let fingerprint = hex(format!(
             "{upstream}\0{}\0{}\0{}",
             stage.name,
@@ -392,14 +477,6 @@ fn build_in_place(
         changed = true;
         let _ = std::fs::remove_file(&record_path);
         let t = Instant::now();
-        let cli = Cli::try_parse_from(std::iter::once("imglish".to_string()).chain(stage.argv.iter().cloned()))
-            .with_context(|| {
-                format!(
-                    "build: invalid settings for stage `{}` ({})",
-                    stage.name,
-                    stage.argv.join(" ")
-                )
-            })?;
         super::dispatch(cli.command, threads, out).with_context(|| format!("build: stage `{}` failed", stage.name))?;
         let record = StageRecord {
             stage: stage.name.into(),
