@@ -206,3 +206,55 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
         "error: --labels from-folders found no class folders: images must sit in SRC/CLASS/..., one folder per class"
     );
 }
+
+/// Ingest into a folder holding a manifest of other inputs is refused unless --overwrite; the same command again
+/// redoes it; a folder of unrelated files is refused.
+#[test]
+fn ingest_refuses_a_folder_made_from_other_inputs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    for (folder, shade) in [("a", 40u8), ("b", 200u8)] {
+        std::fs::create_dir_all(d.join(folder)).expect("mkdir");
+        let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([shade, (x * 4) as u8, (y * 4) as u8]));
+        img.save(d.join(folder).join("x.png")).expect("png");
+    }
+    let ingest = |src: &str, extra: &[&str]| {
+        let mut cmd = imglish();
+        cmd.current_dir(d)
+            .args(["ingest", "--images", src, "--out", "m"])
+            .args(extra);
+        run(&mut cmd)
+    };
+    assert_eq!(ingest("a", &[]).status.code(), Some(0));
+    assert_eq!(
+        ingest("a", &[]).status.code(),
+        Some(0),
+        "the same command again redoes it"
+    );
+    let out = ingest("b", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: m holds a manifest made from other inputs or settings (images differ); pass --overwrite to replace \
+         it, or choose another --out"
+    );
+    let out = ingest("a", &["--seed", "7"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(seed differ)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ingest("b", &["--overwrite"]).status.code(), Some(0));
+
+    std::fs::create_dir_all(d.join("mine")).expect("mkdir");
+    std::fs::write(d.join("mine/notes.txt"), b"keep").expect("write");
+    let mut cmd = imglish();
+    let out = run(cmd.current_dir(d).args(["ingest", "--images", "a", "--out", "mine"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: mine is not empty (holds notes.txt) and holds no imglish manifest; choose another --out (or pass \
+         --overwrite to write into it anyway)"
+    );
+    assert_eq!(std::fs::read(d.join("mine/notes.txt")).expect("kept"), b"keep");
+}

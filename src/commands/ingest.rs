@@ -99,6 +99,10 @@ pub struct IngestArgs {
     /// Succeed even when nothing is accepted (by default an empty manifest is an error, exit 1).
     #[arg(long)]
     pub allow_empty: bool,
+
+    /// Replace a manifest in --out made from other inputs or settings (refused by default).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -164,6 +168,7 @@ pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
             caption: args.caption_column.clone(),
             label: args.label_column.clone(),
         });
+    check_out_dir(args, &config)?;
     let bar = out.spinner("ingesting");
     let summary = ingest(&config, &args.out, &|n| bar.inc(n))
         .with_context(|| format!("ingest into {} failed", args.out.display()))?;
@@ -191,6 +196,67 @@ pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
     json["out"] = serde_json::to_value(&args.out)?;
     out.summary(&text, &json);
     check_outcome(args, c)
+}
+
+/// Files an ingest writes into its output folder.
+const MANIFEST_FILES: [&str; 5] = [
+    "ingest.json",
+    "samples.parquet",
+    "rejects.parquet",
+    "classes.json",
+    "texts.parquet",
+];
+
+/// Refuses to write into a folder that holds a manifest made from other inputs or settings, or files that are
+/// not a manifest's, unless `--overwrite`. The same command again (same inputs, settings and working directory)
+/// simply redoes it.
+fn check_out_dir(args: &IngestArgs, config: &IngestConfig) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(&args.out) else {
+        return Ok(());
+    };
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    if names.is_empty() || args.overwrite {
+        return Ok(());
+    }
+    let dir = args.out.display();
+    let Ok(bytes) = std::fs::read(args.out.join("ingest.json")) else {
+        if let Some(other) = names.iter().find(|n| !MANIFEST_FILES.contains(&n.as_str())) {
+            anyhow::bail!(
+                "{dir} is not empty (holds {other}) and holds no imglish manifest; choose another --out (or pass \
+                 --overwrite to write into it anyway)"
+            );
+        }
+        return Ok(()); // an interrupted ingest: redo it
+    };
+    let old: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let new = serde_json::to_value(config)?;
+    let mut differs: Vec<String> = Vec::new();
+    if let (Some(a), Some(b)) = (old["config"].as_object(), new.as_object()) {
+        for key in a.keys().chain(b.keys()) {
+            if a.get(key) != b.get(key) && !differs.contains(key) {
+                differs.push(key.clone());
+            }
+        }
+    } else {
+        differs.push("config".into());
+    }
+    let cwd = std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    if old["base_dir"].as_str().is_some_and(|b| b != cwd) {
+        differs.push("working directory (relative source paths)".into());
+    }
+    if !differs.is_empty() {
+        anyhow::bail!(
+            "{dir} holds a manifest made from other inputs or settings ({} differ); pass --overwrite to replace \
+             it, or choose another --out",
+            differs.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// How to fix the usual cause of a reject reason that takes a whole source.
