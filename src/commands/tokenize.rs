@@ -50,6 +50,10 @@ pub struct TokenizeArgs {
     /// full decode on the benchmark photos (docs/performance.md).
     #[arg(long)]
     pub jpeg_all_scans: bool,
+
+    /// Replace parts in --out made by another run (other manifest, tokenizer or settings; refused by default).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Keep each sample's working image (JPEG) so a trainer can rebuild view pixels.
     #[arg(long)]
     pub keep_pixels: bool,
@@ -119,6 +123,7 @@ pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<
         worker: args.worker,
         jpeg_draft: args.jpeg_draft,
         jpeg_all_scans: args.jpeg_all_scans,
+        overwrite: args.overwrite,
         ..TokenizeConfig::default()
     };
     let bar = out.spinner("tokenizing");

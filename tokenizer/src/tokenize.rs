@@ -56,6 +56,10 @@ pub struct TokenizeConfig {
     /// Decode every scan of progressive JPEGs (see [`DecodeOptions`]'s `all_scans`).
     #[serde(default)]
     pub jpeg_all_scans: bool,
+    /// Replace parts in the output folder made by another run (other manifest, tokenizer or settings); without
+    /// it such a folder is refused.
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 impl Default for TokenizeConfig {
@@ -70,6 +74,7 @@ impl Default for TokenizeConfig {
             crop: CropSpec::default(),
             jpeg_draft: false,
             jpeg_all_scans: false,
+            overwrite: false,
         }
     }
 }
@@ -268,6 +273,9 @@ pub fn tokenize(
         "decode_revision": 3,
     });
     let run_fingerprint = crate::card::sha256_hex(run.to_string().as_bytes());
+    if !config.overwrite {
+        refuse_other_runs(out, &run_fingerprint)?;
+    }
     let rows = &manifest.rows;
     let docs = &manifest.texts;
     if !docs.is_empty() && text.is_none() {
@@ -440,9 +448,61 @@ pub fn tokenize(
     );
     tm.extra.insert("rejected".into(), (all_rejects.len() as u64).into());
     tm.write(out).map_err(|e| pack_err(out, e))?;
+    remove_stale_parts(out, n_parts)?;
     summary.complete = true;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// The part number of a `part-NNNNN.parquet` or `part-NNNNN.done.json` file name.
+fn part_number(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("part-")?;
+    let digits = rest
+        .strip_suffix(".parquet")
+        .or_else(|| rest.strip_suffix(".done.json"))?;
+    digits.parse().ok()
+}
+
+/// Refuses an output folder whose finished parts were made by another run (`--overwrite` replaces them).
+fn refuse_other_runs(out: &Path, run: &str) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.ends_with(".done.json"))
+        .collect();
+    names.sort();
+    for name in names {
+        let Ok(bytes) = std::fs::read(out.join(&name)) else {
+            continue;
+        };
+        let Ok(done) = serde_json::from_slice::<PartDone>(&bytes) else {
+            continue;
+        };
+        if done.run != run {
+            return Err(Error::Model {
+                model: out.display().to_string(),
+                reason: format!(
+                    "holds tokens of another run ({name}: another manifest, tokenizer, imglish version or \
+                     settings); pass --overwrite to replace them, or choose another --out"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Removes part files numbered `n_parts` or more (left by a run with smaller parts), so that no later stage can
+/// pick them up.
+fn remove_stale_parts(out: &Path, n_parts: usize) -> Result<()> {
+    for entry in std::fs::read_dir(out).map_err(io_err(out))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if part_number(&name).is_some_and(|n| n >= n_parts) {
+            std::fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Marks part `n` done: its entry and rejects in the sidecar, written atomically.

@@ -464,11 +464,24 @@ fn workers_and_resume_give_the_same_bytes_as_one_run() {
     assert_eq!((r.parts_written, r.parts_skipped), (1, 3));
     assert_eq!(tree(&single), tree(&resumed));
 
-    // Another configuration never reuses parts made with the old one.
+    // Another configuration is refused without --overwrite, and never reuses parts made with the old one.
     let mut vt = VisualTokenizer::load(&path, &SessionOptions::default()).expect("load");
     let other = TokenizeConfig {
         views: 2,
         ..config.clone()
+    };
+    let refused = tokenize(manifest(), &resumed, &mut vt, Some(&text), &other, &|_| {}).expect_err("refused");
+    assert_eq!(
+        refused.to_string(),
+        format!(
+            "{}: holds tokens of another run (part-00000.done.json: another manifest, tokenizer, imglish version or \
+             settings); pass --overwrite to replace them, or choose another --out",
+            resumed.display()
+        )
+    );
+    let other = TokenizeConfig {
+        overwrite: true,
+        ..other
     };
     let o = tokenize(manifest(), &resumed, &mut vt, Some(&text), &other, &|_| {}).expect("tokenize");
     assert_eq!((o.parts_written, o.parts_skipped), (4, 0));
@@ -492,6 +505,30 @@ fn workers_and_resume_give_the_same_bytes_as_one_run() {
         let d = tokenize(manifest(), &resumed, &mut vt, Some(&text), &changed, &|_| {}).expect("tokenize");
         assert_eq!((d.parts_written, d.parts_skipped), (4, 0), "{flag}");
     }
+
+    // Larger parts over the same folder: the parts numbered beyond the new count are removed.
+    let bigger = TokenizeConfig {
+        part_samples: 25,
+        overwrite: true,
+        ..other.clone()
+    };
+    let g = tokenize(manifest(), &resumed, &mut vt, Some(&text), &bigger, &|_| {}).expect("tokenize");
+    assert!(g.complete);
+    let mut parts: Vec<String> = std::fs::read_dir(&resumed)
+        .expect("ls")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("part-"))
+        .collect();
+    parts.sort();
+    assert_eq!(
+        parts,
+        [
+            "part-00000.done.json",
+            "part-00000.parquet",
+            "part-00001.done.json",
+            "part-00001.parquet"
+        ]
+    );
 
     let (info, records) = imglish_pack::read_part(single.join("part-00000.parquet")).expect("read part");
     assert_eq!(info.views_per_sample, 3);
