@@ -131,6 +131,32 @@ fn quickstart_with_beit3_trains_every_task_and_runs_both_probes() {
         String::from_utf8_lossy(&probe.stderr)
     );
     assert!(String::from_utf8_lossy(&probe.stdout).starts_with("retrieval probe: image->text R@1 "));
+    // A checkpoint and a dataset that do not fit are refused before any compute, naming the mismatch.
+    let mut other = vec!["quickstart", "--model", "beit3", "--codebook", "64"];
+    other.extend(&SMALL[..SMALL.len() - 2]);
+    other.extend(["--out", "qs64"]);
+    let made = imglish(d, &other);
+    assert_eq!(made.status.code(), Some(0), "{}", String::from_utf8_lossy(&made.stderr));
+    for task in ["classify", "retrieval"] {
+        let out = imglish(
+            d,
+            &[
+                "probe",
+                "--task",
+                task,
+                "--checkpoint",
+                "qs/run",
+                "--dataset",
+                "qs64/dataset",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            "error: probing qs/run/checkpoints/step-00000004 on qs64/dataset failed: dataset qs64/dataset: does not \
+             fit checkpoint qs/run/checkpoints/step-00000004: visual vocabulary of 64, the model expects 1024"
+        );
+    }
     let bad_mix = imglish(
         d,
         &[

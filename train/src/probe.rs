@@ -15,7 +15,7 @@ use crate::data::{Builder, FixedSet};
 use crate::device::TorchDevice;
 use crate::error::{torch_err, Result, TrainError};
 use crate::model::Beit;
-use crate::trainer::{checkpoint_architecture, load_model};
+use crate::trainer::{check_fit, check_probe_fit, checkpoint_architecture, load_model};
 
 /// Probe settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +86,11 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
     let (trained, random, builder) = match checkpoint_architecture(checkpoint)?.as_str() {
         "beit3" => {
             let (model, run) = load_beit3(checkpoint, device)?;
+            let m = &run.model;
+            check_probe_fit(
+                checkpoint,
+                check_fit(&dataset, m.grid, m.vocab_size, Some(m.text_vocab_size), m.input),
+            )?;
             let builder = Builder {
                 config: run.model.data_config(),
                 masking: run.objective.image_masking.clone(),
@@ -99,6 +104,8 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
         }
         _ => {
             let (model, run) = load_model(checkpoint, device)?;
+            let m = &run.model;
+            check_probe_fit(checkpoint, check_fit(&dataset, m.grid, m.vocab_size, None, m.input))?;
             let builder = Builder {
                 config: run.model.clone(),
                 masking: run.masking.clone(),

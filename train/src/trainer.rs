@@ -580,25 +580,54 @@ pub(crate) fn config_diff(a: &impl Serialize, b: &impl Serialize) -> String {
 }
 
 fn check_dataset(dataset: &Dataset, model: &ModelConfig) -> Result<()> {
+    check_fit(dataset, model.grid, model.vocab_size, None, model.input)
+}
+
+/// Checks that a model fits a dataset before any compute: token grid, visual vocabulary, text vocabulary (when
+/// the model has one and the dataset has texts) and, for pixel input, stored pixels. The error names the dataset
+/// and the mismatch.
+pub(crate) fn check_fit(
+    dataset: &Dataset,
+    grid: [i64; 2],
+    vocab_size: i64,
+    text_vocab_size: Option<i64>,
+    input: crate::config::InputKind,
+) -> Result<()> {
     let info = dataset.tokenizer();
     let bad = |reason: String| TrainError::Dataset {
         path: dataset.dir().to_path_buf(),
         reason,
     };
-    let grid = [i64::from(info.grid[0]), i64::from(info.grid[1])];
-    if grid != model.grid {
-        return Err(bad(format!("token grid {grid:?}, the model expects {:?}", model.grid)));
+    let data_grid = [i64::from(info.grid[0]), i64::from(info.grid[1])];
+    if data_grid != grid {
+        return Err(bad(format!("token grid {data_grid:?}, the model expects {grid:?}")));
     }
-    if i64::from(info.vocab_size) != model.vocab_size {
+    if i64::from(info.vocab_size) != vocab_size {
         return Err(bad(format!(
-            "visual vocabulary of {}, the model expects {}",
-            info.vocab_size, model.vocab_size
+            "visual vocabulary of {}, the model expects {vocab_size}",
+            info.vocab_size
         )));
     }
-    if model.input == crate::config::InputKind::Pixels && !dataset.index().config.include_pixels {
+    if let (Some(v), Some(m)) = (info.text_vocab_size, text_vocab_size) {
+        if i64::from(v) != m {
+            return Err(bad(format!("text vocabulary of {v}, the model expects {m}")));
+        }
+    }
+    if input == crate::config::InputKind::Pixels && !dataset.index().config.include_pixels {
         return Err(bad("--input pixels needs a dataset packed with --include-pixels".into()));
     }
     Ok(())
+}
+
+/// [`check_fit`] for a probe: the error also names the checkpoint.
+pub(crate) fn check_probe_fit(checkpoint: &Path, fit: Result<()>) -> Result<()> {
+    fit.map_err(|e| match e {
+        TrainError::Dataset { path, reason } => TrainError::Dataset {
+            path,
+            reason: format!("does not fit checkpoint {}: {reason}", checkpoint.display()),
+        },
+        other => other,
+    })
 }
 
 /// Restores model (through `load_model`), optimiser and stream from the newest checkpoint under `out` when

@@ -253,6 +253,10 @@ pub fn probe_retrieval(
     let dataset = Dataset::open(dataset_dir)?;
     let (trained, run) = load_beit3(checkpoint, device)?;
     let m = &run.model;
+    crate::trainer::check_probe_fit(
+        checkpoint,
+        crate::trainer::check_fit(&dataset, m.grid, m.vocab_size, Some(m.text_vocab_size), m.input),
+    )?;
     let train = load_pairs(&dataset, Split::Train, m, config.batch_size, config.max_samples)?;
     let val = load_pairs(&dataset, Split::Val, m, config.batch_size, config.max_samples)?;
     if train.count < 2 || val.count < 2 {

@@ -287,38 +287,13 @@ pub fn load_beit3(checkpoint: &Path, device: Device) -> Result<(Beit3, Beit3Trai
 }
 
 fn check_dataset(dataset: &Dataset, config: &Beit3TrainConfig) -> Result<()> {
-    let info = dataset.tokenizer();
     let m = &config.model;
-    let bad = |reason: String| TrainError::Dataset {
-        path: dataset.dir().to_path_buf(),
-        reason,
-    };
-    let grid = [i64::from(info.grid[0]), i64::from(info.grid[1])];
-    if grid != m.grid {
-        return Err(bad(format!("token grid {grid:?}, the model expects {:?}", m.grid)));
-    }
-    if i64::from(info.vocab_size) != m.vocab_size {
-        return Err(bad(format!(
-            "visual vocabulary of {}, the model expects {}",
-            info.vocab_size, m.vocab_size
-        )));
-    }
-    match info.text_vocab_size {
-        Some(v) if i64::from(v) != m.text_vocab_size => {
-            return Err(bad(format!(
-                "text vocabulary of {v}, the model expects {}",
-                m.text_vocab_size
-            )))
-        }
-        None if config.objective.mix[0] <= 0.0 => {
-            return Err(bad(
-                "the dataset has no captions, so only image samples exist, and --mix gives images weight 0".into(),
-            ))
-        }
-        _ => {}
-    }
-    if m.input == crate::config::InputKind::Pixels && !dataset.index().config.include_pixels {
-        return Err(bad("--input pixels needs a dataset packed with --include-pixels".into()));
+    crate::trainer::check_fit(dataset, m.grid, m.vocab_size, Some(m.text_vocab_size), m.input)?;
+    if dataset.tokenizer().text_vocab_size.is_none() && config.objective.mix[0] <= 0.0 {
+        return Err(TrainError::Dataset {
+            path: dataset.dir().to_path_buf(),
+            reason: "the dataset has no captions, so only image samples exist, and --mix gives images weight 0".into(),
+        });
     }
     Ok(())
 }
