@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::build::BuildArgs;
 use crate::commands::demo::DemoCorpusArgs;
+use crate::commands::embed::EmbedArgs;
 use crate::commands::ingest::IngestArgs;
 use crate::commands::inspect::InspectArgs;
 use crate::commands::pack::PackArgs;
@@ -91,4 +92,6 @@ pub enum Command {
     Train(TrainArgs),
     /// Linear probe of a checkpoint's frozen encoder (vs a randomly initialised one) on the dataset's labels.
     Probe(ProbeArgs),
+    /// A checkpoint's pooled features (CLS, mean) of every sample, view and caption, into a Parquet file.
+    Embed(EmbedArgs),
 }

@@ -105,6 +105,41 @@ def bench_webdataset(tars, workers, batch, epochs):
     return total
 
 
+def write_mds(dataset, out):
+    """The train split as MosaicML MDS shards: tokens (view 0), captions, label; uncompressed."""
+    from streaming import MDSWriter
+
+    subprocess.run(["rm", "-rf", out], check=True)
+    ds = imglish.Dataset(dataset)
+    columns = {"tokens": "ndarray:uint16", "captions": "json", "label": "int"}
+    with MDSWriter(out=out, columns=columns) as w:
+        for shard in ds.shards:
+            if shard["split"] != "train":
+                continue
+            for r in ipc.open_file(os.path.join(dataset, shard["file"])).read_all().to_pylist():
+                tokens = np.asarray(r["tokens"][0] if r["tokens"] else [], dtype=np.uint16)
+                w.write({"tokens": tokens, "captions": r["captions"], "label": r["label"] if r["label"] is not None else -1})
+
+
+def bench_mosaic(mds, workers, batch, epochs):
+    from streaming import StreamingDataset as MosaicDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+
+    def collate(samples):
+        tokens = [torch.from_numpy(s["tokens"].astype(np.int64)) for s in samples]
+        return tokens, [s["captions"] for s in samples], torch.tensor([s["label"] for s in samples])
+
+    ds = MosaicDataset(local=mds, batch_size=batch, shuffle=True, shuffle_seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
+    total = [0, 0.0, 0.0]
+    for _ in range(epochs):
+        n, s, c = measure(loader, lambda b: len(b[2]))
+        total = [total[0] + n, total[1] + s, total[2] + c]
+    return total
+
+
 def bench_ddp(dataset, work, steps, batch):
     rows = []
     for nproc in (1, 2):
@@ -136,17 +171,27 @@ def main():
     a = p.parse_args()
     tars, n = write_tars(a.dataset, os.path.join(a.work, "wds"))
     results = {}
-    for name, fn in (
+    try:
+        import streaming
+
+        mds = os.path.join(a.work, "mds")
+        write_mds(a.dataset, mds)
+        mosaic = [(f"MosaicML Streaming {streaming.__version__} (MDS; decode only)", lambda: bench_mosaic(mds, a.workers, a.batch, a.epochs))]
+    except ImportError:
+        print("(mosaicml-streaming is not installed: no MosaicML row)", file=sys.stderr)
+        mosaic = []
+    for name, fn in mosaic + [
         ("imglish.StreamingDataset (BEiT: view + mask)", lambda: bench_imglish(a.dataset, a.workers, a.batch, a.epochs, "beit")),
         ("imglish.StreamingDataset (BEiT-3: kinds, text masks)", lambda: bench_imglish(a.dataset, a.workers, a.batch, a.epochs, "beit3")),
         ("webdataset 1.0.2 (tar; decode only)", lambda: bench_webdataset(tars, a.workers, a.batch, a.epochs)),
-    ):
+    ]:
         fn()  # warm-up: page cache, worker start-up code paths
         results[name] = fn()
     print(f"\nReader: {n} train samples x {a.epochs} epochs, {a.workers} DataLoader workers, batch {a.batch}\n")
-    print("| reader | samples/s | samples per CPU-second | vs webdataset (per CPU-second) |")
+    refs = [n for n in results if n.startswith("MosaicML")] or ["webdataset 1.0.2 (tar; decode only)"]
+    ref = results[refs[0]]
+    print(f"| reader | samples/s | samples per CPU-second | vs {refs[0].split(' (')[0]} (per CPU-second) |")
     print("|---|---|---|---|")
-    ref = results["webdataset 1.0.2 (tar; decode only)"]
     for name, (k, s, c) in results.items():
         print(f"| {name} | {k / s:,.0f} | {k / c:,.0f} | {(k / c) / (ref[0] / ref[2]):.2f}x |")
     rows = bench_ddp(a.dataset, a.work, a.ddp_steps, 32)

@@ -3,6 +3,7 @@
 pub mod build;
 pub mod demo;
 mod doctor;
+pub mod embed;
 pub mod ingest;
 pub mod inspect;
 mod lock;
@@ -47,6 +48,7 @@ pub fn dispatch(command: Command, threads: usize, out: &Output) -> anyhow::Resul
         Command::Inspect(args) => inspect::run(&args, out),
         Command::Train(args) => train::run(&args, threads, out),
         Command::Probe(args) => probe::run(&args, threads, out),
+        Command::Embed(args) => embed::run(&args, threads, out),
         Command::Quickstart(args) => quickstart::run(&args, threads, out),
         Command::Build(args) => build::run(&args, threads, out),
     }

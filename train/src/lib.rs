@@ -40,6 +40,7 @@ mod beit3;
 mod config;
 mod data;
 mod device;
+mod embed;
 mod error;
 mod masking;
 mod model;
@@ -59,6 +60,7 @@ pub use beit3::{
 pub use config::{InputKind, ModelConfig, RelPosBias, PRESETS};
 pub use data::{Batch, DeviceBatch, FixedSet, Loader, StreamConfig};
 pub use device::{torch_self_test, Precision, TorchDevice, TorchInfo};
+pub use embed::{embed, EmbedConfig, EmbedSummary, Pool};
 pub use error::{Result, TrainError};
 pub use masking::{MaskKind, Masking};
 pub use model::{relative_position_index, Beit, Input};
