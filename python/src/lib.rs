@@ -165,28 +165,63 @@ impl Reader {
         Ok(r)
     }
 
-    /// The batch, and `(epoch, position, sample id)` of every stream sample it read (used or skipped).
-    fn make(&self, offset: u64, count: u64, rank: u64, world_size: u64) -> PyResult<(MadeBatch, Vec<[u64; 3]>)> {
-        let mut maker = self.config.maker();
-        let mut read = Vec::new();
-        let mut i = rank;
-        while i < count {
-            let o = offset + i;
-            let (epoch, first) = (o / self.len, o % self.len);
-            // This epoch's positions for this rank within the request, in order.
-            let end_in_epoch = (epoch + 1) * self.len - offset;
-            let mut positions = Vec::new();
-            while i < count.min(end_in_epoch) {
-                positions.push(first + (i - (o - offset)));
+    /// The batches of `(offset, count)` requests, and `(epoch, position, sample id)` of every stream sample each
+    /// read (used or skipped). Samples are fetched epoch by epoch for all requests together, so that a record
+    /// batch shared by several requests is decoded once.
+    fn make(&self, requests: &[(u64, u64)], rank: u64, world_size: u64) -> PyResult<Vec<(MadeBatch, Vec<[u64; 3]>)>> {
+        // (request, epoch, position) of every sample, in request order.
+        let mut wanted: Vec<(usize, u64, u64)> = Vec::new();
+        for (r, &(offset, count)) in requests.iter().enumerate() {
+            let mut i = rank;
+            while i < count {
+                let o = offset + i;
+                wanted.push((r, o / self.len, o % self.len));
                 i += world_size;
             }
-            let reader = self.epoch_reader(epoch)?;
-            for s in reader.samples(&positions).map_err(err)? {
-                read.push([epoch, s.position, s.sample_id]);
-                maker.push(s, epoch);
+        }
+        let mut samples: Vec<Option<imglish_pack::Sample>> = wanted.iter().map(|_| None).collect();
+        let mut epochs: Vec<u64> = wanted.iter().map(|w| w.1).collect();
+        epochs.sort_unstable();
+        epochs.dedup();
+        for epoch in epochs {
+            let idx: Vec<usize> = (0..wanted.len()).filter(|&k| wanted[k].1 == epoch).collect();
+            let positions: Vec<u64> = idx.iter().map(|&k| wanted[k].2).collect();
+            // `samples` returns them in the order asked (or fails).
+            let got = self.epoch_reader(epoch)?.samples(&positions).map_err(err)?;
+            for (&k, s) in idx.iter().zip(got) {
+                samples[k] = Some(s);
             }
         }
-        Ok((maker.take(), read))
+        let mut out: Vec<(BatchMaker, Vec<[u64; 3]>)> =
+            requests.iter().map(|_| (self.config.maker(), Vec::new())).collect();
+        for ((r, epoch, _), s) in wanted.into_iter().zip(samples) {
+            if let Some(s) = s {
+                out[r].1.push([epoch, s.position, s.sample_id]);
+                out[r].0.push(s, epoch);
+            }
+        }
+        Ok(out.into_iter().map(|(mut m, read)| (m.take(), read)).collect())
+    }
+
+    fn to_dict<'py>(py: Python<'py>, made: &MadeBatch, read: Vec<[u64; 3]>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for a in &made.arrays {
+            let shape = PyTuple::new(py, &a.shape)?;
+            let value = (a.dtype, shape, PyByteArray::new(py, &a.bytes));
+            out.set_item(&a.name, value)?;
+        }
+        out.set_item("__len__", made.len)?;
+        let skipped = PyList::empty(py);
+        for (id, why) in &made.skipped {
+            skipped.append((id, why))?;
+        }
+        out.set_item("__skipped__", skipped)?;
+        let samples = PyList::empty(py);
+        for [epoch, position, id] in read {
+            samples.append((epoch, position, id))?;
+        }
+        out.set_item("__samples__", samples)?;
+        Ok(out)
     }
 }
 
@@ -243,24 +278,28 @@ impl Reader {
         if world_size == 0 || rank >= world_size {
             return Err(err(format!("rank {rank} is not below world size {world_size}")));
         }
-        let (made, read) = py.detach(|| self.make(offset, count, rank, world_size))?;
-        let out = PyDict::new(py);
-        for a in &made.arrays {
-            let shape = PyTuple::new(py, &a.shape)?;
-            let value = (a.dtype, shape, PyByteArray::new(py, &a.bytes));
-            out.set_item(&a.name, value)?;
+        let mut made = py.detach(|| self.make(&[(offset, count)], rank, world_size))?;
+        let (batch, read) = made.pop().ok_or_else(|| err("no batch was made"))?;
+        Self::to_dict(py, &batch, read)
+    }
+
+    /// Several batches at once (`requests`: list of (offset, count)), each record batch decoded once for all of
+    /// them; a list of what `batch` returns.
+    fn batches<'py>(
+        &self,
+        py: Python<'py>,
+        requests: Vec<(u64, u64)>,
+        rank: u64,
+        world_size: u64,
+    ) -> PyResult<Bound<'py, PyList>> {
+        if world_size == 0 || rank >= world_size {
+            return Err(err(format!("rank {rank} is not below world size {world_size}")));
         }
-        out.set_item("__len__", made.len)?;
-        let skipped = PyList::empty(py);
-        for (id, why) in &made.skipped {
-            skipped.append((id, why))?;
+        let made = py.detach(|| self.make(&requests, rank, world_size))?;
+        let out = PyList::empty(py);
+        for (batch, read) in made {
+            out.append(Self::to_dict(py, &batch, read)?)?;
         }
-        out.set_item("__skipped__", skipped)?;
-        let samples = PyList::empty(py);
-        for [epoch, position, id] in read {
-            samples.append((epoch, position, id))?;
-        }
-        out.set_item("__samples__", samples)?;
         Ok(out)
     }
 }

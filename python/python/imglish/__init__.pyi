@@ -49,6 +49,7 @@ class StreamingDataset(IterableDataset[Batch]):
         max_batches: Optional[int] = ...,
         rank: Optional[int] = ...,
         world_size: Optional[int] = ...,
+        read_ahead: int = ...,
         **options: Any,
     ) -> None: ...
     @property

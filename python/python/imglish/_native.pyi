@@ -38,3 +38,7 @@ class Reader:
     ) -> Dict[str, Union[ArrayTriple, int, List[Tuple[int, str]], List[Tuple[int, int, int]]]]:
         """Rank ``rank``'s share of stream offsets ``offset .. offset + count``: name → (dtype, shape, bytes), plus
         ``__len__``, ``__skipped__`` ((sample id, reason)) and ``__samples__`` ((epoch, position, sample id))."""
+    def batches(
+        self, requests: List[Tuple[int, int]], rank: int, world_size: int
+    ) -> List[Dict[str, Union[ArrayTriple, int, List[Tuple[int, str]], List[Tuple[int, int, int]]]]]:
+        """Several ``batch`` calls in one: each record batch they share is decoded once."""

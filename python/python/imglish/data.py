@@ -152,6 +152,7 @@ class StreamingDataset(IterableDataset):
         max_batches=None,
         rank=None,
         world_size=None,
+        read_ahead=8,
         **options,
     ):
         super().__init__()
@@ -173,6 +174,8 @@ class StreamingDataset(IterableDataset):
         self.endless = endless
         self.max_batches = max_batches
         self._rank, self._world = rank, world_size
+        #: Batches a worker reads from the shards in one call (each record batch they share is decoded once).
+        self.read_ahead = max(1, int(read_ahead))
         self._epoch = 0
         self._resume = {"epoch": 0, "position": 0}
         self._reader = None
@@ -253,12 +256,16 @@ class StreamingDataset(IterableDataset):
         total = self.batches_per_rank()
         j = worker
         while total is None or j < total:
-            offset = start + j * g
-            count = g if end is None else min(g, end - offset)
-            raw = reader.batch(offset, count, rank, world)
-            batch = _arrays(raw)
-            epoch, position = divmod(offset + count, self._epoch_len)
-            batch["__state__"] = {"epoch": epoch, "position": position}
-            batch["__batch__"] = j
-            yield batch
-            j += workers
+            # This worker's next batches, read together (a record batch they share is decoded once).
+            group = [j + k * workers for k in range(self.read_ahead) if total is None or j + k * workers < total]
+            requests = []
+            for jj in group:
+                offset = start + jj * g
+                requests.append((offset, g if end is None else min(g, end - offset)))
+            for jj, (offset, count), raw in zip(group, requests, reader.batches(requests, rank, world)):
+                batch = _arrays(raw)
+                epoch, position = divmod(offset + count, self._epoch_len)
+                batch["__state__"] = {"epoch": epoch, "position": position}
+                batch["__batch__"] = jj
+                yield batch
+            j = group[-1] + workers
