@@ -258,3 +258,33 @@ fn ingest_refuses_a_folder_made_from_other_inputs() {
     );
     assert_eq!(std::fs::read(d.join("mine/notes.txt")).expect("kept"), b"keep");
 }
+
+/// Every stage that writes a folder refuses a second writer at once (pack's own test covers pack).
+#[test]
+fn ingest_tokenize_and_train_refuse_a_folder_another_process_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let out = d.join("busy");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    // This process plays the first writer: it holds the folder's lock as a running stage does.
+    let held = std::fs::File::open(&out).expect("open");
+    held.lock().expect("lock");
+    let busy = out.to_str().expect("utf8");
+    for args in [
+        vec!["ingest", "--images", "nowhere", "--out", busy],
+        vec!["tokenize", "--manifest", "m", "--tokenizer", "t.onnx", "--out", busy],
+        vec!["train", "--dataset", "ds", "--out", busy],
+    ] {
+        let o = run(imglish().current_dir(d).args(&args));
+        assert_eq!(o.status.code(), Some(1), "{}", args[0]);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).trim(),
+            format!(
+                "error: another imglish process (pid {}) is writing {busy}; wait for it to finish or stop it",
+                std::process::id()
+            ),
+            "{}",
+            args[0]
+        );
+    }
+}
