@@ -143,6 +143,20 @@ class StreamingTest(unittest.TestCase):
         # The stream goes on into the next epoch (a batch may span two), as imglish train reads it.
         self.assertEqual(one[-1]["__state__"]["epoch"], (12 * 8) // imglish.Dataset(path).counts["train"])
 
+    def test_set_epoch_and_resume_reach_persistent_workers(self):
+        path = dataset()
+        n = imglish.Dataset(path).counts["train"]
+        ds = imglish.StreamingDataset(path, 8, model="beit3")
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+        self.assertEqual({e for e, _, _ in read(dl)}, {0})
+        ds.set_epoch(1)
+        seen = read(dl)
+        self.assertEqual({e for e, _, _ in seen}, {1})
+        self.assertEqual(sorted(p for _, p, _ in seen), list(range(n)))
+        ds.load_state_dict({"epoch": 2, "position": 40})
+        seen = read(dl)
+        self.assertEqual(sorted(p for _, p, _ in seen), list(range(40, n)))
+
     def test_epochs_reorder_and_change_masks(self):
         path = dataset()
         a = imglish.StreamingDataset(path, 8, model="beit3", shuffle={"kind": "global"})

@@ -3,6 +3,7 @@ training stream as a ``torch.utils.data.IterableDataset``)."""
 
 import json
 import math
+import multiprocessing
 import os
 
 import numpy as np
@@ -176,11 +177,28 @@ class StreamingDataset(IterableDataset):
         self._rank, self._world = rank, world_size
         #: Batches a worker reads from the shards in one call (each record batch they share is decoded once).
         self.read_ahead = max(1, int(read_ahead))
-        self._epoch = 0
-        self._resume = {"epoch": 0, "position": 0}
+        # Epoch and resume point in shared memory: set_epoch() and load_state_dict() in the main process reach
+        # DataLoader workers that already exist (persistent_workers=True).
+        self._shared = multiprocessing.RawArray("q", 3)
         self._reader = None
         # Fail here, not in a worker: opens the dataset and checks the split.
         self._epoch_len = self._get_reader().epoch_len
+
+    @property
+    def _epoch(self):
+        return self._shared[0]
+
+    @_epoch.setter
+    def _epoch(self, value):
+        self._shared[0] = value
+
+    @property
+    def _resume(self):
+        return {"epoch": self._shared[1], "position": self._shared[2]}
+
+    @_resume.setter
+    def _resume(self, state):
+        self._shared[1], self._shared[2] = state["epoch"], state["position"]
 
     def __getstate__(self):
         state = dict(self.__dict__)
