@@ -155,6 +155,25 @@ class PretrainTest(unittest.TestCase):
         self.assertLess(abs(rust["loss"] - python["loss"]), 1e-4 * rust["loss"], (rust, python))
         self.assertEqual(rust["accuracy"], python["accuracy"])
 
+    def test_fsdp_matches_ddp_and_resumes_exactly(self):
+        d = tmpdir(self)
+        ddp, fsdp, resumed = (os.path.join(d, n) for n in ("ddp", "fsdp", "resumed"))
+        common = ["--steps", "8", "--batch-size", "8"]
+        for out, extra in ((ddp, []), (fsdp, ["--fsdp"]), (resumed, ["--fsdp", "--stop-at", "4"])):
+            r = pretrain(out, *common, *extra, nproc=2, workers=0)
+            self.assertEqual(r.returncode, 0, r.stderr)
+        r = pretrain(resumed, *common, "--fsdp", "--resume", nproc=2, workers=0)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        a, b, c = metrics(ddp), metrics(fsdp), metrics(resumed)
+        self.assertEqual([m["step"] for m in b], list(range(1, 9)))
+        for x, y, z in zip(a, b, c):
+            self.assertLess(abs(x["loss"] - y["loss"]), 1e-4 * x["loss"], (x, y))
+            self.assertLess(abs(x["grad_norm"] - y["grad_norm"]), 1e-4 * x["grad_norm"], (x, y))
+            self.assertEqual(y["loss"], z["loss"], "an FSDP resume continues exactly")
+        # Its checkpoint is an ordinary imglish checkpoint.
+        probe = run([imglish_bin(), "probe", "--task", "retrieval", "--checkpoint", fsdp, "--dataset", dataset()])
+        self.assertEqual(probe.returncode, 0, probe.stderr)
+
     def test_refusals(self):
         out = os.path.join(tmpdir(self), "run")
         r = pretrain(out, "--steps", "2", "--batch-size", "5", nproc=2)

@@ -80,6 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     p.add_argument("--device", default="cpu", help="cpu, cuda (each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--precision", default="f32", choices=["f32", "bf16"], help="bf16: autocast on CUDA")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="FSDP2 instead of DDP: parameters, gradients and AdamW state sharded over the ranks between steps",
+    )
     p.add_argument("--threads", type=int, help="intra-op threads per rank")
     p.add_argument(
         "--audit",
@@ -204,26 +209,14 @@ def fsync_file(path):
         os.fsync(f.fileno())
 
 
-def write_checkpoint(out, model, optimizer, names, state, keep):
+def write_checkpoint(out, tensors, moments, state, keep):
     """Rank 0: temporary folder, fsync, rename, then keep the newest ``keep`` (as imglish train)."""
     root = os.path.join(out, "checkpoints")
     name = f"step-{state['step']:08}"
     tmp, dst = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file(model.imglish_state_dict(), os.path.join(tmp, "model.safetensors"))
-    moments = {}
-    step = 0
-    for p, key in names.items():
-        s = optimizer.state.get(p, {})
-        if "exp_avg" in s:
-            moments[f"exp_avg.{key}"] = s["exp_avg"].detach().float().contiguous().cpu()
-            moments[f"exp_avg_sq.{key}"] = s["exp_avg_sq"].detach().float().contiguous().cpu()
-            step = int(s["step"])
-        else:
-            moments[f"exp_avg.{key}"] = torch.zeros_like(p, device="cpu", dtype=torch.float32)
-            moments[f"exp_avg_sq.{key}"] = torch.zeros_like(p, device="cpu", dtype=torch.float32)
-    moments["step"] = torch.tensor([step], dtype=torch.int64)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"))
     save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f, indent=2)
@@ -240,7 +233,7 @@ def write_checkpoint(out, model, optimizer, names, state, keep):
     return dst
 
 
-def restore(ckpt, config, fingerprint, model, optimizer, names, architecture):
+def restore(ckpt, config, fingerprint, params, architecture):
     """Loads a checkpoint written by either trainer; refuses other settings (naming them) or another dataset."""
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
@@ -253,17 +246,92 @@ def restore(ckpt, config, fingerprint, model, optimizer, names, architecture):
         )
     if state["dataset_fingerprint"] != fingerprint:
         raise SystemExit(f"error: checkpoint {ckpt}: written for another dataset (build fingerprints differ)")
-    model.load_imglish_state_dict(load_file(os.path.join(ckpt, "model.safetensors")))
-    moments = load_file(os.path.join(ckpt, "optimizer.safetensors"))
-    step = int(moments["step"][0])
-    if step > 0:
-        for p, key in names.items():
-            optimizer.state[p] = {
-                "step": torch.tensor(float(step)),
-                "exp_avg": moments[f"exp_avg.{key}"].to(p.device).clone(),
-                "exp_avg_sq": moments[f"exp_avg_sq.{key}"].to(p.device).clone(),
-            }
+    params.load(load_file(os.path.join(ckpt, "model.safetensors")), load_file(os.path.join(ckpt, "optimizer.safetensors")))
     return state
+
+
+def _imglish(name):
+    return name[len("beit3.") :] if name.startswith(("beit3.",)) else (name[len("beit.") :] if name.startswith("beit.") else name)
+
+
+class Params:
+    """The model's weights and AdamW moments under imglish's names, whole on every rank (with ``--fsdp``
+    gathered from the shards: every rank must call these together)."""
+
+    def __init__(self, model, optimizer, fsdp):
+        self.model, self.opt, self.fsdp = model, optimizer, fsdp
+        self.names = {n: _imglish(n) for n, _ in model.named_parameters()}
+        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    def tensors(self):
+        if not self.fsdp:
+            return self.model.imglish_state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        return {self.names[k]: v.detach().float().contiguous().cpu() for k, v in sd.items() if k in self.names}
+
+    def moments(self):
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            by_name = get_optimizer_state_dict(
+                self.model, self.opt, options=StateDictOptions(full_state_dict=True)
+            )["state"]
+        else:
+            by_name = {n: self.opt.state.get(p, {}) for n, p in self.model.named_parameters()}
+        out, step = {}, 0
+        for fqn, key in self.names.items():
+            s = by_name.get(fqn, {})
+            for m in ("exp_avg", "exp_avg_sq"):
+                t = s.get(m)
+                out[f"{m}.{key}"] = (
+                    t.detach().float().contiguous().cpu() if t is not None else torch.zeros(self.shapes[fqn])
+                )
+            if "step" in s:
+                step = int(s["step"])
+        out["step"] = torch.tensor([step], dtype=torch.int64)
+        return out
+
+    def load(self, tensors, moments):
+        """Weights and moments from a checkpoint; a missing, extra or misshaped tensor is an error naming it."""
+        want = {key: fqn for fqn, key in self.names.items()}
+        extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
+        if extra or missing:
+            raise SystemExit(f"error: checkpoint tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for key, fqn in want.items():
+            if tuple(tensors[key].shape) != self.shapes[fqn]:
+                raise SystemExit(f"error: tensor '{key}' has shape {tuple(tensors[key].shape)}, the model's is {self.shapes[fqn]}")
+        step = int(moments["step"][0])
+        state = {
+            fqn: {
+                "step": torch.tensor(float(step)),
+                "exp_avg": moments[f"exp_avg.{key}"],
+                "exp_avg_sq": moments[f"exp_avg_sq.{key}"],
+            }
+            for key, fqn in want.items()
+        }
+        if not self.fsdp:
+            self.model.load_imglish_state_dict(tensors)
+            if step > 0:
+                params = dict(self.model.named_parameters())
+                for fqn, s in state.items():
+                    p = params[fqn]
+                    self.opt.state[p] = {k: (v.to(p.device).clone() if k != "step" else v) for k, v in s.items()}
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, {fqn: tensors[key] for key, fqn in want.items()}, options=options)
+        if step > 0:
+            osd = get_optimizer_state_dict(self.model, self.opt, options=options)
+            osd["state"] = state
+            set_optimizer_state_dict(self.model, self.opt, osd, options=options)
 
 
 def make_optimizer(model, optim):
@@ -276,6 +344,33 @@ def make_optimizer(model, optim):
     ]
     opt = torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"], foreach=False)
     return opt, names
+
+
+def shard(model, d):
+    """FSDP2 (``fully_shard``) with one unit, the whole model: parameters, gradients and AdamW state are sharded
+    over the ranks between steps, and the parameters are gathered whole for each micro-batch's forward and
+    backward. (Units per Transformer layer gave gradients different from DDP's: BEiT-3 runs the encoder up to
+    three times per micro-batch, once per sample kind.)"""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=init_device_mesh(d.device.type, (d.world,)))
+
+
+def drop_unused_grads(model, d):
+    """FSDP leaves a zero gradient on parameters no rank used this step (a kind absent from the whole global
+    batch); DDP and imglish train leave none, so AdamW does not touch them. Same here: a gradient that is zero on
+    every rank is dropped."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params)]
+    sums = torch.stack([g.abs().sum().double() if g.numel() else torch.zeros((), dtype=torch.float64) for g in local])
+    if d.on:
+        dist.all_reduce(sums)
+    for p, total in zip(params, sums.tolist()):
+        if total == 0.0:
+            p.grad = None
 
 
 def counts(batch):
@@ -310,7 +405,10 @@ def run(args, d):
     fingerprint = dataset.index["build_fingerprint"]
     torch.manual_seed(config["seed"])
     model = (Beit3Pretrain if args.model == "beit3" else BeitPretrain)(config["model"]).to(d.device)
-    optimizer, names = make_optimizer(model, config["optim"])
+    if args.fsdp:
+        shard(model, d)
+    optimizer, _ = make_optimizer(model, config["optim"])
+    params = Params(model, optimizer, args.fsdp)
     ckpt = latest_checkpoint(args.out)
     step, stream, samples = 0, {"epoch": 0, "position": 0}, 0
     if ckpt and not args.resume:
@@ -318,7 +416,7 @@ def run(args, d):
             f"error: {args.out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
         )
     if ckpt:
-        state = restore(ckpt, config, fingerprint, model, optimizer, names, args.model)
+        state = restore(ckpt, config, fingerprint, params, args.model)
         step, stream, samples = state["step"], state["stream"], state["samples"]
     if d.rank == 0:
         os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
@@ -326,7 +424,7 @@ def run(args, d):
             json.dump(config, f, indent=2)
         truncate_metrics(os.path.join(args.out, "metrics.jsonl"), step)
     d.barrier()
-    net = DDP(model, find_unused_parameters=True) if d.on else model
+    net = DDP(model, find_unused_parameters=True) if d.on and not args.fsdp else model
 
     data = StreamingDataset(args.dataset, args.batch_size // d.world, config=config, endless=True)
     data.load_state_dict(stream)
@@ -339,9 +437,9 @@ def run(args, d):
     )
     until = min(config["steps"], args.stop_at if args.stop_at is not None else config["steps"])
     if d.rank == 0:
-        params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for p in model.parameters())
         print(
-            f"pretrain: {'BEiT-3' if args.model == 'beit3' else 'BEiT'} ({params / 1e6:.2f}M parameters) on {d.world} x {d.device.type}, steps {step}..{until}, "
+            f"pretrain: {'BEiT-3' if args.model == 'beit3' else 'BEiT'} ({n_params / 1e6:.2f}M parameters) on {d.world} x {d.device.type}, steps {step}..{until}, "
             f"global batch {args.batch_size} x {config['accum']}",
             file=sys.stderr,
         )
@@ -362,7 +460,9 @@ def run(args, d):
         sums = torch.zeros(2, dtype=torch.float64)
         for i, b in enumerate(micro):
             sync = i == accum - 1 or not d.on
-            with contextlib.nullcontext() if sync else net.no_sync():
+            if args.fsdp:
+                model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or args.fsdp else net.no_sync():
                 with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                     mim, mlm, tally = net(b)
                 loss = (mim / max(mim_total, 1.0) + mlm / max(mlm_total, 1.0)) * d.world
@@ -371,8 +471,11 @@ def run(args, d):
             window.add(tally, b)
             if samples_log is not None:
                 samples_log.write(json.dumps({"step": step + 1, "micro": i, "samples": b["__samples__"]}) + "\n")
+        if args.fsdp:
+            drop_unused_grads(model, d)
         clip = config["optim"].get("clip_grad")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf")))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -393,6 +496,7 @@ def run(args, d):
             if samples_log is not None:
                 samples_log.flush()
                 os.fsync(samples_log.fileno())
+            tensors, moments = params.tensors(), params.moments()
             if d.rank == 0:
                 state = {
                     "format_version": CHECKPOINT_VERSION,
@@ -404,12 +508,12 @@ def run(args, d):
                     "dataset_fingerprint": fingerprint,
                     "config": config,
                 }
-                last_ckpt = write_checkpoint(args.out, model, optimizer, names, state, args.keep_checkpoints)
+                last_ckpt = write_checkpoint(args.out, tensors, moments, state, args.keep_checkpoints)
                 print(f"checkpoint {last_ckpt}", file=sys.stderr, flush=True)
             d.barrier()
     if samples_log is not None:
         digest = hashlib.sha256()
-        for key, t in sorted(model.imglish_state_dict().items()):
+        for key, t in sorted(params.tensors().items()):
             digest.update(key.encode())
             digest.update(t.numpy().tobytes())
         samples_log.write(json.dumps({"step": step, "weights_sha256": digest.hexdigest()}) + "\n")
