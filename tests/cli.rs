@@ -179,9 +179,33 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
     assert_eq!(
         stderr.trim().lines().last().expect("a line"),
         "error: ingest accepted nothing: 3 seen, 3 rejected; most rejects: unsafe-path (3) (symbolic links that \
-         lead out of the source folder are refused: copy or hard-link the files into it). The manifest in m is \
+         lead out of the source folder are refused: pass --follow-symlinks to read them). The manifest in m is \
          empty; pass --allow-empty to accept that"
     );
+    // With --follow-symlinks the links are read (a link to a real image is accepted).
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, 9, (y * 4) as u8]));
+    img.save(d.join("elsewhere/real.png")).expect("png");
+    std::os::unix::fs::symlink(d.join("elsewhere/real.png"), d.join("subset/real.png")).expect("symlink");
+    let followed = run(imglish().current_dir(d).args([
+        "--log-format",
+        "json",
+        "ingest",
+        "--images",
+        "subset",
+        "--out",
+        "mf",
+        "--follow-symlinks",
+    ]));
+    assert_eq!(
+        followed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&followed.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&followed.stdout).lines().last().expect("json")).expect("json");
+    assert_eq!(summary["counts"]["accepted"], 1, "{summary}");
+    assert_eq!(summary["counts"]["by_reason"]["unsupported-format"], 3, "{summary}");
     assert!(d.join("m/rejects.parquet").exists(), "the rejects are kept");
     let ok = run(imglish()
         .current_dir(d)

@@ -52,6 +52,9 @@ pub struct IngestConfig {
     require_captions: bool,
     limits: ValidationLimits,
     parquet: ParquetColumns,
+    /// Follow symbolic links to files outside a directory source (`--follow-symlinks`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    follow_symlinks: bool,
 }
 
 impl IngestConfig {
@@ -76,6 +79,7 @@ impl IngestConfig {
             require_captions: false,
             limits: ValidationLimits::default(),
             parquet: ParquetColumns::default(),
+            follow_symlinks: false,
         })
     }
 
@@ -145,6 +149,13 @@ impl IngestConfig {
     /// Reject images without any caption.
     pub fn with_require_captions(mut self, on: bool) -> Self {
         self.require_captions = on;
+        self
+    }
+
+    /// Follow symbolic links to files outside a directory source (a subset made with `ln -s`, an HF cache
+    /// snapshot pointing into `../blobs`). Links to directories are never followed.
+    pub fn with_follow_symlinks(mut self, on: bool) -> Self {
+        self.follow_symlinks = on;
         self
     }
 
@@ -314,7 +325,7 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
         };
         match source.kind {
             SourceKind::Dir => {
-                let files = sources::walk_dir(source, &mut hidden)?;
+                let files = sources::walk_dir(source, config.follow_symlinks, &mut hidden)?;
                 for chunk in files.chunks(CHUNK) {
                     let items: Vec<Item> = chunk
                         .par_iter()

@@ -183,10 +183,12 @@ pub(crate) struct Item {
 /// Extensions treated as images inside tar shards (the format is still sniffed from the bytes).
 const IMAGE_EXTS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
-/// Walks a directory tree in sorted order. Symlinks are followed only when they resolve inside the tree;
-/// others become `unsafe-path` rejects. Hidden entries (names starting with `.`) are skipped and counted.
+/// Walks a directory tree in sorted order. Symlinks to files are followed when they resolve inside the tree
+/// (or anywhere with `follow`); others become `unsafe-path` rejects; links to directories are never followed.
+/// Hidden entries (names starting with `.`) are skipped and counted.
 pub(crate) fn walk_dir(
     source: &Source,
+    follow: bool,
     hidden: &mut u64,
 ) -> Result<Vec<(String, std::result::Result<PathBuf, Rejection>)>> {
     let root = source.path.canonicalize().at(&source.path)?;
@@ -235,6 +237,7 @@ pub(crate) fn walk_dir(
                             out.push((rel_path, Ok(path)));
                         }
                     }
+                    Ok(target) if follow && !target.is_dir() => out.push((rel_path, Ok(path))),
                     Ok(target) => out.push((
                         rel_path,
                         Err(Rejection::new(

@@ -96,6 +96,10 @@ pub struct IngestArgs {
     #[arg(long)]
     pub label_column: Option<String>,
 
+    /// Follow symbolic links to files outside a directory source (links to directories are never followed).
+    #[arg(long)]
+    pub follow_symlinks: bool,
+
     /// Succeed even when nothing is accepted (by default an empty manifest is an error, exit 1).
     #[arg(long)]
     pub allow_empty: bool,
@@ -156,6 +160,7 @@ pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
             Header::No => CsvHeader::No,
         })
         .with_require_captions(args.require_captions)
+        .with_follow_symlinks(args.follow_symlinks)
         .try_with_limits(ValidationLimits {
             max_pixels: args.max_pixels,
             min_side: args.min_side,
@@ -263,7 +268,7 @@ fn check_out_dir(args: &IngestArgs, config: &IngestConfig) -> anyhow::Result<()>
 fn hint(reason: &str) -> &'static str {
     match reason {
         "unsafe-path" => {
-            " (symbolic links that lead out of the source folder are refused: copy or hard-link the files into it)"
+            " (symbolic links that lead out of the source folder are refused: pass --follow-symlinks to read them)"
         }
         "unsupported-format" => {
             " (a folder source reads image files; pass .tar or .parquet files to --images themselves)"
