@@ -258,6 +258,19 @@ impl Reader {
         })
     }
 
+    /// The validation batches `imglish train` evaluates on (up to `limit` val samples in dataset order, fixed
+    /// masks), as a list of what `batch` returns (without `__samples__`).
+    fn validation<'py>(&self, py: Python<'py>, batch_size: usize, limit: usize) -> PyResult<Bound<'py, PyList>> {
+        let made = py
+            .detach(|| self.config.maker().validation(&self.dataset, batch_size, limit))
+            .map_err(err)?;
+        let out = PyList::empty(py);
+        for batch in &made {
+            out.append(Self::to_dict(py, batch, Vec::new())?)?;
+        }
+        Ok(out)
+    }
+
     /// Samples per epoch.
     #[getter]
     fn epoch_len(&self) -> u64 {

@@ -125,6 +125,14 @@ class PretrainTest(unittest.TestCase):
             mean = (p9["loss"] * p9["tokens"] + p10["loss"] * p10["tokens"]) / (p9["tokens"] + p10["tokens"])
             self.assertEqual(t["tokens"], p9["tokens"] + p10["tokens"], task)
             self.assertLess(abs(t["loss"] - mean), 1e-4 * mean, (task, t, mean))
+        # Both evaluate the same validation set at the end: the same losses within 1e-4.
+        val_rs = [json.loads(l) for l in open(os.path.join(rs, "metrics.jsonl")) if '"val"' in l][-1]
+        val_py = [json.loads(l) for l in open(os.path.join(py, "metrics.jsonl")) if '"val"' in l][-1]
+        self.assertEqual((val_rs["step"], val_py["step"]), (10, 10))
+        self.assertEqual(val_rs["samples"], val_py["samples"])
+        for task, t in val_rs["tasks"].items():
+            self.assertLess(abs(t["loss"] - val_py["tasks"][task]["loss"]), 1e-4 * t["loss"], task)
+            self.assertEqual(t["tokens"], val_py["tasks"][task]["tokens"], task)
         # And the reverse: Python continues a Rust checkpoint.
         rs2 = os.path.join(d, "rs2")
         r = run(train + ["--out", rs2, *common, "--stop-at", "4"])

@@ -2,11 +2,12 @@
 //! arrays out, with exactly the views, masks, sample kinds and captions that `imglish train` uses for the same
 //! `(seed, epoch, sample_id)`, because it is the same code.
 
-use imglish_pack::{Sample, StreamState};
+use imglish_pack::{Dataset, Sample, Split, StreamState};
 
-use crate::beit3::{Beit3Batch, Beit3Batcher, Beit3Builder, Beit3TrainConfig, SampleKind};
+use crate::beit3::{beit3_fixed_set, Beit3Batch, Beit3Batcher, Beit3Builder, Beit3TrainConfig, SampleKind};
 use crate::config::InputKind;
-use crate::data::{Batch, Batcher, BeitBatcher, Builder};
+use crate::data::{Batch, Batcher, BeitBatcher, Builder, FixedSet};
+use crate::error::Result;
 use crate::trainer::TrainConfig;
 
 /// One named array of a batch: a dtype (`int64`, `uint64`, `bool`, `float32`), a row-major shape and its
@@ -129,6 +130,31 @@ impl BatchMaker {
         match &mut self.inner {
             Inner::Beit(b, _) => b.push(sample, epoch),
             Inner::Beit3(b, _) => b.push(sample, epoch),
+        }
+    }
+
+    /// The validation set `imglish train` evaluates on: up to `limit` samples of the val split in dataset order,
+    /// with its fixed masks (and kinds, captions, centre views), in batches of `batch_size`.
+    pub fn validation(&self, dataset: &Dataset, batch_size: usize, limit: usize) -> Result<Vec<MadeBatch>> {
+        match &self.inner {
+            Inner::Beit(_, config) => {
+                let builder = Builder {
+                    config: config.model.clone(),
+                    masking: config.masking.clone(),
+                    seed: config.seed,
+                };
+                let set = FixedSet::load(dataset, Split::Val, &builder, batch_size, limit, false)?;
+                Ok(set.batches.into_iter().map(|b| beit_arrays(b, config, None)).collect())
+            }
+            Inner::Beit3(_, config) => {
+                let builder = Beit3Builder {
+                    config: config.model.clone(),
+                    objective: config.objective.clone(),
+                    seed: config.seed,
+                };
+                let (batches, _) = beit3_fixed_set(dataset, Split::Val, &builder, batch_size, limit)?;
+                Ok(batches.into_iter().map(|b| beit3_arrays(b, config)).collect())
+            }
         }
     }
 

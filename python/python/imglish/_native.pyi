@@ -42,3 +42,7 @@ class Reader:
         self, requests: List[Tuple[int, int]], rank: int, world_size: int
     ) -> List[Dict[str, Union[ArrayTriple, int, List[Tuple[int, str]], List[Tuple[int, int, int]]]]]:
         """Several ``batch`` calls in one: each record batch they share is decoded once."""
+    def validation(
+        self, batch_size: int, limit: int
+    ) -> List[Dict[str, Union[ArrayTriple, int, List[Tuple[int, str]], List[Tuple[int, int, int]]]]]:
+        """The validation batches ``imglish train`` evaluates on (val split, dataset order, fixed masks)."""

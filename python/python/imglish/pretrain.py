@@ -76,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-every", type=int, default=0, help="0: only at the end")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0, help="validation every N steps (0: at the start and the end)")
+    p.add_argument("--eval-samples", type=int, default=2048, help="validation samples (the first ones in dataset order)")
     p.add_argument("--stop-at", type=int, help="stop after this step (with a checkpoint)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     p.add_argument("--device", default="cpu", help="cpu, cuda (each rank takes cuda:LOCAL_RANK)")
@@ -445,6 +447,9 @@ def run(args, d):
         )
     audit_path = os.path.join(args.out, f"audit-w{d.world}-rank{d.rank}.jsonl")
     samples_log = open(audit_path, "a") if args.audit else None
+    val = data._get_reader().validation(config["stream"]["batch_size"], args.eval_samples)
+    if step == 0:
+        report_val(args, d, model, val, step)
     it = iter(loader)
     window = Window()
     last_ckpt = None
@@ -492,6 +497,8 @@ def run(args, d):
                 append_json(os.path.join(args.out, "metrics.jsonl"), record)
                 print(line(record), file=sys.stderr, flush=True)
             window = Window()
+        if (args.eval_every and step % args.eval_every == 0) or step == until:
+            report_val(args, d, model, val, step)
         if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == until:
             if samples_log is not None:
                 samples_log.flush()
@@ -521,6 +528,61 @@ def run(args, d):
     if d.rank == 0:
         print(f"pretrain: {step} steps, {samples} samples; checkpoint {last_ckpt}", file=sys.stderr)
     return 0
+
+
+def report_val(args, d, model, val, step):
+    """Validation on the fixed set `imglish train` uses (same samples, masks, kinds and captions); every rank
+    computes it (FSDP's gathers need them all), rank 0 writes it. Same record as imglish train's."""
+    if not val:
+        return
+    from .data import _arrays
+
+    sums = {}
+    kinds = {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for raw in val:
+            b = batch_to_torch(_arrays(raw), d.device)
+            _, _, tally = model(b)
+            for task, (loss, correct, count) in tally.items():
+                acc = sums.setdefault(task, [0.0, 0.0, 0])
+                acc[0] += float(loss)
+                acc[1] += float(correct)
+                acc[2] += count
+            for k in ("image", "text", "pair"):
+                if f"{k}.ids" in b:
+                    kinds[k] = kinds.get(k, 0) + len(b[f"{k}.ids"])
+            if "sample_ids" in b:
+                kinds["image"] = kinds.get("image", 0) + len(b["sample_ids"])
+    model.train(was_training)
+    if "mim" in sums:
+        loss, correct, count = sums["mim"]
+        record = {"kind": "val", "step": step, "loss": loss / count, "accuracy": correct / count, "samples": kinds.get("image", 0)}
+        text = f"step {step:>6}  val loss {record['loss']:.4f}  val acc {record['accuracy']:.3f}  ({record['samples']} samples)"
+    else:
+        def mean(a, b):
+            n = sums.get(a, [0, 0, 0])[2] + sums.get(b, [0, 0, 0])[2]
+            return (sums.get(a, [0, 0, 0])[0] + sums.get(b, [0, 0, 0])[0]) / n if n else 0.0
+
+        tasks = {t: {"loss": v[0] / v[2], "accuracy": v[1] / v[2], "tokens": v[2]} for t, v in sums.items() if v[2]}
+        record = {
+            "kind": "val",
+            "step": step,
+            "epoch": 0,
+            "loss": mean("image_mim", "pair_mim") + mean("text_mlm", "pair_mlm"),
+            "tasks": tasks,
+            "samples": kinds,
+            "lr": 0.0,
+            "grad_norm": 0.0,
+            "samples_per_s": 0.0,
+            "data_wait": 0.0,
+        }
+        parts = "  ".join(f"{n} {t['loss']:.3f}/{t['accuracy']:.3f}" for n, t in tasks.items())
+        text = f"step {step:>6}  val loss {record['loss']:.4f}  [{parts}] (loss/acc)"
+    if d.rank == 0:
+        append_json(os.path.join(args.out, "metrics.jsonl"), record)
+        print(text, file=sys.stderr, flush=True)
 
 
 class Window:

@@ -10,7 +10,7 @@ mod trainer;
 
 pub use config::{Beit3Config, BEIT3_PRESETS};
 pub use data::{caption_for, Beit3Batch, Group, Objective, SampleKind, TextArrays};
-pub(crate) use data::{Beit3Batcher, Beit3Builder};
+pub(crate) use data::{fixed_set as beit3_fixed_set, Beit3Batcher, Beit3Builder};
 pub use model::{Beit3, Encoded, ImageIn, TextIn, Way};
 pub use retrieval::{probe_retrieval, Recall, RetrievalConfig, RetrievalReport};
 pub use text_mask::{MaskedText, TextMasking};
