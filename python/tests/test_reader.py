@@ -157,6 +157,18 @@ class StreamingTest(unittest.TestCase):
         seen = read(dl)
         self.assertEqual(sorted(p for _, p, _ in seen), list(range(40, n)))
 
+    def test_samples_and_the_default_collate_give_the_batches_back(self):
+        path = dataset()
+        for model in ("beit", "beit3"):
+            batches = list(imglish.StreamingDataset(path, 8, model=model, max_batches=4, endless=True))
+            ds = imglish.StreamingDataset(path, 8, model=model, max_batches=4, endless=True, samples=True)
+            dl = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=0, collate_fn=ds.collate)
+            for whole, again in zip(batches, dl):
+                arrays = {k: v for k, v in whole.items() if isinstance(v, np.ndarray)}
+                self.assertEqual(sorted(arrays), sorted(k for k in again if not k.startswith("__")), model)
+                for k, v in arrays.items():
+                    np.testing.assert_array_equal(v, again[k], err_msg=f"{model} {k}")
+
     def test_epochs_reorder_and_change_masks(self):
         path = dataset()
         a = imglish.StreamingDataset(path, 8, model="beit3", shuffle={"kind": "global"})

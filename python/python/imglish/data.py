@@ -154,6 +154,7 @@ class StreamingDataset(IterableDataset):
         rank=None,
         world_size=None,
         read_ahead=8,
+        samples=False,
         **options,
     ):
         super().__init__()
@@ -177,6 +178,8 @@ class StreamingDataset(IterableDataset):
         self._rank, self._world = rank, world_size
         #: Batches a worker reads from the shards in one call (each record batch they share is decoded once).
         self.read_ahead = max(1, int(read_ahead))
+        #: Yield single samples (use ``DataLoader(ds, batch_size=B, collate_fn=ds.collate)``) instead of batches.
+        self.samples = bool(samples)
         # Epoch and resume point in shared memory: set_epoch() and load_state_dict() in the main process reach
         # DataLoader workers that already exist (persistent_workers=True).
         self._shared = multiprocessing.RawArray("q", 3)
@@ -285,5 +288,79 @@ class StreamingDataset(IterableDataset):
                 epoch, position = divmod(offset + count, self._epoch_len)
                 batch["__state__"] = {"epoch": epoch, "position": position}
                 batch["__batch__"] = jj
-                yield batch
+                if self.samples:
+                    yield from split_batch(batch)
+                else:
+                    yield batch
             j = group[-1] + workers
+
+
+    def collate(self, samples):
+        """Samples (``samples=True``) back into one batch with the arrays a batch has (texts padded with the
+        text tokenizer's pad id); a ``collate_fn`` for ``DataLoader``."""
+        return collate(samples, self.config.get("objective", {}).get("text", {}).get("pad_id", 0))
+
+
+def split_batch(batch):
+    """A batch's samples as dicts of numpy arrays (views into the batch's arrays, no copies): ``sample_id``,
+    ``kind``, and the sample's rows: ``tokens``, ``mask``, ``pixels`` (images), ``text``, ``predict``,
+    ``targets`` (texts, without padding), ``label`` (BEiT)."""
+    if "sample_ids" in batch:  # BEiT
+        for i, sid in enumerate(batch["sample_ids"]):
+            s = {"kind": "image", "sample_id": int(sid), "label": int(batch["labels"][i])}
+            for k in ("tokens", "mask", "pixels"):
+                if k in batch:
+                    s[k] = batch[k][i]
+            yield s
+        return
+    for kind in ("image", "text", "pair"):
+        if f"{kind}.ids" not in batch:
+            continue
+        ids = batch[f"{kind}.ids"]
+        if f"{kind}.predict" in batch:
+            counts = batch[f"{kind}.predict"].sum(axis=1)
+            starts = np.concatenate([[0], np.cumsum(counts)])
+        for i, sid in enumerate(ids):
+            s = {"kind": kind, "sample_id": int(sid)}
+            for k in ("tokens", "mask", "pixels"):
+                if f"{kind}.{k}" in batch:
+                    s[k] = batch[f"{kind}.{k}"][i]
+            if f"{kind}.text" in batch:
+                keep = ~batch[f"{kind}.padding"][i]
+                s["text"] = batch[f"{kind}.text"][i][keep]
+                s["predict"] = batch[f"{kind}.predict"][i][keep]
+                s["targets"] = batch[f"{kind}.targets"][starts[i] : starts[i + 1]]
+            yield s
+
+
+def collate(samples, pad_id=0):
+    """The default collate of ``split_batch``'s samples: the batch arrays again (BEiT: ``sample_ids``, ``labels``,
+    ``tokens``, ``mask``, ``pixels``; BEiT-3: per kind ``K.ids``, ``K.tokens``, ``K.mask``, ``K.pixels``, ``K.text``,
+    ``K.padding``, ``K.predict``, ``K.targets``), as numpy arrays, samples of a kind in the order given."""
+    out = {"__len__": len(samples)}
+    if samples and "label" in samples[0]:
+        out["sample_ids"] = np.array([s["sample_id"] for s in samples], dtype=np.uint64)
+        out["labels"] = np.array([s["label"] for s in samples], dtype=np.int64)
+        for k in ("tokens", "mask", "pixels"):
+            if k in samples[0]:
+                out[k] = np.stack([s[k] for s in samples])
+        return out
+    for kind in ("image", "text", "pair"):
+        group = [s for s in samples if s["kind"] == kind]
+        if not group:
+            continue
+        out[f"{kind}.ids"] = np.array([s["sample_id"] for s in group], dtype=np.uint64)
+        for k in ("tokens", "mask", "pixels"):
+            if k in group[0]:
+                out[f"{kind}.{k}"] = np.stack([s[k] for s in group])
+        if "text" in group[0]:
+            n = max(len(s["text"]) for s in group)
+            text = np.full((len(group), n), pad_id, dtype=np.int64)
+            padding = np.ones((len(group), n), dtype=bool)
+            predict = np.zeros((len(group), n), dtype=bool)
+            for i, s in enumerate(group):
+                m = len(s["text"])
+                text[i, :m], padding[i, :m], predict[i, :m] = s["text"], False, s["predict"]
+            out[f"{kind}.text"], out[f"{kind}.padding"], out[f"{kind}.predict"] = text, padding, predict
+            out[f"{kind}.targets"] = np.concatenate([s["targets"] for s in group]).astype(np.int64)
+    return out
