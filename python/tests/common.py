@@ -1,5 +1,6 @@
 """Shared by the Python tests: the imglish binary, and a small BEiT-3 dataset made by `imglish quickstart`."""
 
+import atexit
 import os
 import shutil
 import signal
@@ -67,6 +68,7 @@ def dataset():
     global _DATASET, _TMP
     if _DATASET is None:
         _TMP = tempfile.mkdtemp(prefix="imglish-py-")
+        atexit.register(shutil.rmtree, _TMP, True)
         out = os.path.join(_TMP, "qs")
         r = run(
             [imglish_bin(), "quickstart", "--model", "beit3", "--out", out, "--images", "96", "--views", "2"]
