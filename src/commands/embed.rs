@@ -60,10 +60,7 @@ pub struct EmbedArgs {
 pub fn run(args: &EmbedArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
     imglish_train::set_threads(threads);
     let device: TorchDevice = args.device.parse()?;
-    let checkpoint = match imglish_train::latest_checkpoint(&args.checkpoint)? {
-        Some(latest) if !args.checkpoint.join("state.json").exists() => latest,
-        _ => args.checkpoint.clone(),
-    };
+    let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;
     let config = EmbedConfig {
         pool: match args.pool {
             PoolArg::Cls => Pool::Cls,

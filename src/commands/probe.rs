@@ -58,10 +58,7 @@ pub struct ProbeArgs {
 pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
     imglish_train::set_threads(threads);
     let device: TorchDevice = args.device.parse()?;
-    let checkpoint = match imglish_train::latest_checkpoint(&args.checkpoint)? {
-        Some(latest) if !args.checkpoint.join("state.json").exists() => latest,
-        _ => args.checkpoint.clone(),
-    };
+    let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;
     if args.task == TaskArg::Retrieval {
         return run_retrieval(args, &checkpoint, device, out);
     }

@@ -241,9 +241,7 @@ fn parse_mix(text: &str) -> Result<[f64; 3], String> {
         }
         mix[slot] = w;
     }
-    if mix.iter().sum::<f64>() <= 0.0 {
-        return Err("at least one kind needs a positive weight".into());
-    }
+    TrainOptions::validate_mix(mix)?;
     Ok(mix)
 }
 

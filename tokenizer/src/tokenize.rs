@@ -296,13 +296,20 @@ pub fn tokenize(
     let mut summary = TokenizeSummary::default();
     let images_per_batch = config.batch_size.div_ceil(config.views as usize).max(1);
 
-    for n in 0..n_parts {
+    // Whether part `n` is done already or another worker's (counted), i.e. not this run's to write.
+    let not_mine = |n: usize, summary: &mut TokenizeSummary| {
         if read_done(out, n, &run_fingerprint).is_some() {
             summary.parts_skipped += 1;
-            continue;
-        }
-        if n as u32 % config.worker.1 != config.worker.0 {
+            true
+        } else if n as u32 % config.worker.1 != config.worker.0 {
             summary.parts_pending += 1;
+            true
+        } else {
+            false
+        }
+    };
+    for n in 0..n_parts {
+        if not_mine(n, &mut summary) {
             continue;
         }
         let part_rows =
@@ -398,12 +405,7 @@ pub fn tokenize(
     // Text-only documents: parts after the image parts, one text sample per segment.
     for j in 0..n_text_parts {
         let n = n_parts + j;
-        if read_done(out, n, &run_fingerprint).is_some() {
-            summary.parts_skipped += 1;
-            continue;
-        }
-        if n as u32 % config.worker.1 != config.worker.0 {
-            summary.parts_pending += 1;
+        if not_mine(n, &mut summary) {
             continue;
         }
         let chunk = &docs[j * config.part_samples..((j + 1) * config.part_samples).min(docs.len())];

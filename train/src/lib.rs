@@ -69,8 +69,8 @@ pub use options::{ModelKind, TrainOptions};
 pub use plot::plot_losses;
 pub use probe::{probe, ProbeConfig, ProbeReport};
 pub use trainer::{
-    checkpoint_architecture, checkpoint_name, evaluate, latest_checkpoint, load_model, train, DataMode, EvalMetrics,
-    Event, RunOptions, StepMetrics, TrainConfig, TrainSummary, CHECKPOINT_VERSION,
+    checkpoint_architecture, checkpoint_name, evaluate, latest_checkpoint, load_model, resolve_checkpoint, train,
+    DataMode, EvalMetrics, Event, RunOptions, StepMetrics, TrainConfig, TrainSummary, CHECKPOINT_VERSION,
 };
 
 /// Sets libtorch's intra-op thread count (the `--threads` knob).

@@ -230,6 +230,14 @@ pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// A checkpoint directory as given, or for a run directory (one without `state.json`) its newest checkpoint.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    match latest_checkpoint(path)? {
+        Some(latest) if !path.join("state.json").exists() => Ok(latest),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
 /// The newest complete checkpoint under `out/checkpoints`, if any.
 pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     let dir = out.join("checkpoints");

@@ -38,6 +38,41 @@ def torchscale_kwargs(model):
     }
 
 
+def imglish_name(fqn):
+    """A parameter's imglish checkpoint name: its PyTorch name without the wrapped model's prefix."""
+    for prefix in ("beit3.", "beit."):
+        if fqn.startswith(prefix):
+            return fqn[len(prefix) :]
+    return fqn
+
+
+class ImglishNames:
+    """Checkpoint I/O under imglish's names, for the pretraining modules below."""
+
+    def _named(self):
+        return {imglish_name(n): p for n, p in self.named_parameters()}
+
+    def imglish_state_dict(self):
+        """Parameters under imglish's checkpoint names (float32, contiguous, on the CPU)."""
+        return {k: p.detach().float().contiguous().cpu() for k, p in self._named().items()}
+
+    def imglish_names(self):
+        """Parameter → imglish name."""
+        return {p: k for k, p in self._named().items()}
+
+    def load_imglish_state_dict(self, tensors):
+        """Loads a checkpoint's tensors; a missing, extra or misshaped one is an error naming it."""
+        want = self._named()
+        extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
+        if extra or missing:
+            raise ValueError(f"checkpoint tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for k, p in want.items():
+                if tuple(tensors[k].shape) != tuple(p.shape):
+                    raise ValueError(f"tensor '{k}' has shape {tuple(tensors[k].shape)}, the model's is {tuple(p.shape)}")
+                p.copy_(tensors[k])
+
+
 class TokenVisionEmbedding(nn.Module):
     """torchscale's ``VisionEmbedding`` reading visual token ids instead of pixels (imglish's token input):
     ``token_embed`` rows instead of the patch projection; mask token and CLS token as torchscale's."""
@@ -61,7 +96,7 @@ class TokenVisionEmbedding(nn.Module):
         return torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
 
 
-class Beit3Pretrain(nn.Module):
+class Beit3Pretrain(ImglishNames, nn.Module):
     """BEiT-3 with its MIM and MLM heads; ``forward(batch)`` returns the summed MIM and MLM cross-entropies of
     an imglish batch (``StreamingDataset`` arrays as tensors) and per-task tallies."""
 
@@ -101,35 +136,6 @@ class Beit3Pretrain(nn.Module):
                         s in name for s in ("fc1.", "fc2.", "out_proj.", "v_proj.")
                     ):
                         p.mul_(scale)
-
-    def imglish_state_dict(self):
-        """Parameters under imglish's checkpoint names (float32, contiguous, on the CPU)."""
-        out = {}
-        for name, p in self.named_parameters():
-            key = name[len("beit3.") :] if name.startswith("beit3.") else name
-            out[key] = p.detach().float().contiguous().cpu()
-        return out
-
-    def imglish_names(self):
-        """Parameter → imglish name."""
-        return {
-            p: (name[len("beit3.") :] if name.startswith("beit3.") else name) for name, p in self.named_parameters()
-        }
-
-    def load_imglish_state_dict(self, tensors):
-        """Loads a checkpoint's tensors; a missing, extra or misshaped one is an error naming it."""
-        own = dict(self.named_parameters())
-        want = {(n[len("beit3.") :] if n.startswith("beit3.") else n): p for n, p in own.items()}
-        extra = sorted(set(tensors) - set(want))
-        missing = sorted(set(want) - set(tensors))
-        if extra or missing:
-            raise ValueError(f"checkpoint tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-        with torch.no_grad():
-            for k, p in want.items():
-                t = tensors[k]
-                if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"tensor '{k}' has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
-                p.copy_(t)
 
     def _mim(self, x, mask, tokens):
         patches = x[:, 1 : 1 + self.num_patches]
@@ -189,7 +195,7 @@ def decays(name, dims):
     return dims > 1 and not name.endswith(".bias") and not special
 
 
-class BeitPretrain(nn.Module):
+class BeitPretrain(ImglishNames, nn.Module):
     """BEiT v1 masked image modelling on timm's ``Beit`` (the installed package), with imglish's mask token, LM
     head and, for token input, ``token_embed`` instead of ``patch_embed``, under the names ``imglish train``
     writes (timm's ``beit_*`` names). ``forward(batch)`` returns the summed MIM cross-entropy, 0, and tallies."""
@@ -234,26 +240,6 @@ class BeitPretrain(nn.Module):
                     nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
                 elif name == "lm_head.bias":
                     p.zero_()
-
-    def imglish_state_dict(self):
-        return {k: v.detach().float().contiguous().cpu() for k, v in self._named().items()}
-
-    def _named(self):
-        return {(n[len("beit.") :] if n.startswith("beit.") else n): p for n, p in self.named_parameters()}
-
-    def imglish_names(self):
-        return {p: n for n, p in self._named().items()}
-
-    def load_imglish_state_dict(self, tensors):
-        want = self._named()
-        extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
-        if extra or missing:
-            raise ValueError(f"checkpoint tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-        with torch.no_grad():
-            for k, p in want.items():
-                if tuple(tensors[k].shape) != tuple(p.shape):
-                    raise ValueError(f"tensor '{k}' has shape {tuple(tensors[k].shape)}, the model's is {tuple(p.shape)}")
-                p.copy_(tensors[k])
 
     def forward(self, batch):
         mask, tokens = batch["mask"], batch["tokens"]

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import _native
 from .data import Dataset, StreamingDataset, batch_to_torch, train_config
-from .models import BeitPretrain, Beit3Pretrain, decays
+from .models import BeitPretrain, Beit3Pretrain, decays, imglish_name
 
 CHECKPOINT_VERSION = 1
 TASKS = ("image_mim", "pair_mim", "text_mlm", "pair_mlm", "mim")
@@ -252,17 +252,13 @@ def restore(ckpt, config, fingerprint, params, architecture):
     return state
 
 
-def _imglish(name):
-    return name[len("beit3.") :] if name.startswith(("beit3.",)) else (name[len("beit.") :] if name.startswith("beit.") else name)
-
-
 class Params:
     """The model's weights and AdamW moments under imglish's names, whole on every rank (with ``--fsdp``
     gathered from the shards: every rank must call these together)."""
 
     def __init__(self, model, optimizer, fsdp):
         self.model, self.opt, self.fsdp = model, optimizer, fsdp
-        self.names = {n: _imglish(n) for n, _ in model.named_parameters()}
+        self.names = {n: imglish_name(n) for n, _ in model.named_parameters()}
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
 
     def tensors(self):
