@@ -95,3 +95,64 @@ pub enum Command {
     /// A checkpoint's pooled features (CLS, mean) of every sample, view and caption, into a Parquet file.
     Embed(EmbedArgs),
 }
+
+impl Cli {
+    /// Checks what one flag's parser cannot (combinations of flags), before anything runs: a failure is a usage
+    /// error (exit 2), like an invalid value.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::commands::tokenizer::TokenizerCommand;
+        if let Command::Tokenizer(t) = &self.command {
+            if let TokenizerCommand::Fit(a) = &t.command {
+                a.config().validate().map_err(|e| {
+                    let text = e.to_string();
+                    text.strip_prefix("tokenizer fit: ").unwrap_or(&text).to_string()
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `--device`: checked when the command line is parsed (exit 2), kept as written.
+pub fn device_arg(s: &str) -> Result<String, String> {
+    s.parse::<imglish_train::TorchDevice>()
+        .map(|_| s.to_string())
+        .map_err(|e| config_reason(&e))
+}
+
+/// `--precision`: checked when the command line is parsed (exit 2), kept as written.
+pub fn precision_arg(s: &str) -> Result<String, String> {
+    s.parse::<imglish_train::Precision>()
+        .map(|_| s.to_string())
+        .map_err(|e| config_reason(&e))
+}
+
+/// `--preset`: one of BEiT's presets or BEiT-3's `beit3-*` names (which model takes which is checked when
+/// the model is built).
+pub fn preset_arg(s: &str) -> Result<String, String> {
+    let beit = imglish_train::PRESETS.iter().map(|p| p.0);
+    let beit3 = imglish_train::BEIT3_PRESETS.iter().map(|p| p.0);
+    let names: Vec<&str> = beit.chain(beit3).collect();
+    if names.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("unknown preset '{s}' (one of: {})", names.join(", ")))
+    }
+}
+
+/// A fraction in [0, 1] (`--val-fraction`).
+pub fn fraction_arg(s: &str) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..=1.0).contains(&f) {
+        Ok(f)
+    } else {
+        Err(format!("{f} is not in [0, 1]"))
+    }
+}
+
+fn config_reason(e: &imglish_train::TrainError) -> String {
+    let text = e.to_string();
+    text.strip_prefix("invalid configuration: ")
+        .unwrap_or(&text)
+        .to_string()
+}

@@ -11,6 +11,12 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if let Err(msg) = cli.validate() {
+        use clap::CommandFactory;
+        cli::Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, msg)
+            .exit();
+    }
     let out = output::Output::new(&cli.global);
     out.init_logging();
     match commands::run(cli, &out) {

@@ -235,6 +235,33 @@ fn pack_verify_inspect_and_a_corrupt_shard() {
         "{err}"
     );
     assert!(err.contains("shard shard-00002.arrow: sha256 is "), "{err}");
+    // Training reports the stream worker's own error (which shard, which hash), not that a worker stopped.
+    let run_dir = work.path().join("run");
+    let o = imglish(&[
+        "train",
+        "--dataset",
+        d1.to_str().expect("utf8"),
+        "--out",
+        run_dir.to_str().expect("utf8"),
+        "--steps",
+        "50",
+        "--batch-size",
+        "4",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert!(
+        err.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("error: training on ") && l.contains("shard shard-00002.arrow: sha256 is ")),
+        "{err}"
+    );
 
     let o = imglish(&["pack", "--tokens", t]);
     assert_eq!(o.status.code(), Some(2), "usage error");

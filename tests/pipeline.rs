@@ -134,6 +134,76 @@ fn demo_corpus_to_verified_dataset() {
     );
     tokenize(&["--part-samples", "16", "--worker", "0/2"], "split");
     assert_eq!(files(&d.join("tokens")), files(&d.join("split")));
+    assert!(
+        !d.join("split/.worker-0.json").exists() && !d.join("split/.worker-1.json").exists(),
+        "the workers' claims go once the run is complete"
+    );
+
+    // Workers of one folder started with other tokenizers: the second one fails at once, naming both.
+    tokenize(&["--part-samples", "16", "--worker", "1/2"], "mixed");
+    let o = Command::new(env!("CARGO_BIN_EXE_imglish"))
+        .current_dir(d)
+        .args([
+            "-q",
+            "tokenize",
+            "--manifest",
+            "m1",
+            "--tokenizer",
+            "tok/v.onnx",
+            "--views",
+            "2",
+            "--part-samples",
+            "16",
+            "--worker",
+            "0/2",
+            "--out",
+            "mixed",
+        ])
+        .output()
+        .expect("spawn");
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "error: mixed: worker 1/2 of this folder was started with other tokenizers (--tokenizer tok/v.onnx \
+         --text-tokenizer tok/t.json) than worker 0/2 (--tokenizer tok/v.onnx); start every worker with the same \
+         flags (or delete mixed/.worker-1.json if that worker's run is abandoned)\n"
+    );
+
+    // Progress when stderr is not a terminal: periodic lines with the phase and its total.
+    let o = Command::new(env!("CARGO_BIN_EXE_imglish"))
+        .current_dir(d)
+        .env("IMGLISH_PROGRESS_SECS", "0.001")
+        .args([
+            "tokenize",
+            "--manifest",
+            "m1",
+            "--tokenizer",
+            "tok/v.onnx",
+            "--text-tokenizer",
+            "tok/t.json",
+            "--views",
+            "2",
+            "--out",
+            "progress",
+        ])
+        .output()
+        .expect("spawn");
+    assert_eq!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("progress: tokenizing images: "))
+        .unwrap_or_else(|| panic!("no progress line: {err}"));
+    let count = line["progress: tokenizing images: ".len()..]
+        .split(' ')
+        .next()
+        .expect("count");
+    let (_, total) = count.split_once('/').unwrap_or_else(|| panic!("no total: {line}"));
+    assert!(total.parse::<u64>().expect("total") > 0, "{line}");
+    assert!(
+        !err.contains('\x1b'),
+        "no ANSI codes when stderr is not a terminal: {err}"
+    );
 
     // From another directory: the manifest's relative source paths are found through its base directory.
     let elsewhere = tempfile::tempdir().expect("tmp");

@@ -29,6 +29,7 @@ mod jpeg;
 mod parquet_io;
 mod png;
 mod prepare;
+mod progress;
 mod rng;
 mod run;
 mod sources;
@@ -45,6 +46,7 @@ pub use prepare::{
     center_view, decode_rgb, max_reduction, random_view, render_view, resize_image, CropSpec, DecodeOptions, Decoded,
     Filter, ViewParams,
 };
+pub use progress::Progress;
 pub use rng::{mix64, Rng};
 pub use run::{
     ingest, read_image_bytes, sample_id, IngestConfig, IngestCounts, IngestSummary, LabelMode, Manifest,

@@ -301,9 +301,9 @@ fn check_chunk(items: Vec<Item>, limits: &ValidationLimits) -> Vec<Checked> {
 
 const CHUNK: usize = 256;
 
-/// Runs ingest and writes the manifest into `out`. `progress` is called with the number of items just
-/// checked.
-pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Result<IngestSummary> {
+/// Runs ingest and writes the manifest into `out`. `progress` gets a phase per source (with its item count
+/// when a folder's files are listed first) and the number of items just checked.
+pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn crate::Progress) -> Result<IngestSummary> {
     let started = Instant::now();
     let sources: Vec<Source> = config.images.iter().map(|p| Source::detect(p)).collect::<Result<_>>()?;
     let caption_sets = config
@@ -320,12 +320,13 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
         let mut emit = |items: Vec<Item>| -> Result<()> {
             let n = items.len() as u64;
             checked.extend(check_chunk(items, &config.limits));
-            progress(n);
+            progress.inc(n);
             Ok(())
         };
         match source.kind {
             SourceKind::Dir => {
                 let files = sources::walk_dir(source, config.follow_symlinks, &mut hidden)?;
+                progress.phase(&format!("ingesting {}", source.label), files.len() as u64);
                 for chunk in files.chunks(CHUNK) {
                     let items: Vec<Item> = chunk
                         .par_iter()
@@ -334,8 +335,14 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn Fn(u64)) -> Resu
                     emit(items)?;
                 }
             }
-            SourceKind::Tar => sources::read_tar(source, CHUNK, &mut emit)?,
-            SourceKind::Parquet => sources::read_parquet(source, &config.parquet, CHUNK, &mut emit)?,
+            SourceKind::Tar => {
+                progress.phase(&format!("ingesting {}", source.label), 0);
+                sources::read_tar(source, CHUNK, &mut emit)?
+            }
+            SourceKind::Parquet => {
+                progress.phase(&format!("ingesting {}", source.label), 0);
+                sources::read_parquet(source, &config.parquet, CHUNK, &mut emit)?
+            }
         }
         source_records.push(SourceRecord {
             path: source.label.clone(),

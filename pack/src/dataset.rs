@@ -663,7 +663,7 @@ impl Lookup<'_> {
             let (s, b, r) = self.plan.locate(idx);
             groups.entry((s, b)).or_default().push((i, r, idx));
         }
-        let mut fatal = false;
+        let mut failure: Option<(usize, PackError)> = None;
         for ((s, b), wanted) in groups {
             let result = self.dataset.shard(s).and_then(|shard| {
                 shard.with_batch(b, |v| {
@@ -721,21 +721,22 @@ impl Lookup<'_> {
                         slots[i] = Some(Slot::Skipped);
                     }
                 } else {
-                    let first = wanted.first().map_or(0, |w| w.0);
-                    slots.truncate(first);
-                    slots.push(Some(Slot::Failed(e)));
-                    fatal = true;
+                    failure = Some((wanted.first().map_or(0, |w| w.0), e));
                     break;
                 }
             }
         }
-        // On failure, deliver what precedes the first failed position, then the error.
-        let out: Vec<Slot> = if fatal {
-            slots.into_iter().map_while(|s| s).collect()
-        } else {
-            slots.into_iter().flatten().collect()
-        };
-        (out, fatal)
+        // On failure, deliver the resolved samples that precede the failed position, then the error (groups go
+        // by shard, not by position: positions before the failed one may be unresolved, and end the prefix).
+        match failure {
+            Some((first, e)) => {
+                slots.truncate(first);
+                let mut out: Vec<Slot> = slots.into_iter().map_while(|s| s).collect();
+                out.push(Slot::Failed(e));
+                (out, true)
+            }
+            None => (slots.into_iter().flatten().collect(), false),
+        }
     }
 }
 

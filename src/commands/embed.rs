@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use imglish_pack::Split;
 use imglish_train::{embed, EmbedConfig, Pool, TorchDevice};
 
+use super::folders::{expect, Folder};
 use crate::output::Output;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -53,11 +54,12 @@ pub struct EmbedArgs {
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
     pub device: String,
 }
 
 pub fn run(args: &EmbedArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    expect(&args.dataset, Folder::Dataset, "--dataset")?;
     imglish_train::set_threads(threads);
     let device: TorchDevice = args.device.parse()?;
     let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;

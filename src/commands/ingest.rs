@@ -6,7 +6,7 @@ use imglish_ingest::{
     ingest, CsvHeader, IngestConfig, JoinOn, LabelMode, ParquetColumns, TextOptions, ValidationLimits,
 };
 
-use crate::output::Output;
+use crate::output::{BarProgress, Output};
 
 #[derive(Debug, Args)]
 pub struct IngestArgs {
@@ -41,7 +41,7 @@ pub struct IngestArgs {
     pub out: PathBuf,
 
     /// Fraction of samples in the validation split (decided by hashing the key with --seed).
-    #[arg(long, default_value_t = 0.05, value_name = "F")]
+    #[arg(long, default_value_t = 0.05, value_name = "F", value_parser = crate::cli::fraction_arg)]
     pub val_fraction: f64,
 
     /// Seed of the split assignment.
@@ -175,7 +175,7 @@ pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
         });
     check_out_dir(args, &config)?;
     let bar = out.spinner("ingesting");
-    let summary = ingest(&config, &args.out, &|n| bar.inc(n))
+    let summary = ingest(&config, &args.out, &BarProgress(&bar))
         .with_context(|| format!("ingest into {} failed", args.out.display()))?;
     bar.finish_and_clear();
     let c = &summary.counts;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use imglish_pack::{Dataset, LengthSummary};
 
+use super::folders::{expect, Folder};
 use crate::output::Output;
 
 #[derive(Debug, Args)]
@@ -32,6 +33,7 @@ fn lengths(l: &LengthSummary) -> String {
 }
 
 pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
+    expect(&args.dataset, Folder::Dataset, "DATASET")?;
     let dataset = Dataset::open(&args.dataset).with_context(|| format!("cannot open {}", args.dataset.display()))?;
     let stats = dataset
         .stats()

@@ -4,6 +4,7 @@ pub mod build;
 pub mod demo;
 mod doctor;
 pub mod embed;
+mod folders;
 pub mod ingest;
 pub mod inspect;
 mod lock;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use imglish_pack::{pack_dataset, PackConfig, TokensManifest};
 
+use super::folders::{expect, Folder};
 use crate::output::Output;
 
 #[derive(Debug, Args)]
@@ -46,6 +47,10 @@ pub struct PackArgs {
 
 pub fn run(args: &PackArgs, out: &Output) -> anyhow::Result<()> {
     let _lock = super::lock::lock_dir(&args.out)?;
+    expect(&args.tokens, Folder::Tokens, "--tokens")?;
+    if let Some(m) = &args.manifest {
+        expect(m, Folder::Manifest, "--manifest")?;
+    }
     let config = PackConfig {
         target_shard_bytes: args.target_shard_bytes,
         batch_rows: args.batch_rows,

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use imglish_train::{probe, probe_retrieval, ProbeConfig, Recall, RetrievalConfig, TorchDevice};
 
+use super::folders::{expect, Folder};
 use crate::output::Output;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,11 +52,12 @@ pub struct ProbeArgs {
     pub centre_views_only: bool,
 
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
     pub device: String,
 }
 
 pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    expect(&args.dataset, Folder::Dataset, "--dataset")?;
     imglish_train::set_threads(threads);
     let device: TorchDevice = args.device.parse()?;
     let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;

@@ -42,7 +42,7 @@ pub struct QuickstartArgs {
     pub model: ModelArg,
     /// Model preset. With the default `tiny`, quickstart narrows it to the demo model (--dim 128 --depth 4
     /// --heads 4 --abs-pos: ~4 minutes for the default steps on 2 cores) unless --dim/--depth/--heads are given.
-    #[arg(long, default_value = "tiny")]
+    #[arg(long, default_value = "tiny", value_parser = crate::cli::preset_arg)]
     pub preset: String,
     #[command(flatten)]
     pub size: SizeArgs,

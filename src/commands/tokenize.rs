@@ -6,7 +6,8 @@ use imglish_tokenizer::{
     tokenize, Device, PixelsConfig, SessionOptions, TextTokenizer, TokenizeConfig, VisualTokenizer,
 };
 
-use crate::output::Output;
+use super::folders::{expect, Folder};
+use crate::output::{BarProgress, Output};
 
 #[derive(Debug, Args)]
 pub struct TokenizeArgs {
@@ -87,6 +88,7 @@ pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<
     } else {
         None
     };
+    expect(&args.manifest, Folder::Manifest, "--manifest")?;
     let options = SessionOptions::default()
         .with_device(args.device)
         .try_with_threads(threads)?;
@@ -124,12 +126,25 @@ pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<
         jpeg_draft: args.jpeg_draft,
         jpeg_all_scans: args.jpeg_all_scans,
         overwrite: args.overwrite,
+        tokenizers_label: Some(format!(
+            "--tokenizer {}{}",
+            args.tokenizer.display(),
+            args.text_tokenizer
+                .as_ref()
+                .map(|t| format!(" --text-tokenizer {}", t.display()))
+                .unwrap_or_default()
+        )),
         ..TokenizeConfig::default()
     };
     let bar = out.spinner("tokenizing");
-    let s = tokenize(&args.manifest, &args.out, &mut visual, text.as_ref(), &config, &|n| {
-        bar.inc(n)
-    })?;
+    let s = tokenize(
+        &args.manifest,
+        &args.out,
+        &mut visual,
+        text.as_ref(),
+        &config,
+        &BarProgress(&bar),
+    )?;
     bar.finish_and_clear();
     let text = format!(
         "tokenize: {} images ({} views) tokenized, {} rejected{}; parts: {} written, {} already done, {} pending\n  {:.1} images/s on {}; model busy {:.0}% of the time, waiting for data {:.0}%\n  {}",

@@ -4,7 +4,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use imglish_tokenizer::{fit_codebook, fit_text_tokenizer, Card, FitConfig, PatchFeatures, TextModel};
 
-use crate::output::Output;
+use super::folders::{expect, Folder};
+use crate::output::{BarProgress, Output};
 
 #[derive(Debug, Args)]
 pub struct TokenizerArgs {
@@ -115,22 +116,31 @@ pub fn run(args: &TokenizerArgs, out: &Output) -> anyhow::Result<()> {
     }
 }
 
+impl FitArgs {
+    /// The k-means settings these flags give.
+    pub fn config(&self) -> FitConfig {
+        let a = self;
+        FitConfig {
+            patch: a.patch,
+            input_size: a.input_size,
+            codebook: a.codebook,
+            iterations: a.iterations,
+            seed: a.seed,
+            max_images: a.max_images,
+            max_patches: a.max_patches,
+            views_per_image: a.views,
+            features: a.features.into(),
+            flat_threshold: a.flat_threshold,
+        }
+    }
+}
+
 fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
-    let config = FitConfig {
-        patch: a.patch,
-        input_size: a.input_size,
-        codebook: a.codebook,
-        iterations: a.iterations,
-        seed: a.seed,
-        max_images: a.max_images,
-        max_patches: a.max_patches,
-        views_per_image: a.views,
-        features: a.features.into(),
-        flat_threshold: a.flat_threshold,
-    };
+    expect(&a.manifest, Folder::Manifest, "--manifest")?;
+    let config = a.config();
     let bar = out.spinner("reading patches");
     let started = std::time::Instant::now();
-    let (codebook, report) = fit_codebook(&a.manifest, &config, &|n| bar.inc(n))?;
+    let (codebook, report) = fit_codebook(&a.manifest, &config, &BarProgress(&bar))?;
     bar.finish_and_clear();
     let bytes = codebook.to_onnx();
     let card = codebook.card(&bytes, &report);
@@ -171,6 +181,7 @@ fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
 }
 
 fn fit_text(a: &FitTextArgs, out: &Output) -> anyhow::Result<()> {
+    expect(&a.manifest, Folder::Manifest, "--manifest")?;
     let manifest = imglish_ingest::Manifest::open(&a.manifest)?;
     let captions: Vec<String> = manifest
         .rows

@@ -10,6 +10,7 @@ use imglish_train::{
     Precision, RelPosBias, RunOptions, TorchDevice, TrainOptions,
 };
 
+use super::folders::{expect, Folder};
 use crate::output::Output;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -90,7 +91,7 @@ pub struct TrainArgs {
 
     /// Model preset: tiny (192/12/3), small (384/12/6), base (768/12/12), large (1024/24/16); with
     /// --model beit3 also written beit3-tiny, ... (feed-forward width 4x).
-    #[arg(long, default_value = "tiny")]
+    #[arg(long, default_value = "tiny", value_parser = crate::cli::preset_arg)]
     pub preset: String,
 
     /// BEiT-3: relative weights of image, text and pair samples (a sample with a caption is drawn as one of
@@ -187,10 +188,10 @@ pub struct TrainArgs {
     pub skip_corrupt: bool,
 
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
     pub device: String,
     /// f32, or bf16 (matrix products in bfloat16).
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value = "f32", value_parser = crate::cli::precision_arg)]
     pub precision: String,
 
     /// Log metrics every N steps.
@@ -313,6 +314,7 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         );
     }
     let _lock = super::lock::lock_dir(&args.out)?;
+    expect(&args.dataset, Folder::Dataset, "--dataset")?;
     imglish_train::set_threads(threads);
     let device: TorchDevice = args.device.parse()?;
     let precision: Precision = args.precision.parse()?;
@@ -349,6 +351,7 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
             device,
         } => {
             bar.set_length(*until);
+            bar.set_style(crate::output::bar_style(*until));
             bar.set_position(*step);
             tracing::info!(
                 "training {:.2}M parameters on {device}, steps {step}..{until}",
@@ -455,6 +458,7 @@ fn run_beit3(args: &TrainArgs, config: &Beit3TrainConfig, options: &RunOptions, 
             device,
         } => {
             bar.set_length(*until);
+            bar.set_style(crate::output::bar_style(*until));
             bar.set_position(*step);
             tracing::info!(
                 "training BEiT-3 ({:.2}M parameters) on {device}, steps {step}..{until}",

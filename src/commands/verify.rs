@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use imglish_pack::Dataset;
 
+use super::folders::{expect, Folder};
 use crate::output::Output;
 
 #[derive(Debug, Args)]
@@ -16,6 +17,7 @@ pub struct VerifyArgs {
 }
 
 pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
+    expect(&args.dataset, Folder::Dataset, "DATASET")?;
     let started = std::time::Instant::now();
     let dataset = Dataset::open(&args.dataset).with_context(|| format!("cannot open {}", args.dataset.display()))?;
     let report = dataset.verify();

@@ -156,17 +156,24 @@ impl VisualTokenizer {
     /// Loads `model` and its card (`my.card.json` beside it), checking the card against the file's hash and the
     /// model's declared inputs and outputs.
     pub fn load(model_path: &Path, options: &SessionOptions) -> Result<Self> {
-        let card_path = Card::path_for(model_path);
-        let card_bytes = std::fs::read(&card_path).map_err(|source| Error::Io {
-            path: card_path.clone(),
-            source,
-        })?;
-        let card: Card = serde_json::from_slice(&card_bytes)
-            .map_err(|e| mismatch(&card_path, format!("invalid tokenizer card: {e}")))?;
+        // The model first: a mistyped path names the model, not its card.
         let bytes = std::fs::read(model_path).map_err(|source| Error::Io {
             path: model_path.to_path_buf(),
             source,
         })?;
+        let card_path = Card::path_for(model_path);
+        let card_bytes = std::fs::read(&card_path).map_err(|e| {
+            mismatch(
+                &card_path,
+                format!(
+                    "cannot read the tokenizer card that must sit beside {} ({e}); `imglish tokenizer fit` writes \
+                     both",
+                    model_path.display()
+                ),
+            )
+        })?;
+        let card: Card = serde_json::from_slice(&card_bytes)
+            .map_err(|e| mismatch(&card_path, format!("invalid tokenizer card: {e}")))?;
         Self::from_parts(model_path, &bytes, card, options)
     }
 

@@ -8,7 +8,9 @@
 
 use std::path::Path;
 
-use imglish_ingest::{read_image_bytes, CropSpec, DecodeOptions, Filter, Manifest, ManifestRow, Resizer, Rng, Split};
+use imglish_ingest::{
+    read_image_bytes, CropSpec, DecodeOptions, Filter, Manifest, ManifestRow, Progress, Resizer, Rng, Split,
+};
 use ndarray::{linalg::general_mat_mul, Array2, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -409,7 +411,7 @@ fn best_per_row(
 }
 
 /// Renders views of `rows` and returns their patches, in row order.
-fn collect_patches(rows: &[&ManifestRow], config: &FitConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<Array2<f32>> {
+fn collect_patches(rows: &[&ManifestRow], config: &FitConfig, progress: &(dyn Progress + Sync)) -> Result<Array2<f32>> {
     let s = config.input_size;
     let per_image: Vec<Vec<Array2<f32>>> = rows
         .par_iter()
@@ -441,7 +443,7 @@ fn collect_patches(rows: &[&ManifestRow], config: &FitConfig, progress: &(dyn Fn
                     .collect(),
                 None => Vec::new(),
             };
-            progress(1);
+            progress.inc(1);
             out
         })
         .collect();
@@ -571,11 +573,12 @@ fn lloyd_step(x: ArrayView2<'_, f32>, centers: &mut Array2<f32>) -> f64 {
 }
 
 /// Fits a codebook on the manifest in `manifest_dir`. Training images come from the train split, held-out
-/// images from the val split (or every tenth image when there is none). `progress` is called per image.
+/// images from the val split (or every tenth image when there is none). `progress` gets the phases (reading
+/// training patches, k-means++ seeding, Lloyd iterations, reading held-out patches) with their totals.
 pub fn fit_codebook(
     manifest_dir: &Path,
     config: &FitConfig,
-    progress: &(dyn Fn(u64) + Sync),
+    progress: &(dyn Progress + Sync),
 ) -> Result<(Codebook, FitReport)> {
     config.validate()?;
     let manifest = Manifest::open(manifest_dir).map_err(|e| Error::Model {
@@ -598,6 +601,7 @@ pub fn fit_codebook(
     let held: Vec<&ManifestRow> = held.into_iter().take(config.max_images / 5 + 1).collect();
 
     let structure = config.features == PatchFeatures::Structure;
+    progress.phase("reading training patches (images)", train.len() as u64);
     let mut all = collect_patches(&train, config, progress)?;
     if structure {
         // Spherical k-means on the directions of the patches that are not flat.
@@ -631,6 +635,7 @@ pub fn fit_codebook(
     // k-means++ is O(K·n·d) and sequential in K: for large codebooks the seeding is a seeded draw of distinct
     // patches instead (Lloyd's iterations then do the work).
     let k = config.learned_codes();
+    progress.phase(&format!("seeding {k} codes on {} patches", x.nrows()), 0);
     let mut centers = if k <= KMEANS_PP_MAX {
         let init_n = x.nrows().min(20_000.max(4 * k));
         kmeans_pp(x.slice(ndarray::s![..init_n, ..]), k, &mut rng)
@@ -642,11 +647,13 @@ pub fn fit_codebook(
         }
         x.select(Axis(0), &idx[..k])
     };
+    progress.phase("Lloyd iterations", u64::from(config.iterations));
     for _ in 0..config.iterations {
         lloyd_step(x.view(), &mut centers);
         if structure {
             centers = unit_rows(centers.view(), 0.0);
         }
+        progress.inc(1);
     }
     let codebook = Codebook {
         centroids: centers,
@@ -658,6 +665,7 @@ pub fn fit_codebook(
 
     // Held-out evaluation: the code histogram over every patch; the quantisation error over the patches that
     // are matched to a learned code (for structure codebooks, as unit vectors, like the training patches).
+    progress.phase("reading held-out patches (images)", held.len() as u64);
     let mut h = collect_patches(&held, config, progress)?;
     let assignment = codebook.nearest(h.view());
     let d = config.dim() as f64;

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::ordered;
 use crate::text::TextTokenizer;
 use crate::views::{render_decoded, render_views, ViewSpec};
+use imglish_ingest::Progress;
 
 /// Keep each sample's working image so a trainer can rebuild any view's pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +61,9 @@ pub struct TokenizeConfig {
     /// it such a folder is refused.
     #[serde(default)]
     pub overwrite: bool,
+    /// How the tokenizers are named to a user in messages (e.g. their paths); their fingerprints otherwise.
+    #[serde(default)]
+    pub tokenizers_label: Option<String>,
 }
 
 impl Default for TokenizeConfig {
@@ -75,6 +79,7 @@ impl Default for TokenizeConfig {
             jpeg_draft: false,
             jpeg_all_scans: false,
             overwrite: false,
+            tokenizers_label: None,
         }
     }
 }
@@ -230,7 +235,7 @@ pub fn tokenize(
     visual: &mut VisualTokenizer,
     text: Option<&TextTokenizer>,
     config: &TokenizeConfig,
-    progress: &dyn Fn(u64),
+    progress: &dyn Progress,
 ) -> Result<TokenizeSummary> {
     config.validate()?;
     let started = Instant::now();
@@ -273,6 +278,20 @@ pub fn tokenize(
         "decode_revision": 3,
     });
     let run_fingerprint = crate::card::sha256_hex(run.to_string().as_bytes());
+    let label = config.tokenizers_label.clone().unwrap_or_else(|| {
+        let text = text
+            .map(|t| format!(", text {:.12}", t.fingerprint()))
+            .unwrap_or_default();
+        format!("visual {:.12}{text}", info.fingerprint)
+    });
+    let claim = WorkerClaim {
+        worker: format!("{}/{}", config.worker.0, config.worker.1),
+        run: run_fingerprint.clone(),
+        tokenizers: label,
+    };
+    if config.worker.1 > 1 {
+        check_workers(out, &claim, true)?;
+    }
     if !config.overwrite {
         refuse_other_runs(out, &run_fingerprint)?;
     }
@@ -308,6 +327,17 @@ pub fn tokenize(
             false
         }
     };
+    // This run's share: the items of parts `first..first + count` it will write (for the progress totals).
+    let todo = |first: usize, count: usize, len: usize| -> u64 {
+        (0..count)
+            .filter(|&j| {
+                let n = first + j;
+                read_done(out, n, &run_fingerprint).is_none() && n as u32 % config.worker.1 == config.worker.0
+            })
+            .map(|j| (((j + 1) * config.part_samples).min(len) - (j * config.part_samples).min(len)) as u64)
+            .sum()
+    };
+    progress.phase("tokenizing images", todo(0, n_parts, rows.len()));
     for n in 0..n_parts {
         if not_mine(n, &mut summary) {
             continue;
@@ -392,7 +422,7 @@ pub fn tokenize(
                             ));
                         }
                     }
-                    progress(1);
+                    progress.inc(1);
                 }
                 last = Instant::now();
                 Ok(())
@@ -403,6 +433,9 @@ pub fn tokenize(
         summary.parts_written += 1;
     }
     // Text-only documents: parts after the image parts, one text sample per segment.
+    if n_text_parts > 0 {
+        progress.phase("tokenizing texts", todo(n_parts, n_text_parts, docs.len()));
+    }
     for j in 0..n_text_parts {
         let n = n_parts + j;
         if not_mine(n, &mut summary) {
@@ -430,6 +463,10 @@ pub fn tokenize(
                 }));
             }
             None => {
+                if config.worker.1 > 1 {
+                    // A worker started later with other flags must not leave this one's waiting for ever.
+                    check_workers(out, &claim, false)?;
+                }
                 summary.seconds = started.elapsed().as_secs_f64();
                 return Ok(summary);
             }
@@ -451,6 +488,7 @@ pub fn tokenize(
     tm.extra.insert("rejected".into(), (all_rejects.len() as u64).into());
     tm.write(out).map_err(|e| pack_err(out, e))?;
     remove_stale_parts(out, n_parts)?;
+    remove_worker_claims(out);
     summary.complete = true;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
@@ -495,6 +533,73 @@ fn refuse_other_runs(out: &Path, run: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a worker of a split run (`--worker I/N`) writes into the folder when it starts (`.worker-I.json`), so
+/// that workers started with other tokenizers or settings find each other instead of waiting for ever.
+#[derive(Debug, Serialize, Deserialize)]
+struct WorkerClaim {
+    worker: String,
+    run: String,
+    tokenizers: String,
+}
+
+/// Records `mine` (when `write`) and fails naming both workers' tokenizers when another worker's claim is for
+/// another run.
+fn check_workers(out: &Path, mine: &WorkerClaim, write: bool) -> Result<()> {
+    if write {
+        let index = mine.worker.split('/').next().unwrap_or("0");
+        let path = out.join(format!(".worker-{index}.json"));
+        let bytes = serde_json::to_vec_pretty(mine).unwrap_or_default();
+        imglish_ingest::write_atomic(&path, &bytes).map_err(|e| Error::Model {
+            model: out.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with(".worker-") && n.ends_with(".json"))
+        .collect();
+    names.sort();
+    for name in names {
+        let Some(other) = std::fs::read(out.join(&name))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<WorkerClaim>(&b).ok())
+        else {
+            continue;
+        };
+        if other.run != mine.run && other.worker != mine.worker {
+            let same = other.tokenizers == mine.tokenizers;
+            return Err(Error::Model {
+                model: out.display().to_string(),
+                reason: format!(
+                    "worker {} of this folder was started with {} ({}) than worker {} ({}); start every worker with \
+                     the same flags (or delete {} if that worker's run is abandoned)",
+                    other.worker,
+                    if same { "other settings" } else { "other tokenizers" },
+                    other.tokenizers,
+                    mine.worker,
+                    mine.tokenizers,
+                    out.join(&name).display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn remove_worker_claims(out: &Path) {
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".worker-") && name.ends_with(".json") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Removes part files numbered `n_parts` or more (left by a run with smaller parts), so that no later stage can
 /// pick them up.
 fn remove_stale_parts(out: &Path, n_parts: usize) -> Result<()> {
@@ -537,7 +642,7 @@ fn write_text_part(
     text: Option<&TextTokenizer>,
     info: &TokenizerInfo,
     summary: &mut TokenizeSummary,
-    progress: &dyn Fn(u64),
+    progress: &dyn Progress,
 ) -> Result<PartEntry> {
     let Some(text) = text else {
         return Err(Error::Model {
@@ -571,7 +676,7 @@ fn write_text_part(
             };
             writer.write(&record).map_err(|e| pack_err(&part_path, e))?;
         }
-        progress(1);
+        progress.inc(1);
     }
     writer.finish().map_err(|e| pack_err(&part_path, e))
 }
