@@ -173,6 +173,12 @@ fn misspelled_tables_and_keys_are_refused_before_any_stage() {
             "error: c.toml: invalid settings for stage `pack` ([pack] table): unexpected argument '--batch-row' \
              found (tip: a similar argument exists: '--batch-rows')",
         ),
+        (
+            format!("{base}[text_tokenizer.fit]\nmodel = \"wordpiece\"\n"),
+            "error: c.toml: invalid build config: [text_tokenizer.fit] model = \"wordpiece\": its training is not deterministic, and a build \
+             must rebuild byte-identically; use model = \"bpe\", or train it once with `imglish tokenizer fit-text` \
+             and give the file as [text_tokenizer] file = \"tokenizer.json\"",
+        ),
     ];
     for (i, (config, message)) in cases.iter().enumerate() {
         std::fs::write(d.join("c.toml"), config).expect("write");

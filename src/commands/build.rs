@@ -278,6 +278,15 @@ fn plan(config: &toml::Table, base: &Path, out: &Path) -> anyhow::Result<Vec<Sta
         Some(t) => match (t.get("file").and_then(toml::Value::as_str), table(t, "fit")) {
             (Some(file), None) => Some(PathBuf::from(resolve(file, base, out))),
             (None, Some(fit)) => {
+                // A build promises byte-identical rebuilds: HF `tokenizers` trains WordPiece and Unigram
+                // nondeterministically (four fits on one manifest gave four vocabularies each; BPE gave one).
+                if let Some(model) = fit.get("model").and_then(toml::Value::as_str).filter(|m| *m != "bpe") {
+                    bail!(
+                        "[text_tokenizer.fit] model = \"{model}\": its training is not deterministic, and a build \
+                         must rebuild byte-identically; use model = \"bpe\", or train it once with `imglish tokenizer \
+                         fit-text` and give the file as [text_tokenizer] file = \"tokenizer.json\""
+                    );
+                }
                 let f = tok.join("text.json");
                 let mut argv = vec![
                     "tokenizer".into(),
