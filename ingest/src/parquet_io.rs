@@ -83,17 +83,53 @@ pub struct RejectRow {
 
 pub(crate) fn write_df(path: &Path, df: &mut DataFrame) -> Result<()> {
     let tmp = temp_sibling(path);
-    {
+    let written = (|| {
         let f = File::create(&tmp).at(&tmp)?;
-        ParquetWriter::new(&f)
+        let mut w = KeepIoError { inner: &f, error: None };
+        let result = ParquetWriter::new(&mut w)
             .with_compression(ParquetCompression::Zstd(None))
             .set_parallel(false)
-            .finish(df)
-            .map_err(pe(path))?;
-        f.sync_all().at(&tmp)?;
+            .finish(df);
+        // The Parquet writer reports a failed write as a thrift or format error: give the OS cause instead.
+        if let Some(e) = w.error.take() {
+            return Err(e).at(&tmp);
+        }
+        result.map_err(pe(path))?;
+        f.sync_all().at(&tmp)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, path).at(path)?;
     Ok(())
+}
+
+/// A writer that keeps the first I/O error it passed on.
+struct KeepIoError<W> {
+    inner: W,
+    error: Option<std::io::Error>,
+}
+
+impl<W: std::io::Write> std::io::Write for KeepIoError<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf).inspect_err(|e| self.keep(e))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush().inspect_err(|e| self.keep(e))
+    }
+}
+
+impl<W> KeepIoError<W> {
+    fn keep(&mut self, e: &std::io::Error) {
+        if self.error.is_none() {
+            self.error = Some(match e.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(e.kind(), e.to_string()),
+            });
+        }
+    }
 }
 
 fn col<T: Into<Series>>(s: T) -> Column {

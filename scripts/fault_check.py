@@ -1,0 +1,432 @@
+"""The fault-injection suite behind scripts/fault-check: every stage that writes a folder (ingest, tokenizer fit,
+tokenize, pack, train, build) is killed with SIGKILL at several points, run on a full disk, pointed at an output
+that is a file or a read-only folder, has an input deleted while it runs, is given a second writer, and every
+reading stage is fed truncated and bit-flipped inputs. One table row per case: expected and observed outcome.
+Exit status 1 when any row fails. Standard library only (runs with the system python3).
+
+    python3 scripts/fault_check.py --bin IMGLISH [--short] [--work DIR] [--timeout S]
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROWS = []
+
+
+def row(stage, case, expected, observed, ok):
+    ROWS.append((stage, case, expected, observed, "pass" if ok is True else ("skip" if ok is None else "FAIL")))
+    mark = {True: "pass", None: "skip", False: "FAIL"}[ok]
+    print(f"  {mark:4}  {stage:9} {case:34} {observed}", file=sys.stderr, flush=True)
+
+
+class Ctx:
+    def __init__(self, binary, work, timeout, short):
+        self.bin, self.work, self.timeout, self.short = binary, work, timeout, short
+
+    def run(self, argv, env=None, timeout=None, preexec=None):
+        """Runs imglish to completion: (exit code or 'hang', stderr, seconds)."""
+        started = time.monotonic()
+        e = dict(os.environ, **(env or {}))
+        try:
+            p = subprocess.run([self.bin, *argv], cwd=self.work, env=e, capture_output=True, text=True,
+                               timeout=timeout or self.timeout, preexec_fn=preexec)
+            return p.returncode, p.stderr, time.monotonic() - started
+        except subprocess.TimeoutExpired as t:
+            err = t.stderr.decode() if isinstance(t.stderr, bytes) else (t.stderr or "")
+            return "hang", err, time.monotonic() - started
+
+    def spawn(self, argv):
+        return subprocess.Popen([self.bin, *argv], cwd=self.work, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+
+def tree(path, names=None):
+    """sha256 of the visible files under `path` (dot-files are temporaries and locks), or of `names` only."""
+    out = {}
+    root = Path(path)
+    if not root.exists():
+        return out
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            if names is None or rel in names:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class Stage:
+    """A writing stage: how to run it into `out`, how to rerun after an interruption, what must be identical."""
+
+    def __init__(self, name, argv, marker, compare=None, rerun_extra=(), reads=None):
+        self.name, self._argv, self.marker, self.compare = name, argv, marker, compare
+        self.rerun_extra, self.reads = list(rerun_extra), reads
+
+    def argv(self, out, rerun=False):
+        return self._argv(out) + (self.rerun_extra if rerun else [])
+
+    def outputs(self, ctx, out):
+        names = self.compare(ctx.work / out) if callable(self.compare) else self.compare
+        return tree(ctx.work / out, names)
+
+
+def last_checkpoint_files(run_dir):
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    if not ckpts:
+        return set()
+    last = ckpts[-1].relative_to(run_dir).as_posix()
+    return {f"{last}/model.safetensors", f"{last}/optimizer.safetensors", f"{last}/state.json"}
+
+
+BUILD_TOML = """version = 1
+[demo]
+images = {images}
+seed = 3
+[ingest]
+images = ["{{out}}/demo/images"]
+captions = ["{{out}}/demo/captions/coco_captions.json"]
+labels = "from-folders"
+val_fraction = 0.25
+[tokenizer.fit]
+patch = 8
+input_size = 32
+codebook = 32
+iterations = 4
+[text_tokenizer.fit]
+vocab_size = 300
+[tokenize]
+views = 2
+part_samples = 16
+[pack]
+batch_rows = 16
+"""
+
+
+def stages(ctx):
+    tok = ["--tokenizer", "tok/v.onnx", "--text-tokenizer", "tok/t.json", "--views", "2", "--part-samples", "8"]
+    train = ["--steps", "40", "--batch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
+             "--checkpoint-every", "10", "--threads", "1"]
+    return [
+        Stage("ingest", lambda o: ["-q", "ingest", "--images", "demo/images", "demo/shards/demo-00000.tar",
+                                   "--captions", "demo/captions/coco_captions.json", "--labels", "from-folders",
+                                   "--val-fraction", "0.25", "--out", o],
+              "ingest.json", {"samples.parquet", "rejects.parquet", "classes.json"}, reads=None),
+        Stage("fit", lambda o: ["-q", "tokenizer", "fit", "--manifest", "m", "--patch", "8", "--input-size", "32",
+                                "--codebook", "32", "--iterations", "6", "--out", f"{o}/v.onnx"],
+              "v.card.json", {"v.onnx", "v.card.json"}),
+        Stage("tokenize", lambda o: ["-q", "--threads", "1", "tokenize", "--manifest", "m", *tok, "--out", o],
+              "tokenize.json", None),
+        Stage("pack", lambda o: ["-q", "pack", "--tokens", "t", "--manifest", "m", "--batch-rows", "8",
+                                 "--target-shard-bytes", "4000", "--out", o],
+              "index.json", None),
+        Stage("train", lambda o: ["-q", "train", "--dataset", "d", "--out", o, *train],
+              "checkpoints/step-00000040/state.json", last_checkpoint_files, rerun_extra=["--resume"]),
+        Stage("build", lambda o: ["-q", "build", "b.toml", "--out", o],
+              "dataset/build.json", lambda d: {k for k in tree(d) if k.startswith("dataset/")
+                                               and k != "dataset/build.json"}),
+    ]
+
+
+def setup(ctx, all_stages):
+    images = "40" if ctx.short else "80"
+    code, err, _ = ctx.run(["-q", "demo-corpus", "--images", images, "--out", "demo"])
+    assert code == 0, err
+    (ctx.work / "b.toml").write_text(BUILD_TOML.format(images=images))
+    # The clean runs: each stage's reference output (and the inputs of the next).
+    inputs = {"ingest": "m", "fit": "tok", "tokenize": "t", "pack": "d", "train": "clean-train",
+              "build": "clean-build"}
+    clean = {}
+    for s in all_stages:
+        out = inputs[s.name]
+        code, err, secs = ctx.run(s.argv(out))
+        assert code == 0, f"clean {s.name}: {err}"
+        if s.name == "fit":
+            code, err, _ = ctx.run(["-q", "tokenizer", "fit-text", "--manifest", "m", "--vocab-size", "300",
+                                    "--out", "tok/t.json"])
+            assert code == 0, err
+        clean[s.name] = (out, s.outputs(ctx, out), secs)
+        print(f"  clean {s.name}: {secs:.2f}s, {len(clean[s.name][1])} files compared", file=sys.stderr)
+    return clean
+
+
+def one_line(err):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def sane_failure(code, err, names=()):
+    """Exit 1, no panic, an `error: ` line (verify adds one indented line per bad shard), naming one of `names`
+    (when given), each OS cause once."""
+    errors = [l for l in err.splitlines() if l.startswith("error: ")]
+    if code != 1 or "panicked" in err or not errors:
+        return False
+    if names and not any(n in err for n in names):
+        return False
+    return all(l.count("(os error") <= 1 for l in err.splitlines())
+
+
+def case_kill(ctx, s, clean, fraction, tag):
+    out = f"k-{s.name}-{tag}"
+    ref_out, ref, secs = clean[s.name]
+    p = ctx.spawn(s.argv(out))
+    time.sleep(max(0.02, secs * fraction))
+    killed = p.poll() is None
+    if killed:
+        p.kill()
+    p.wait()
+    code, err, _ = ctx.run(s.argv(out, rerun=True))
+    got = s.outputs(ctx, out)
+    ok = code == 0 and got == ref
+    what = "killed" if killed else "finished before the kill"
+    row(s.name, f"kill -9 at {int(fraction * 100)}% then rerun", "identical to a clean run",
+        f"{what}; rerun exit {code}, {'identical' if got == ref else 'DIFFERENT'}" + ("" if code == 0 else
+                                                                                  f": {one_line(err)}"), ok)
+
+
+def biggest_file(ctx, ref_out):
+    sizes = [p.stat().st_size for p in (ctx.work / ref_out).rglob("*") if p.is_file()]
+    return max(sizes) if sizes else 0
+
+
+def can_mount():
+    if os.geteuid() != 0:
+        return False
+    d = tempfile.mkdtemp()
+    try:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", d], capture_output=True).returncode == 0
+        if ok:
+            subprocess.run(["umount", d], capture_output=True)
+        return ok
+    finally:
+        os.rmdir(d)
+
+
+def case_full_disk(ctx, s, clean, mount):
+    ref_out, ref, _ = clean[s.name]
+    out = f"full-{s.name}"
+    total = sum(p.stat().st_size for p in (ctx.work / ref_out).rglob("*") if p.is_file())
+    path = ctx.work / out
+    if s.name == "fit":
+        path = ctx.work / out  # the model and card go inside
+    path.mkdir(parents=True, exist_ok=True)
+    if mount:
+        size = max(4096, total // 2)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        how = f"tmpfs of {size} B (clean output {total} B)"
+        preexec = None
+    else:
+        limit = max(1024, biggest_file(ctx, ref_out) // 2)
+        how = f"RLIMIT_FSIZE {limit} B"
+
+        def preexec():
+            import resource
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        code, err, _ = ctx.run(s.argv(out), preexec=preexec)
+        marker = (path / s.marker).exists()
+        visible = s.outputs(ctx, out)
+        partial = [k for k, v in visible.items() if ref.get(k) != v and k in ref]
+        ok1 = sane_failure(code, err) and ("No space left" in err or "File too large" in err) and not marker \
+            and not partial
+        row(s.name, "full disk", "exit 1, OS cause once, no marker, no partial file",
+            f"{how}: exit {code}, marker {'present' if marker else 'absent'}, {len(partial)} partial; "
+            f"{one_line(err)[:90]}", ok1)
+        if mount:
+            subprocess.run(["mount", "-o", f"remount,size={total * 4 + 65536}", str(path)], check=True)
+        code, err, _ = ctx.run(s.argv(out, rerun=True))
+        got = s.outputs(ctx, out)
+        row(s.name, "full disk, space freed, rerun", "identical to a clean run",
+            f"exit {code}, {'identical' if got == ref else 'DIFFERENT'}", code == 0 and got == ref)
+    finally:
+        if mount:
+            subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def case_out_is_file(ctx, s):
+    out = f"file-{s.name}"
+    (ctx.work / out).write_text("not a folder\n")
+    code, err, _ = ctx.run(s.argv(out))
+    row(s.name, "output is a file", "exit 1, one line naming it", f"exit {code}: {one_line(err)[:100]}",
+        sane_failure(code, err, [out]) and len(err.strip().splitlines()) == 1)
+
+
+def case_read_only(ctx, s, mount):
+    out = f"ro-{s.name}"
+    path = ctx.work / out
+    path.mkdir(exist_ok=True)
+    if os.geteuid() == 0 and not mount:
+        row(s.name, "read-only output folder", "exit 1, one line", "as root without mount: not enforceable", None)
+        return
+    if mount:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+    try:
+        code, err, _ = ctx.run(s.argv(out))
+        row(s.name, "read-only output folder", "exit 1, one line naming it", f"exit {code}: {one_line(err)[:100]}",
+            sane_failure(code, err, [out]) and len(err.strip().splitlines()) == 1)
+    finally:
+        if mount:
+            subprocess.run(["umount", str(path)], capture_output=True)
+        else:
+            path.chmod(0o755)
+
+
+def case_input_deleted(ctx, s, clean, victim_dir, pattern):
+    """Deletes the last input file matching `pattern` once the stage is running: exit 1 naming it, or (if it
+    was read already) a result identical to a clean run; never a panic, a hang or a wrong result."""
+    ref_out, ref, secs = clean[s.name]
+    copy = f"in-{s.name}"
+    shutil.copytree(ctx.work / victim_dir, ctx.work / copy)
+    files = sorted((ctx.work / copy).glob(pattern))
+    victim = files[-1]
+    argv = [a if a != victim_dir else copy for a in s.argv(f"del-{s.name}")]
+    p = subprocess.Popen([ctx.bin, *argv], cwd=ctx.work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(max(0.01, secs * 0.3))
+    victim.unlink()
+    try:
+        _, err = p.communicate(timeout=ctx.timeout)
+        code = p.returncode
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+        code = "hang"
+    got = s.outputs(ctx, f"del-{s.name}")
+    ok = sane_failure(code, err, [victim.name]) or (code == 0 and got == ref)
+    row(s.name, f"input deleted mid-run ({victim.name})", "exit 1 naming it, or identical output",
+        f"exit {code}: {one_line(err)[:100] if code != 0 else ('identical' if got == ref else 'DIFFERENT')}", ok)
+
+
+def holds_lock(pid):
+    try:
+        return any(f" {pid} " in line for line in Path("/proc/locks").read_text().splitlines() if "FLOCK" in line)
+    except OSError:
+        return False
+
+
+def case_two_writers(ctx, s, clean):
+    ref_out, ref, _ = clean[s.name]
+    out = f"two-{s.name}"
+    first = ctx.spawn(s.argv(out))
+    if s.name == "fit":
+        # Writes two files (model, card), each under a temporary name then renamed, and no folder: a second
+        # writer of the same settings is not refused; both must finish with the clean output.
+        code, err, _ = ctx.run(s.argv(out))
+        first.wait(timeout=ctx.timeout)
+        got = s.outputs(ctx, out)
+        row(s.name, "second writer (same file)", "both finish; output as a clean run",
+            f"exits {first.returncode} and {code}, {'identical' if got == ref else 'DIFFERENT'}",
+            first.returncode == 0 and code == 0 and got == ref)
+        return
+    deadline = time.monotonic() + ctx.timeout
+    while not holds_lock(first.pid) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if first.poll() is not None:
+        row(s.name, "second writer", "refused at once", "the first finished before it could be paused", False)
+        return
+    first.send_signal(signal.SIGSTOP)
+    try:
+        code, err, secs = ctx.run(s.argv(out), timeout=30)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first.wait(timeout=ctx.timeout)
+    got = s.outputs(ctx, out)
+    ok = code == 1 and f"another imglish process (pid {first.pid}) is writing" in err and secs < 10 \
+        and first.returncode == 0 and got == ref
+    row(s.name, "second writer", "refused at once; first unharmed",
+        f"second exit {code} in {secs:.1f}s; first exit {first.returncode}, "
+        f"{'identical' if got == ref else 'DIFFERENT'}", ok)
+
+
+def corrupt_copy(ctx, src, dst, target, how):
+    shutil.rmtree(ctx.work / dst, ignore_errors=True)
+    shutil.copytree(ctx.work / src, ctx.work / dst)
+    p = ctx.work / dst / target
+    data = bytearray(p.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        for i in range(len(data) // 2, min(len(data), len(data) // 2 + 16)):
+            data[i] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def case_corrupt_inputs(ctx):
+    shard = sorted(p.name for p in (ctx.work / "d").glob("shard-*.arrow"))[0]
+    part = sorted(p.name for p in (ctx.work / "t").glob("part-*.parquet"))[0]
+    cases = [
+        ("tokenize", "m", "samples.parquet",
+         lambda src: ["-q", "tokenize", "--manifest", src, "--tokenizer", "tok/v.onnx", "--text-tokenizer",
+                      "tok/t.json", "--views", "2", "--out", f"c-{src}"]),
+        ("tokenize", "tok", "v.onnx",
+         lambda src: ["-q", "tokenize", "--manifest", "m", "--tokenizer", f"{src}/v.onnx", "--out", f"c-{src}"]),
+        ("pack", "t", part, lambda src: ["-q", "pack", "--tokens", src, "--out", f"c-{src}"]),
+        ("verify", "d", shard, lambda src: ["-q", "verify", src]),
+        ("inspect", "d", shard, lambda src: ["-q", "inspect", src]),
+        ("train", "d", shard, lambda src: ["-q", "train", "--dataset", src, "--out", f"c-{src}", "--steps", "30",
+                                           "--batch-size", "8", "--dim", "32", "--depth", "1", "--heads", "2"]),
+    ]
+    for stage, src, target, argv in cases:
+        for how in ("truncated", "bit-flipped"):
+            dst = f"corrupt-{stage}-{src}-{how}"
+            corrupt_copy(ctx, src, dst, target, how)
+            code, err, _ = ctx.run(argv(dst))
+            ok = sane_failure(code, err, [target])
+            row(stage, f"{how} {target}", "exit 1 naming the file", f"exit {code}: {one_line(err)[:100]}", ok)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--short", action="store_true", help="one kill point per stage, no build cases (CI)")
+    ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per case before it counts as a hang")
+    ap.add_argument("--no-mount", action="store_true", help="full disk through RLIMIT_FSIZE even when tmpfs "
+                    "mounts are allowed")
+    a = ap.parse_args()
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="imglish-fault-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(os.path.abspath(a.bin), work.resolve(), a.timeout, a.short)
+    started = time.monotonic()
+    try:
+        all_stages = stages(ctx)
+        if a.short:
+            all_stages = [s for s in all_stages if s.name != "build"]
+        clean = setup(ctx, all_stages)
+        mount = can_mount() and not a.no_mount
+        fractions = [0.5] if a.short else [0.15, 0.5, 0.9]
+        for s in all_stages:
+            for i, f in enumerate(fractions):
+                case_kill(ctx, s, clean, f, str(i))
+            case_full_disk(ctx, s, clean, mount)
+            case_out_is_file(ctx, s)
+            case_read_only(ctx, s, mount)
+            case_two_writers(ctx, s, clean)
+        by_name = {s.name: s for s in all_stages}
+        case_input_deleted(ctx, by_name["pack"], clean, "t", "part-*.parquet")
+        case_input_deleted(ctx, by_name["train"], clean, "d", "shard-*.arrow")
+        case_corrupt_inputs(ctx)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print("| stage | case | expected | observed | result |")
+    print("|---|---|---|---|---|")
+    for r in ROWS:
+        print("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |")
+    failed = [r for r in ROWS if r[4] == "FAIL"]
+    skipped = [r for r in ROWS if r[4] == "skip"]
+    print(f"\n{len(ROWS)} cases, {len(failed)} failed, {len(skipped)} skipped "
+          f"({time.monotonic() - started:.0f}s)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
