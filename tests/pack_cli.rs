@@ -341,3 +341,43 @@ fn a_second_writer_on_a_folder_is_refused_at_once() {
     let o = imglish(&args);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
 }
+
+/// `train --init`: a run starts from another run's weights (reported), not again on --resume; a file made for
+/// another model size is refused naming the tensor, before any step.
+#[test]
+fn train_init_from_a_checkpoint_and_a_misfit() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = |p: &str| work.path().join(p).to_str().expect("utf8").to_string();
+    write_tokens(&work.path().join("tokens"), 60);
+    let o = imglish(&["-q", "pack", "--tokens", &w("tokens"), "--out", &w("ds")]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let small = ["--steps", "2", "--batch-size", "4", "--depth", "1", "--heads", "2"];
+    let ds = w("ds");
+    let train = |out: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--dataset", ds.as_str(), "--out", out];
+        args.extend_from_slice(&small);
+        args.extend_from_slice(extra);
+        imglish(&args)
+    };
+    let o = train(&w("a"), &["--dim", "32"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let weights = w("a/checkpoints/step-00000002/model.safetensors");
+    let o = train(&w("b"), &["--dim", "32", "--init", &weights]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains(&format!("init from {weights}: ")) && err.contains("missing (kept at their initialisation): 0 []"),
+        "{err}"
+    );
+    let o = train(&w("c"), &["--dim", "48", "--init", &weights]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).trim().ends_with(&format!(
+            "checkpoint {weights}: tensor 'blocks.0.attn.proj.bias' has shape [32], this model's \
+             'blocks.0.attn.proj.bias' is [48]"
+        )),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!work.path().join("c/checkpoints/step-00000002").exists());
+}

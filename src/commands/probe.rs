@@ -51,6 +51,15 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub centre_views_only: bool,
 
+    /// Retrieval: contrastive fine-tuning steps of the whole encoder, the checkpoint's and the random one alike,
+    /// on the training pairs before probing (0: frozen features).
+    #[arg(long, default_value_t = 0)]
+    pub finetune_steps: usize,
+
+    /// Retrieval: peak learning rate of that fine-tuning.
+    #[arg(long, default_value_t = 2e-4)]
+    pub finetune_lr: f64,
+
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
     pub device: String,
@@ -113,6 +122,8 @@ fn run_retrieval(
         iterations: args.iterations,
         lr: args.lr,
         max_samples: args.max_samples,
+        finetune_steps: args.finetune_steps,
+        finetune_lr: args.finetune_lr,
         ..RetrievalConfig::default()
     };
     let started = std::time::Instant::now();

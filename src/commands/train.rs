@@ -111,6 +111,15 @@ pub struct TrainArgs {
     /// torchscale).
     #[arg(long, default_value_t = 0)]
     pub vl_experts: i64,
+    /// Initial weights: a safetensors state dict of timm `beit_*`, torchscale `BEiT3` (or unilm BEiT-3,
+    /// `beit3.*`) or an imglish checkpoint (`RUN/checkpoints/step-N/model.safetensors`); shapes checked, position
+    /// tables resized to this grid, missing and unexpected names reported. Not applied again on --resume.
+    #[arg(long, value_name = "FILE")]
+    pub init: Option<PathBuf>,
+    /// LayerScale's initial value: BEiT overrides its preset's (0.1; large 1e-5); BEiT-3 adds BEiT's LayerScale
+    /// (not in torchscale) to every layer.
+    #[arg(long, value_name = "INIT")]
+    pub layer_scale: Option<f64>,
 
     /// A model configuration JSON file (every field of the model config) instead of a preset.
     #[arg(long, value_name = "FILE", conflicts_with = "preset")]
@@ -275,6 +284,7 @@ impl TrainArgs {
             pair_text_mask_ratio: self.pair_text_mask_ratio,
             tie_mlm_head: self.tie_mlm_head,
             vl_experts: self.vl_experts,
+            layer_scale: self.layer_scale,
             steps: self.steps,
             batch_size: self.batch_size,
             accum: self.accum,
@@ -330,6 +340,7 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         keep_checkpoints: args.keep_checkpoints,
         stop_at: args.stop_at,
         resume: args.resume,
+        init: args.init.clone(),
         data: if args.in_memory {
             DataMode::Memory
         } else {

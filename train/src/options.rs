@@ -61,6 +61,9 @@ pub struct TrainOptions {
     pub tie_mlm_head: bool,
     /// BEiT-3: top layers with a vision-language expert.
     pub vl_experts: i64,
+    /// LayerScale's initial value (BEiT: overrides the preset's; BEiT-3: adds LayerScale, which torchscale
+    /// lacks).
+    pub layer_scale: Option<f64>,
     /// Optimiser steps.
     pub steps: u64,
     /// Samples per micro-batch, over all processes together.
@@ -111,6 +114,7 @@ impl Default for TrainOptions {
             pair_text_mask_ratio: 0.5,
             tie_mlm_head: false,
             vl_experts: 0,
+            layer_scale: None,
             steps: 1000,
             batch_size: 64,
             accum: 1,
@@ -198,6 +202,9 @@ impl TrainOptions {
             model.drop_path = p;
         }
         model.abs_pos_emb |= self.abs_pos;
+        if self.layer_scale.is_some() {
+            model.layer_scale_init = self.layer_scale;
+        }
         if let Some(r) = self.rel_pos {
             model.rel_pos_bias = r;
         }
@@ -254,6 +261,9 @@ impl TrainOptions {
         model.tie_mlm_head |= self.tie_mlm_head;
         if self.vl_experts > 0 {
             model.vl_experts = self.vl_experts;
+        }
+        if self.layer_scale.is_some() {
+            model.layer_scale_init = self.layer_scale;
         }
         model.input = self.input;
         model.validate()?;

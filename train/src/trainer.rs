@@ -77,6 +77,9 @@ pub struct RunOptions {
     pub resume: bool,
     /// Streaming or in-memory batches.
     pub data: DataMode,
+    /// Initial weights (`--init`): timm / torchscale / imglish safetensors, applied when the run starts at step
+    /// 0 (see [`crate::init_params`]).
+    pub init: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -92,6 +95,7 @@ impl Default for RunOptions {
             stop_at: None,
             resume: false,
             data: DataMode::Stream,
+            init: None,
         }
     }
 }
@@ -384,6 +388,12 @@ pub fn train(
         &mut |p| model.load(p),
         &mut opt,
         options.resume,
+    )?;
+    crate::init::apply(
+        options.init.as_deref(),
+        step,
+        model.named_parameters(),
+        config.model.grid,
     )?;
     fs::write(
         out.join("config.json"),

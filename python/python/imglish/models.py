@@ -17,6 +17,8 @@ def torchscale_kwargs(model):
         raise ValueError(f"torchscale's BEiT3 takes square images; this model's grid is {gh}x{gw}")
     if model.get("vl_experts", 0) > 0:
         raise ValueError("torchscale's BEiT3 has no vision-language experts (--vl-experts); train it with imglish train")
+    if model.get("layer_scale_init") is not None:
+        raise ValueError("torchscale's BEiT3 has no LayerScale (--layer-scale); train it with imglish train")
     return {
         "encoder_embed_dim": model["dim"],
         "encoder_attention_heads": model["heads"],

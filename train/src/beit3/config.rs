@@ -45,6 +45,11 @@ pub struct Beit3Config {
     /// (beyond torchscale, which has none; a model with any has no torchscale counterpart).
     #[serde(default)]
     pub vl_experts: i64,
+    /// BEiT's LayerScale: each residual branch is multiplied by a learned per-channel factor starting at this
+    /// value (`encoder.layers.L.gamma_1` / `gamma_2`; not in torchscale, so a model with it has no torchscale
+    /// counterpart). `None`: no LayerScale, as torchscale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_scale_init: Option<f64>,
 }
 
 /// The named presets: `(name, dim, depth, heads, ffn_dim)`.
@@ -79,6 +84,7 @@ impl Beit3Config {
             init_std: 0.02,
             tie_mlm_head: false,
             vl_experts: 0,
+            layer_scale_init: None,
         };
         config.validate()?;
         Ok(config)
@@ -113,7 +119,7 @@ impl Beit3Config {
             vocab_size: self.vocab_size,
             rel_pos_bias: crate::config::RelPosBias::Off,
             abs_pos_emb: false,
-            layer_scale_init: None,
+            layer_scale_init: self.layer_scale_init,
             layer_norm_eps: self.layer_norm_eps,
             drop_path: self.drop_path,
             init_std: self.init_std,
@@ -166,6 +172,11 @@ impl Beit3Config {
         if self.vl_experts > 0 {
             return Err(TrainError::Config(
                 "torchscale's BEiT3 has no vision-language experts (--vl-experts)".into(),
+            ));
+        }
+        if self.layer_scale_init.is_some() {
+            return Err(TrainError::Config(
+                "torchscale's BEiT3 has no LayerScale (--layer-scale)".into(),
             ));
         }
         Ok(serde_json::json!({

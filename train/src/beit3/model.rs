@@ -91,6 +91,8 @@ struct Layer {
     /// The vision-language expert (`ffn.C`), in the top `vl_experts` layers: pairs use it over the whole
     /// sequence.
     ffn_vl: Option<Ffn>,
+    /// LayerScale factors of the attention and feed-forward branches (BEiT's `gamma_1`, `gamma_2`).
+    gamma: Option<(Tensor, Tensor)>,
     drop_path: f64,
 }
 
@@ -250,6 +252,9 @@ impl Beit3 {
                     final_layer_norm: Multiway::new(&(&l / "final_layer_norm"), |p| layer_norm(p, c.dim, eps)),
                     ffn: Multiway::new(&(&l / "ffn"), |p| ffn(p, c)),
                     ffn_vl: (i >= c.depth - c.vl_experts).then(|| ffn(&l / "ffn" / "C", c)),
+                    gamma: c
+                        .layer_scale_init
+                        .map(|_| (l.zeros("gamma_1", &[c.dim]), l.zeros("gamma_2", &[c.dim]))),
                     drop_path: if c.depth > 1 {
                         c.drop_path * i as f64 / (c.depth - 1) as f64
                     } else {
@@ -289,7 +294,9 @@ impl Beit3 {
         tch::no_grad(|| {
             for (name, mut t) in self.named_parameters() {
                 let key = param_key(seed, &name);
-                if name.contains("norm") || name.contains("_ln.") {
+                if name.ends_with(".gamma_1") || name.ends_with(".gamma_2") {
+                    let _ = t.fill_(c.layer_scale_init.unwrap_or(1.0));
+                } else if name.contains("norm") || name.contains("_ln.") {
                     let _ = if name.ends_with(".weight") {
                         t.fill_(1.0)
                     } else {
@@ -467,13 +474,19 @@ impl Layer {
         key: Option<u64>,
         cast: Option<Kind>,
     ) -> Tensor {
+        let scaled = |y: Tensor, g: fn(&(Tensor, Tensor)) -> &Tensor| match &self.gamma {
+            Some(gamma) => y * g(gamma),
+            None => y,
+        };
         let y = self.attention(&self.self_attn_layer_norm.forward(x, way), way, key_mask, c, cast);
+        let y = scaled(y, |g| &g.0);
         let x = x + drop_path(&y, self.drop_path, key.map(|k| mix64(k ^ 1)));
         let h = self.final_layer_norm.forward(&x, way);
         let y = match (&self.ffn_vl, way) {
             (Some(vl), Way::Split(_)) => vl.forward(&h, cast),
             _ => self.ffn.apply(&h, way, |f, h| f.forward(h, cast)),
         };
+        let y = scaled(y, |g| &g.1);
         &x + drop_path(&y, self.drop_path, key.map(|k| mix64(k ^ 2)))
     }
 

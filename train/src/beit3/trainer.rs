@@ -337,6 +337,12 @@ pub fn train_beit3(
         &mut opt,
         options.resume,
     )?;
+    crate::init::apply(
+        options.init.as_deref(),
+        step,
+        model.named_parameters(),
+        config.model.grid,
+    )?;
     let json = serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
     fs::write(out.join("config.json"), json).map_err(io_err(out.join("config.json")))?;
 

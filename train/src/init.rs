@@ -1,0 +1,192 @@
+//! `--init FILE.safetensors`: start a model from weights written elsewhere — a timm `beit_*` state dict, a
+//! torchscale `BEiT3` one (or unilm's BEiT-3, which wraps it as `beit3.*`), or an imglish checkpoint's
+//! `model.safetensors`. Names are matched after stripping the file's common prefix (`module.`, `model.`,
+//! `beit3.`); shapes are checked; relative position bias tables and absolute position embeddings made for another
+//! grid are resized (bicubic, as BEiT and timm do when fine-tuning at another resolution); what the file lacks keeps
+//! its initialisation and what the model lacks is ignored, both reported.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use crate::error::Result;
+use crate::tensors::Stored;
+
+/// What `--init` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InitReport {
+    /// The file.
+    pub file: PathBuf,
+    /// The prefix stripped from the file's names (`""` when none).
+    pub prefix: String,
+    /// Parameters copied from the file (resized ones included).
+    pub loaded: usize,
+    /// Parameters resized to this model's grid.
+    pub resized: Vec<String>,
+    /// This model's parameters the file does not have (they keep their initialisation).
+    pub missing: Vec<String>,
+    /// The file's tensors this model has no parameter for (ignored; `relative_position_index` buffers, which are
+    /// recomputed, are not listed).
+    pub unexpected: Vec<String>,
+}
+
+impl InitReport {
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        let list = |v: &[String]| {
+            let mut s: Vec<&str> = v.iter().take(6).map(String::as_str).collect();
+            if v.len() > 6 {
+                s.push("...");
+            }
+            s.join(", ")
+        };
+        format!(
+            "init from {}: {} tensors loaded{}{}; missing (kept at their initialisation): {} [{}]; unexpected \
+             (ignored): {} [{}]",
+            self.file.display(),
+            self.loaded,
+            if self.prefix.is_empty() {
+                String::new()
+            } else {
+                format!(" (prefix '{}' stripped)", self.prefix)
+            },
+            if self.resized.is_empty() {
+                String::new()
+            } else {
+                format!(", resized to this grid: {}", list(&self.resized))
+            },
+            self.missing.len(),
+            list(&self.missing),
+            self.unexpected.len(),
+            list(&self.unexpected),
+        )
+    }
+}
+
+const PREFIXES: [&str; 6] = ["", "module.", "model.", "beit3.", "module.beit3.", "model.beit3."];
+
+/// Copies the tensors of `path` into `params` (see the module docs); `grid` is this model's patch grid.
+pub fn init_params(params: BTreeMap<String, Tensor>, path: &Path, grid: [i64; 2]) -> Result<InitReport> {
+    let stored = Stored::read(path, "--init weights")?;
+    let names: Vec<String> = stored.names().cloned().collect();
+    let matches = |prefix: &str| {
+        params
+            .keys()
+            .filter(|n| names.contains(&format!("{prefix}{n}")))
+            .count()
+    };
+    let prefix = PREFIXES
+        .iter()
+        .copied()
+        .max_by_key(|p| (matches(p), std::cmp::Reverse(p.len())))
+        .unwrap_or("");
+    if matches(prefix) == 0 {
+        return Err(stored.bad(format!(
+            "none of its {} tensors is a parameter of this model (the file has e.g. '{}', the model e.g. '{}')",
+            names.len(),
+            names.first().map_or("", String::as_str),
+            params.keys().next().map_or("", String::as_str)
+        )));
+    }
+    let mut report = InitReport {
+        file: path.to_path_buf(),
+        prefix: prefix.to_string(),
+        loaded: 0,
+        resized: Vec::new(),
+        missing: Vec::new(),
+        unexpected: Vec::new(),
+    };
+    for (name, mut p) in params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())) {
+        let key = format!("{prefix}{name}");
+        let Ok(src) = stored.get(&key) else {
+            report.missing.push(name);
+            continue;
+        };
+        if src.size() == p.size() {
+            stored.copy_into(&key, &mut p)?;
+        } else {
+            let resized = resize(&name, src, &p.size(), grid).ok_or_else(|| {
+                stored.bad(format!(
+                    "tensor '{key}' has shape {:?}, this model's '{name}' is {:?}",
+                    src.size(),
+                    p.size()
+                ))
+            })?;
+            tch::no_grad(|| p.copy_(&resized));
+            report.resized.push(name);
+        }
+        report.loaded += 1;
+    }
+    report.unexpected = names
+        .iter()
+        .filter(|n| !n.ends_with("relative_position_index"))
+        .filter(|n| !n.strip_prefix(prefix).is_some_and(|k| params.contains_key(k)))
+        .cloned()
+        .collect();
+    Ok(report)
+}
+
+/// `src` resized to `dst` when it is a relative position bias table or an absolute position embedding made for
+/// another (square) grid; `None` otherwise.
+fn resize(name: &str, src: &Tensor, dst: &[i64], grid: [i64; 2]) -> Option<Tensor> {
+    let src = src.to_kind(Kind::Float);
+    let s = src.size();
+    if name.ends_with("relative_position_bias_table") && s.len() == 2 && dst.len() == 2 && s[1] == dst[1] {
+        // [(2h-1)(2w-1) + 3, heads]: the distance grid, then cls->token, token->cls, cls->cls.
+        let (to_h, to_w) = (2 * grid[0] - 1, 2 * grid[1] - 1);
+        let extra = dst[0] - to_h * to_w;
+        let side = square_side(s[0] - extra)?;
+        if extra < 0 {
+            return None;
+        }
+        let table = src
+            .narrow(0, 0, side * side)
+            .reshape([1, side, side, s[1]])
+            .permute([0, 3, 1, 2]);
+        let table = table
+            .upsample_bicubic2d([to_h, to_w], false, None, None)
+            .permute([0, 2, 3, 1])
+            .reshape([to_h * to_w, s[1]]);
+        return Some(Tensor::cat(&[table, src.narrow(0, s[0] - extra, extra)], 0));
+    }
+    if name.ends_with("pos_embed") && s.len() == 3 && dst.len() == 3 && s[2] == dst[2] && s[0] == 1 {
+        // [1, 1 + h*w, dim]: the CLS position, then the grid.
+        let side = square_side(s[1] - 1)?;
+        let (h, w) = (grid[0], grid[1]);
+        if dst[1] != 1 + h * w {
+            return None;
+        }
+        let patches = src
+            .narrow(1, 1, side * side)
+            .reshape([1, side, side, s[2]])
+            .permute([0, 3, 1, 2]);
+        let patches = patches
+            .upsample_bicubic2d([h, w], false, None, None)
+            .permute([0, 2, 3, 1])
+            .reshape([1, h * w, s[2]]);
+        return Some(Tensor::cat(&[src.narrow(1, 0, 1), patches], 1));
+    }
+    None
+}
+
+fn square_side(n: i64) -> Option<i64> {
+    let side = (n as f64).sqrt().round() as i64;
+    (side > 0 && side * side == n).then_some(side)
+}
+
+/// Applies `--init` to a run that starts at step 0 (a resumed run's checkpoint already holds the weights).
+pub(crate) fn apply(init: Option<&Path>, step: u64, params: BTreeMap<String, Tensor>, grid: [i64; 2]) -> Result<()> {
+    let Some(path) = init else { return Ok(()) };
+    if step > 0 {
+        tracing::info!(
+            "resuming at step {step}: --init {} is not applied again",
+            path.display()
+        );
+        return Ok(());
+    }
+    let report = init_params(params, path, grid)?;
+    tracing::info!("{}", report.summary());
+    Ok(())
+}
