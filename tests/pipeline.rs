@@ -381,4 +381,51 @@ fn demo_corpus_to_verified_dataset() {
         "{err}"
     );
     assert!(!d.join("gpu-run/checkpoints").exists());
+
+    // inspect: the class histogram with names, a sample found by its file name, captions decoded, tokens as a
+    // grid.
+    // (the first circle image ingest accepted: the corpus's duplicates and bad files are rejected)
+    let mut keys: Vec<String> = std::fs::read_dir(d.join("demo/images/circle"))
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("demo_"))
+        .collect();
+    keys.sort();
+    let (key, out) = keys
+        .iter()
+        .find_map(|key| {
+            let out = Command::new(env!("CARGO_BIN_EXE_imglish"))
+                .current_dir(d)
+                .args([
+                    "inspect",
+                    "dataset",
+                    "--manifest",
+                    "m1",
+                    "--key",
+                    key,
+                    "--text-tokenizer",
+                    "tok/t.json",
+                ])
+                .output()
+                .expect("spawn");
+            out.status.success().then(|| (key.clone(), out))
+        })
+        .expect("an accepted circle");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let classes = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("classes"))
+        .expect("classes line");
+    assert!(classes.contains("(0 circle: "), "{classes}");
+    let header = format!(" (circle/{key} in demo/images): split ");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("sample ") && l.contains(&header) && l.contains("label 0 circle")),
+        "{text}"
+    );
+    assert!(text.contains("\n  caption 0: \"") && text.contains("circle"), "{text}");
+    assert!(
+        text.contains("  view 0: crop ") && text.contains(", tokens (4x4):\n      "),
+        "{text}"
+    );
 }

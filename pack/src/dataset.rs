@@ -202,6 +202,8 @@ pub struct DatasetStats {
     pub kinds: [u64; 3],
     /// Tokens per caption.
     pub caption_tokens: LengthSummary,
+    /// Samples per label (class index), for labelled samples; empty when none has a label.
+    pub labels: BTreeMap<i32, u64>,
 }
 
 impl Dataset {
@@ -390,13 +392,14 @@ impl Dataset {
     pub fn stats(&self) -> Result<DatasetStats> {
         let info = self.tokenizer();
         let vocab = info.vocab_size as usize;
-        type Acc = (Vec<u64>, Vec<u64>, Vec<u64>, [u64; 3]);
+        type Acc = (Vec<u64>, Vec<u64>, Vec<u64>, [u64; 3], BTreeMap<i32, u64>);
         let per_shard: Vec<Result<Acc>> = (0..self.shards().len())
             .into_par_iter()
             .map(|i| {
                 let shard = self.shard(i)?;
                 let mut hist = vec![0u64; vocab];
                 let (mut per_sample, mut lengths, mut kinds) = (Vec::new(), Vec::new(), [0u64; 3]);
+                let mut labels = BTreeMap::new();
                 for b in 0..shard.num_batches() {
                     shard.with_batch(b, |v| {
                         for t in v.image_tokens() {
@@ -404,19 +407,26 @@ impl Dataset {
                         }
                         for r in 0..v.rows() {
                             kinds[v.kind(r).code() as usize] += 1;
+                            if let Some(l) = v.label(r) {
+                                *labels.entry(l).or_insert(0u64) += 1;
+                            }
                             let before = lengths.len();
                             lengths.extend(v.caption_lengths(r).map(|l| l as u64));
                             per_sample.push((lengths.len() - before) as u64);
                         }
                     })?;
                 }
-                Ok((hist, per_sample, lengths, kinds))
+                Ok((hist, per_sample, lengths, kinds, labels))
             })
             .collect();
         let mut hist = vec![0u64; vocab];
         let (mut per_sample, mut lengths, mut kinds) = (Vec::new(), Vec::new(), [0u64; 3]);
+        let mut labels: BTreeMap<i32, u64> = BTreeMap::new();
         for r in per_shard {
-            let (h, p, l, k) = r?;
+            let (h, p, l, k, c) = r?;
+            for (label, n) in c {
+                *labels.entry(label).or_insert(0) += n;
+            }
             kinds.iter_mut().zip(k).for_each(|(a, b)| *a += b);
             hist.iter_mut().zip(h).for_each(|(a, b)| *a += b);
             per_sample.extend(p);
@@ -453,6 +463,7 @@ impl Dataset {
             captions_per_sample: LengthSummary::of(per_sample),
             kinds,
             caption_tokens: LengthSummary::of(lengths),
+            labels,
         })
     }
 

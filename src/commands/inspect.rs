@@ -1,5 +1,6 @@
 //! `imglish inspect`: sizes, splits, compression, visual-code usage and caption lengths of a dataset.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -21,8 +22,34 @@ pub struct InspectArgs {
 
     /// With --sample: draw it as a PNG, one column per view: the view cut from the stored pixels (if the
     /// dataset was packed with --include-pixels) above its token grid, one colour per code.
-    #[arg(long, value_name = "OUT.png", requires = "sample")]
+    #[arg(long, value_name = "OUT.png")]
     pub png: Option<PathBuf>,
+
+    /// The manifest the dataset was made from (`imglish ingest --out`): class names in the label histogram and
+    /// the sample, and --key.
+    #[arg(long, value_name = "DIR")]
+    pub manifest: Option<PathBuf>,
+
+    /// Print the sample whose source key (the file's path inside its folder or tar, or a Parquet row's key) is
+    /// KEY or ends with /KEY; needs --manifest.
+    #[arg(long, value_name = "KEY", requires = "manifest", conflicts_with = "sample")]
+    pub key: Option<String>,
+
+    /// The text tokenizer (tokenizer.json) the captions were tokenized with: captions are printed as text.
+    #[arg(long, value_name = "FILE")]
+    pub text_tokenizer: Option<PathBuf>,
+}
+
+/// Tokens as rows of the grid, right-aligned to the widest code.
+fn token_grid(tokens: &[u16], width: usize, vocab: u32) -> String {
+    let w = vocab.saturating_sub(1).max(1).to_string().len();
+    tokens
+        .chunks(width.max(1))
+        .map(|row| {
+            let cells: Vec<String> = row.iter().map(|t| format!("{t:>w$}")).collect();
+            format!("\n      {}", cells.join(" "))
+        })
+        .collect()
 }
 
 fn lengths(l: &LengthSummary) -> String {
@@ -77,23 +104,90 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
         info.fingerprint,
         index.build_fingerprint,
     );
+    let manifest = match &args.manifest {
+        Some(m) => {
+            expect(m, Folder::Manifest, "--manifest")?;
+            Some(
+                imglish_ingest::Manifest::open(m)
+                    .with_context(|| format!("cannot read the manifest {}", m.display()))?,
+            )
+        }
+        None => None,
+    };
+    let names: BTreeMap<i32, String> = manifest
+        .as_ref()
+        .map(|m| m.classes.iter().map(|(name, &i)| (i, name.clone())).collect())
+        .unwrap_or_default();
+    let class = |l: i32| names.get(&l).map_or(l.to_string(), |n| format!("{l} {n}"));
+    if !stats.labels.is_empty() {
+        let hist: Vec<String> = stats
+            .labels
+            .iter()
+            .map(|(&l, n)| format!("{}: {n}", class(l)))
+            .collect();
+        text.push_str(&format!(
+            "\n  classes           {} ({})",
+            stats.labels.len(),
+            hist.join(", ")
+        ));
+    }
+    let text_tokenizer = match &args.text_tokenizer {
+        Some(p) => Some(
+            imglish_tokenizer::TextTokenizer::load(p, usize::MAX)
+                .with_context(|| format!("cannot load the text tokenizer {}", p.display()))?,
+        ),
+        None => None,
+    };
     let mut json = serde_json::json!({"event": "inspect", "dataset": args.dataset, "stats": stats});
-    if let Some(id) = args.sample {
+    let found = match (&args.key, &manifest) {
+        (Some(key), Some(m)) => {
+            let row = m
+                .rows
+                .iter()
+                .find(|r| r.key == *key || r.key.ends_with(&format!("/{key}")))
+                .with_context(|| {
+                    format!(
+                        "no sample of {} has the key {key}",
+                        args.manifest
+                            .as_ref()
+                            .map_or(String::new(), |p| p.display().to_string())
+                    )
+                })?;
+            Some((row.sample_id, Some(format!("{} in {}", row.key, row.source))))
+        }
+        _ => args.sample.map(|id| (id, None)),
+    };
+    if args.png.is_some() && found.is_none() {
+        anyhow::bail!("--png draws one sample: give --sample ID or --key KEY");
+    }
+    if let Some((id, origin)) = found {
         let record = dataset
             .find(id)
             .with_context(|| format!("cannot read {}", args.dataset.display()))?
             .with_context(|| format!("sample {id} is not in {}", args.dataset.display()))?;
         text.push_str(&format!(
-            "\nsample {id}: split {}, label {:?}, {} captions {:?}",
+            "\nsample {id}{}: split {}, label {}, {} captions",
+            origin.map(|o| format!(" ({o})")).unwrap_or_default(),
             record.split,
-            record.label,
+            record.label.map_or("none".to_string(), class),
             record.captions.len(),
-            record.captions
         ));
+        for (i, c) in record.captions.iter().enumerate() {
+            let decoded = match &text_tokenizer {
+                Some(t) => format!("{:?} ", t.decode(c)?),
+                None => String::new(),
+            };
+            text.push_str(&format!("\n  caption {i}: {decoded}ids {c:?}"));
+        }
+        let info = dataset.tokenizer();
         for (i, v) in record.views.iter().enumerate() {
             text.push_str(&format!(
-                "\n  view {i}: crop {:?} flip {} tokens {:?}",
-                v.crop, v.flip, v.tokens
+                "\n  view {i}: crop {:?} flip {}, tokens ({}x{}):{}",
+                v.crop,
+                v.flip,
+                info.grid[0],
+                info.grid[1],
+                token_grid(&v.tokens, info.grid[1] as usize, info.vocab_size)
             ));
         }
         if let Some(png) = &args.png {

@@ -122,6 +122,14 @@ impl TextTokenizer {
         &self.special
     }
 
+    /// The text of `ids` (special tokens left out), for showing a stored caption to a person.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::Model {
+            model: "text tokenizer".into(),
+            reason: format!("cannot decode {ids:?}: {e}"),
+        })
+    }
+
     /// Token ids of one caption, with special tokens, truncated to `max_len` (the last id kept is the end
     /// token when the tokenizer has one).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

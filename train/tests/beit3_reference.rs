@@ -93,6 +93,34 @@ fn check(config: Beit3Config, name: &str) {
     ours.insert("pair.mlm".into(), model.mlm_logits(&e, &predict));
     ours.insert("pair.encoder".into(), e.x);
 
+    // The same weights as unilm's BEiT-3 stores them (the encoder under `beit3.`, its own heads beside it) give
+    // another model the same encoder through `--init` (`init_params`); imglish's heads are reported missing.
+    let unilm = dir.path().join("unilm.safetensors");
+    let mut named: Vec<(String, Tensor)> = model
+        .named_parameters()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("mim_head.") && !n.starts_with("mlm_head."))
+        .map(|(n, t)| (format!("beit3.{n}"), t.detach()))
+        .collect();
+    named.push((
+        "vision_head.weight".into(),
+        Tensor::zeros([2, config.dim], (Kind::Float, Device::Cpu)),
+    ));
+    Tensor::write_safetensors(&named, &unilm).expect("unilm weights");
+    let other = Beit3::new(&config, Device::Cpu, 77).expect("model");
+    let report = imglish_train::init_params(other.named_parameters(), &unilm, config.grid).expect("init");
+    assert_eq!(report.prefix, "beit3.");
+    assert_eq!(report.unexpected, ["vision_head.weight"]);
+    assert!(
+        report
+            .missing
+            .iter()
+            .all(|n| n.starts_with("mim_head.") || n.starts_with("mlm_head.")),
+        "{report:?}"
+    );
+    let d = max_diff(&other.encode(Some(&image), None, None).x, &ours["image.encoder"]);
+    assert!(d < 1e-6, "{name}: --init from unilm-style weights differs by {d}");
+
     let out = dir.path().join("out.safetensors");
     let status = Command::new(python())
         .arg(repo().join("train/tests/reference/beit3_torchscale.py"))
