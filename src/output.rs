@@ -130,7 +130,7 @@ pub fn bar_style(len: u64) -> ProgressStyle {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ")
     } else {
-        ProgressStyle::with_template("{spinner} {msg}: {pos} ({per_sec})")
+        ProgressStyle::with_template("{spinner} {msg}: {pos} ({per_sec}, {elapsed})")
             .unwrap_or_else(|_| ProgressStyle::default_spinner())
     }
 }

@@ -82,8 +82,10 @@ pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         ..ProbeConfig::default()
     };
     let started = std::time::Instant::now();
+    let bar = out.spinner("probe: features of the trained and a random encoder, then the classifiers");
     let report = probe(&args.dataset, &checkpoint, &config, device)
         .with_context(|| format!("probing {} on {} failed", checkpoint.display(), args.dataset.display()))?;
+    bar.finish_and_clear();
     let text = format!(
         "probe: val accuracy {:.3} ± {:.3} (random encoder {:.3} ± {:.3}, majority class {:.3}); {} classes, {} train \
          examples / {} val samples; checkpoint {} ({:.1}s)",
@@ -127,8 +129,14 @@ fn run_retrieval(
         ..RetrievalConfig::default()
     };
     let started = std::time::Instant::now();
+    let bar = out.spinner(if config.finetune_steps > 0 {
+        "retrieval probe: fine-tuning the trained and a random encoder, then the projections"
+    } else {
+        "retrieval probe: features of the trained and a random encoder, then the projections"
+    });
     let report = probe_retrieval(&args.dataset, checkpoint, &config, device)
         .with_context(|| format!("probing {} on {} failed", checkpoint.display(), args.dataset.display()))?;
+    bar.finish_and_clear();
     let text = format!(
         "retrieval probe: {} (random encoder: {}; chance R@1 {:.3}); {} train / {} val pairs; checkpoint {} \
          ({:.1}s)",

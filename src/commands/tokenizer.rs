@@ -154,14 +154,21 @@ fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
     imglish_tokenizer::VisualTokenizer::load(&a.out, &imglish_tokenizer::SessionOptions::default())
         .context("the fitted tokenizer does not load back")?;
     let text = format!(
-        "tokenizer fit: {} codes of {}x{} patches on {} training patches ({:.1}s)\n  held-out: {} patches, codes used {:.1}%, perplexity {:.1}, quantisation error {:.4} (one code: {:.4}){}\n  wrote {} and {}",
+        "tokenizer fit: {} codes of {}x{} patches on {} training patches ({:.1}s); codes used by them {:.1}%\n  held-out: {} patches of {} images, codes used {:.1}%{}, perplexity {:.1}, quantisation error {:.4} (one code: {:.4}){}\n  wrote {} and {}",
         codebook.len(),
         a.patch,
         a.patch,
         report.train_patches,
         started.elapsed().as_secs_f64(),
+        report.fit_usage * 100.0,
         report.heldout_patches,
+        report.heldout_images,
         report.usage * 100.0,
+        if report.heldout_patches < 4 * codebook.len() {
+            " (too few patches to see every code)"
+        } else {
+            ""
+        },
         report.perplexity,
         report.quant_error,
         report.quant_error_one_code,

@@ -393,8 +393,8 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         Event::Val(m) => bar.suspend(|| {
             out.summary(
                 &format!(
-                    "step {:>6}  val loss {:.4}  val acc {:.3}  ({} samples)",
-                    m.step, m.loss, m.accuracy, m.samples
+                    "step {:>6}  val loss {:.4}  val acc {:.3} (always the most frequent code: {:.3})  ({} samples)",
+                    m.step, m.loss, m.accuracy, m.majority_accuracy, m.samples
                 ),
                 &serde_json::to_value(m).unwrap_or_default(),
             )

@@ -143,8 +143,16 @@ pub struct FitReport {
     pub train_patches: usize,
     /// Held-out patches evaluated.
     pub heldout_patches: usize,
-    /// Fraction of codes used at least once on held-out patches.
+    /// Held-out images the patches came from (validation images, or every tenth training image when there
+    /// is no validation split).
+    #[serde(default)]
+    pub heldout_images: usize,
+    /// Fraction of codes used at least once on held-out patches (a small held-out set under-counts: compare
+    /// `fit_usage`).
     pub usage: f64,
+    /// Fraction of codes assigned at least once among the `train_patches` fitting patches.
+    #[serde(default)]
+    pub fit_usage: f64,
     /// Perplexity of the held-out code histogram (exp of its entropy).
     pub perplexity: f64,
     /// Mean squared quantisation error per dimension on held-out patches (inputs in [-1, 1]).
@@ -715,9 +723,12 @@ pub fn fit_codebook(
                 .sum::<f64>()
         })
         .sum();
+    let fit_codes: std::collections::HashSet<u16> = codebook.nearest(x.view()).iter().map(|a| a.0).collect();
     let report = FitReport {
         train_patches: x.nrows(),
         heldout_patches: assignment.len(),
+        heldout_images: held.len(),
+        fit_usage: fit_codes.len() as f64 / codebook.len() as f64,
         usage: hist.iter().filter(|&&c| c > 0).count() as f64 / codebook.len() as f64,
         perplexity: entropy.exp(),
         quant_error: err / (matched_n * d),

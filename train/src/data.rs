@@ -471,6 +471,19 @@ pub struct FixedSet {
 }
 
 impl FixedSet {
+    /// The share of the most frequent code among the masked targets (0 when nothing is masked).
+    pub fn majority_accuracy(&self) -> f64 {
+        let mut counts: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
+        let mut total = 0u64;
+        for b in &self.batches {
+            for (&t, _) in b.targets.iter().zip(&b.mask).filter(|(_, &m)| m) {
+                *counts.entry(t).or_insert(0) += 1;
+                total += 1;
+            }
+        }
+        counts.values().max().map_or(0.0, |&m| m as f64 / total.max(1) as f64)
+    }
+
     /// Up to `limit` samples of `split` in dataset order: their centre views, or with `all_views` every stored
     /// view (the augmented crops too: `samples` then counts views).
     pub(crate) fn load(

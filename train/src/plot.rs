@@ -1,5 +1,5 @@
 //! `loss.png`: train (blue) and validation (red, with dots) loss against steps, drawn from `metrics.jsonl` with
-//! no font or plotting dependency (axis extremes are labelled with a built-in 3x5 digit font).
+//! no font or plotting dependency: a title, axis names, a legend and the axis extremes in a built-in 3x5 font.
 
 use std::path::Path;
 
@@ -10,6 +10,8 @@ use crate::error::{Result, TrainError};
 const W: u32 = 800;
 const H: u32 = 480;
 const MARGIN: i64 = 50;
+const TRAIN: Rgb<u8> = Rgb([31, 119, 180]);
+const VAL: Rgb<u8> = Rgb([214, 39, 40]);
 
 /// Draws the curves of `metrics` (JSON lines with `kind`, `step`, `loss`) into `png`.
 pub fn plot_losses(metrics: &Path, png: &Path) -> Result<()> {
@@ -40,7 +42,20 @@ fn render(train: &[(f64, f64)], val: &[(f64, f64)]) -> RgbImage {
     let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
     let all: Vec<(f64, f64)> = train.iter().chain(val).copied().filter(|p| p.1.is_finite()).collect();
     let grey = Rgb([90, 90, 90]);
-    let (x0, y0, x1, y1) = (MARGIN, MARGIN / 2, W as i64 - MARGIN / 2, H as i64 - MARGIN);
+    let (x0, y0, x1, y1) = (MARGIN, MARGIN, W as i64 - MARGIN / 2, H as i64 - MARGIN);
+    let black = Rgb([20, 20, 20]);
+    text(&mut img, x0, 8, "LOSS (METRICS.JSONL): TRAIN AND VALIDATION", black);
+    text(&mut img, 4, y0 - 18, "LOSS", grey);
+    text(&mut img, (x0 + x1) / 2 - 16, y1 + 24, "STEP", grey);
+    let legend = x1 - 200;
+    line(&mut img, (legend, 34), (legend + 24, 34), TRAIN);
+    text(&mut img, legend + 32, 30, "TRAIN", grey);
+    for dx in -2..=2 {
+        for dy in -2..=2 {
+            put(&mut img, legend + 100 + dx, 34 + dy, VAL);
+        }
+    }
+    text(&mut img, legend + 112, 30, "VALIDATION", grey);
     line(&mut img, (x0, y1), (x1, y1), grey);
     line(&mut img, (x0, y0), (x0, y1), grey);
     if all.is_empty() {
@@ -58,7 +73,7 @@ fn render(train: &[(f64, f64)], val: &[(f64, f64)]) -> RgbImage {
         let y = y1 - (((l - lo) / (hi - lo)) * (y1 - y0) as f64).round() as i64;
         (x, y)
     };
-    for (series, colour, dots) in [(train, Rgb([31, 119, 180]), false), (val, Rgb([214, 39, 40]), true)] {
+    for (series, colour, dots) in [(train, TRAIN, false), (val, VAL, true)] {
         let pts: Vec<(i64, i64)> = series.iter().copied().filter(|p| p.1.is_finite()).map(map).collect();
         for w in pts.windows(2) {
             line(&mut img, w[0], w[1], colour);
@@ -110,9 +125,42 @@ fn line(img: &mut RgbImage, (mut x, mut y): (i64, i64), (x1, y1): (i64, i64), c:
     }
 }
 
-/// Digits, '.', '-' in a 3x5 font drawn at 2x.
+/// Digits, capital letters (lower case is drawn as capitals) and `.-:()/,` in a 3x5 font drawn at 2x; other
+/// characters are spaces.
 fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
-    const GLYPHS: [(char, [u8; 5]); 12] = [
+    const GLYPHS: [(char, [u8; 5]); 44] = [
+        ('A', [2, 5, 7, 5, 5]),
+        ('B', [6, 5, 6, 5, 6]),
+        ('C', [3, 4, 4, 4, 3]),
+        ('D', [6, 5, 5, 5, 6]),
+        ('E', [7, 4, 6, 4, 7]),
+        ('F', [7, 4, 6, 4, 4]),
+        ('G', [3, 4, 5, 5, 3]),
+        ('H', [5, 5, 7, 5, 5]),
+        ('I', [7, 2, 2, 2, 7]),
+        ('J', [1, 1, 1, 5, 2]),
+        ('K', [5, 5, 6, 5, 5]),
+        ('L', [4, 4, 4, 4, 7]),
+        ('M', [5, 7, 7, 5, 5]),
+        ('N', [6, 5, 5, 5, 5]),
+        ('O', [2, 5, 5, 5, 2]),
+        ('P', [6, 5, 6, 4, 4]),
+        ('Q', [2, 5, 5, 6, 3]),
+        ('R', [6, 5, 6, 5, 5]),
+        ('S', [3, 4, 2, 1, 6]),
+        ('T', [7, 2, 2, 2, 2]),
+        ('U', [5, 5, 5, 5, 7]),
+        ('V', [5, 5, 5, 5, 2]),
+        ('W', [5, 5, 7, 7, 5]),
+        ('X', [5, 5, 2, 5, 5]),
+        ('Y', [5, 5, 2, 2, 2]),
+        ('Z', [7, 1, 2, 4, 7]),
+        (':', [0, 2, 0, 2, 0]),
+        ('(', [1, 2, 2, 2, 1]),
+        (')', [4, 2, 2, 2, 4]),
+        ('/', [1, 1, 2, 4, 4]),
+        (',', [0, 0, 0, 2, 4]),
+        ('+', [0, 2, 7, 2, 0]),
         ('0', [7, 5, 5, 5, 7]),
         ('1', [2, 6, 2, 2, 7]),
         ('2', [7, 1, 7, 4, 7]),
@@ -127,6 +175,7 @@ fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
         ('-', [0, 0, 7, 0, 0]),
     ];
     for (i, ch) in s.chars().enumerate() {
+        let ch = ch.to_ascii_uppercase();
         let Some((_, rows)) = GLYPHS.iter().find(|g| g.0 == ch) else {
             continue;
         };
@@ -149,11 +198,16 @@ mod tests {
     #[test]
     fn draws_both_curves() {
         let img = render(&[(1.0, 5.0), (2.0, 4.0), (3.0, 3.0)], &[(0.0, 5.5), (3.0, 3.2)]);
-        let blue = img.pixels().filter(|p| **p == Rgb([31, 119, 180])).count();
-        let red = img.pixels().filter(|p| **p == Rgb([214, 39, 40])).count();
+        let blue = img.pixels().filter(|p| **p == TRAIN).count();
+        let red = img.pixels().filter(|p| **p == VAL).count();
         assert!(blue > 100 && red > 100, "{blue} {red}");
+        // The title (the only near-black pixels) and the legend's samples are drawn even without data.
+        let titled = |img: &RgbImage| img.pixels().filter(|p| **p == Rgb([20, 20, 20])).count();
+        assert!(titled(&img) > 200, "title");
         // Nothing to draw: axes only, no panic.
         let empty = render(&[], &[]);
         assert_eq!(empty.dimensions(), (W, H));
+        assert!(titled(&empty) > 200);
+        assert!(empty.pixels().filter(|p| **p == TRAIN).count() >= 48, "legend");
     }
 }

@@ -136,6 +136,10 @@ pub struct EvalMetrics {
     pub loss: f64,
     /// Masked-token accuracy.
     pub accuracy: f64,
+    /// The accuracy of always predicting the most frequent masked code of the validation set (e.g. a flat
+    /// background code): what `accuracy` must beat to mean anything.
+    #[serde(default)]
+    pub majority_accuracy: f64,
     /// Validation samples.
     pub samples: usize,
 }
@@ -421,6 +425,7 @@ pub fn train(
         parameters: model.num_parameters(),
         device: options.device.describe(device),
     });
+    let majority_accuracy = val.majority_accuracy();
     let mut skipped = val.skipped.len() as u64;
     for (id, why) in &val.skipped {
         observer(&Event::Skipped(*id, why.clone()));
@@ -435,6 +440,7 @@ pub fn train(
             step,
             loss,
             accuracy,
+            majority_accuracy,
             samples: val.samples,
         };
         write_json_line(&metrics_path, &m)?;
