@@ -191,3 +191,56 @@ fn a_mistyped_tokenizer_path_names_the_model() {
         "error: cannot load the visual tokenizer visuall.onnx: visuall.onnx: No such file or directory (os error 2)\n"
     );
 }
+
+#[test]
+fn captions_that_reach_no_image_are_a_loud_warning_naming_the_fields() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path();
+    let o = imglish(d, &["-q", "demo-corpus", "--images", "12", "--out", "demo"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The same captions under field names imglish does not know.
+    let good = std::fs::read_to_string(d.join("demo/captions/captions.jsonl")).expect("jsonl");
+    let bad: String = good
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            format!(
+                "{}\n",
+                serde_json::json!({"file": v["image"], "sentences": v["captions"]})
+            )
+        })
+        .collect();
+    std::fs::write(d.join("bad.jsonl"), bad).expect("write");
+    let o = imglish(
+        d,
+        &[
+            "ingest",
+            "--images",
+            "demo/images",
+            "--captions",
+            "bad.jsonl",
+            "--out",
+            "m",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(" accepted images got a caption from --captions (")
+            && err.contains("check the caption file's field names and image paths"),
+        "{err}"
+    );
+    let o = imglish(
+        d,
+        &[
+            "ingest",
+            "--images",
+            "demo/images",
+            "--captions",
+            "demo/captions/captions.jsonl",
+            "--out",
+            "m2",
+        ],
+    );
+    assert!(!stderr(&o).contains("got a caption from --captions"), "{}", stderr(&o));
+}

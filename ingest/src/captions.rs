@@ -177,13 +177,29 @@ fn read_jsonl(path: &Path, set: &mut CaptionSet) -> Result<()> {
         let captions = TEXT_FIELDS.iter().find_map(|f| v.get(*f).and_then(json_captions));
         match (image, captions) {
             (Some(img), Some(caps)) => set.entries.push((img.to_string(), caps)),
-            _ => set.bad_rows.push((
-                row,
-                Rejection::new(
-                    Reason::BadRecord,
-                    "expected {\"image\": ..., \"caption\": ...} or \"captions\": [...]",
-                ),
-            )),
+            _ => {
+                let fields: Vec<&str> = v
+                    .as_object()
+                    .map(|o| o.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                set.bad_rows.push((
+                    row,
+                    Rejection::new(
+                        Reason::BadRecord,
+                        format!(
+                            "expected {{\"image\": ..., \"caption\": ...}} or \"captions\": [...] (image fields: {}; \
+                             caption fields: {}); this line has: {}",
+                            IMAGE_FIELDS.join(", "),
+                            TEXT_FIELDS.join(", "),
+                            if fields.is_empty() {
+                                "no fields".to_string()
+                            } else {
+                                fields.join(", ")
+                            }
+                        ),
+                    ),
+                ))
+            }
         }
     }
     Ok(())

@@ -302,5 +302,15 @@ fn check_outcome(args: &IngestArgs, c: &imglish_ingest::IngestCounts) -> anyhow:
             tracing::warn!("{n} of {} items were rejected as {r}{}", c.seen, hint(r));
         }
     }
+    if !args.captions.is_empty() && c.accepted > 0 && c.images_without_captions == c.accepted {
+        tracing::warn!(
+            "none of the {} accepted images got a caption from --captions ({} caption rows rejected as bad-record, {} \
+             caption entries name no accepted image): check the caption file's field names and image paths \
+             (rejects.parquet has the first reasons)",
+            c.accepted,
+            c.by_reason.get("bad-record").copied().unwrap_or(0),
+            c.captions_without_images
+        );
+    }
     Ok(())
 }
