@@ -141,14 +141,7 @@ fn resize(name: &str, src: &Tensor, dst: &[i64], grid: [i64; 2]) -> Option<Tenso
         if extra < 0 {
             return None;
         }
-        let table = src
-            .narrow(0, 0, side * side)
-            .reshape([1, side, side, s[1]])
-            .permute([0, 3, 1, 2]);
-        let table = table
-            .upsample_bicubic2d([to_h, to_w], false, None, None)
-            .permute([0, 2, 3, 1])
-            .reshape([to_h * to_w, s[1]]);
+        let table = bicubic(&src.narrow(0, 0, side * side), side, [to_h, to_w]);
         return Some(Tensor::cat(&[table, src.narrow(0, s[0] - extra, extra)], 0));
     }
     if name.ends_with("pos_embed") && s.len() == 3 && dst.len() == 3 && s[2] == dst[2] && s[0] == 1 {
@@ -158,17 +151,20 @@ fn resize(name: &str, src: &Tensor, dst: &[i64], grid: [i64; 2]) -> Option<Tenso
         if dst[1] != 1 + h * w {
             return None;
         }
-        let patches = src
-            .narrow(1, 1, side * side)
-            .reshape([1, side, side, s[2]])
-            .permute([0, 3, 1, 2]);
-        let patches = patches
-            .upsample_bicubic2d([h, w], false, None, None)
-            .permute([0, 2, 3, 1])
-            .reshape([1, h * w, s[2]]);
+        let patches = bicubic(&src.narrow(1, 1, side * side).squeeze_dim(0), side, [h, w]).unsqueeze(0);
         return Some(Tensor::cat(&[src.narrow(1, 0, 1), patches], 1));
     }
     None
+}
+
+/// Rows `[side * side, C]` of a square grid resampled (bicubic, corners not aligned) to `[to[0] * to[1], C]`.
+fn bicubic(rows: &Tensor, side: i64, to: [i64; 2]) -> Tensor {
+    let c = rows.size()[1];
+    rows.reshape([1, side, side, c])
+        .permute([0, 3, 1, 2])
+        .upsample_bicubic2d(to, false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([to[0] * to[1], c])
 }
 
 fn square_side(n: i64) -> Option<i64> {
