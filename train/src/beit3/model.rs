@@ -585,4 +585,40 @@ mod tests {
         c.vl_experts = 3;
         assert!(c.validate().is_err());
     }
+
+    #[test]
+    fn layer_scale_multiplies_each_branch() {
+        let mut c = Beit3Config::preset("beit3-tiny", [2, 2], 20, 30).expect("preset");
+        (c.dim, c.heads, c.depth, c.ffn_dim, c.max_source_positions) = (16, 2, 2, 32, 12);
+        let plain = Beit3::new(&c, Device::Cpu, 1).expect("model");
+        c.layer_scale_init = Some(0.1);
+        let scaled = Beit3::new(&c, Device::Cpu, 1).expect("model");
+        let params = scaled.named_parameters();
+        let gammas: Vec<&String> = params.keys().filter(|k| k.contains("gamma")).collect();
+        assert_eq!(
+            gammas,
+            [
+                "encoder.layers.0.gamma_1",
+                "encoder.layers.0.gamma_2",
+                "encoder.layers.1.gamma_1",
+                "encoder.layers.1.gamma_2"
+            ]
+        );
+        assert_eq!(params["encoder.layers.0.gamma_1"].double_value(&[3]), 0.1_f32 as f64);
+        assert!(c.torchscale_kwargs().is_err(), "no torchscale counterpart");
+        let tokens = Input::Tokens(Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8]).view([2, 4]));
+        let image = ImageIn {
+            input: &tokens,
+            mask: None,
+        };
+        let x = |m: &Beit3| m.encode(Some(&image), None, None).x;
+        assert!((x(&plain) - x(&scaled)).abs().max().double_value(&[]) > 1e-3);
+        // With factors of 1 the model is the plain one (same seed, same other parameters).
+        tch::no_grad(|| {
+            for g in &gammas {
+                let _ = params[*g].shallow_clone().fill_(1.0);
+            }
+        });
+        assert!((x(&plain) - x(&scaled)).abs().max().double_value(&[]) < 1e-6);
+    }
 }
