@@ -162,6 +162,10 @@ class PretrainTest(unittest.TestCase):
         self.assertEqual((rust["step"], python["step"]), (10, 10))
         self.assertLess(abs(rust["loss"] - python["loss"]), 1e-4 * rust["loss"], (rust, python))
         self.assertEqual(rust["accuracy"], python["accuracy"])
+        # The validation records carry the same majority-code baseline.
+        val = lambda run_dir: [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if '"val"' in l][-1]  # noqa: E731
+        self.assertGreater(val(rs)["majority_accuracy"], 0.0)
+        self.assertAlmostEqual(val(rs)["majority_accuracy"], val(py)["majority_accuracy"], places=9)
 
     def test_fsdp_matches_ddp_and_resumes_exactly(self):
         d = tmpdir(self)

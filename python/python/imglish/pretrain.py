@@ -39,6 +39,12 @@ CHECKPOINT_VERSION = 1
 TASKS = ("image_mim", "pair_mim", "text_mlm", "pair_mlm", "mim")
 
 
+def _add_counts(a, b):
+    """The sum of two bincounts of different lengths."""
+    n = max(len(a), len(b))
+    return torch.nn.functional.pad(a, (0, n - len(a))) + torch.nn.functional.pad(b, (0, n - len(b)))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m imglish.pretrain",
@@ -535,6 +541,7 @@ def report_val(args, d, model, val, step):
 
     sums = {}
     kinds = {}
+    codes = None  # BEiT: counts of the masked target codes, for the majority-code baseline
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -551,11 +558,17 @@ def report_val(args, d, model, val, step):
                     kinds[k] = kinds.get(k, 0) + len(b[f"{k}.ids"])
             if "sample_ids" in b:
                 kinds["image"] = kinds.get("image", 0) + len(b["sample_ids"])
+            if "tokens" in b and "mask" in b:
+                c = torch.bincount(b["tokens"][b["mask"].bool()].flatten().long().cpu())
+                codes = c if codes is None else _add_counts(codes, c)
     model.train(was_training)
     if "mim" in sums:
         loss, correct, count = sums["mim"]
-        record = {"kind": "val", "step": step, "loss": loss / count, "accuracy": correct / count, "samples": kinds.get("image", 0)}
-        text = f"step {step:>6}  val loss {record['loss']:.4f}  val acc {record['accuracy']:.3f}  ({record['samples']} samples)"
+        majority = float(codes.max()) / max(int(codes.sum()), 1) if codes is not None and codes.numel() else 0.0
+        record = {"kind": "val", "step": step, "loss": loss / count, "accuracy": correct / count,
+                  "majority_accuracy": majority, "samples": kinds.get("image", 0)}
+        text = (f"step {step:>6}  val loss {record['loss']:.4f}  val acc {record['accuracy']:.3f} (always the most "
+                f"frequent code: {majority:.3f})  ({record['samples']} samples)")
     else:
         def mean(a, b):
             n = sums.get(a, [0, 0, 0])[2] + sums.get(b, [0, 0, 0])[2]
