@@ -202,7 +202,7 @@ fn pack_verify_inspect_and_a_corrupt_shard() {
         "--png",
         png.to_str().expect("utf8"),
     ]);
-    assert_eq!(o.status.code(), Some(2), "--png needs --sample");
+    assert_eq!(o.status.code(), Some(2), "--png needs --sample or --key");
     let o = imglish(&["inspect", d1.to_str().expect("utf8"), "--sample", "100000"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(

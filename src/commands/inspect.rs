@@ -11,6 +11,7 @@ use super::folders::{expect, Folder};
 use crate::output::Output;
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("one_sample").args(["sample", "key"])))]
 pub struct InspectArgs {
     /// Dataset directory (with index.json).
     #[arg(value_name = "DATASET")]
@@ -22,7 +23,7 @@ pub struct InspectArgs {
 
     /// With --sample: draw it as a PNG, one column per view: the view cut from the stored pixels (if the
     /// dataset was packed with --include-pixels) above its token grid, one colour per code.
-    #[arg(long, value_name = "OUT.png")]
+    #[arg(long, value_name = "OUT.png", requires = "one_sample")]
     pub png: Option<PathBuf>,
 
     /// The manifest the dataset was made from (`imglish ingest --out`): class names in the label histogram and
@@ -157,9 +158,6 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
         }
         _ => args.sample.map(|id| (id, None)),
     };
-    if args.png.is_some() && found.is_none() {
-        anyhow::bail!("--png draws one sample: give --sample ID or --key KEY");
-    }
     if let Some((id, origin)) = found {
         let record = dataset
             .find(id)
