@@ -221,10 +221,23 @@ fn card_mismatches_have_clear_messages() {
     c.output = OutputKind::Logits;
     assert_eq!(err(c), "km.onnx: output tokens has rank 3, logits must be [B, V, h, w]");
 
+    // A mistyped model path names the model, not its card.
     let missing = dir.path().join("nope.onnx");
     let e = VisualTokenizer::load(&missing, &opts).expect_err("missing").to_string();
+    assert_eq!(
+        e,
+        format!("{}: No such file or directory (os error 2)", missing.display())
+    );
+    // A model without its card names the card and why it must be there.
+    let lonely = dir.path().join("lonely.onnx");
+    std::fs::write(&lonely, b"not used").expect("write");
+    let e = VisualTokenizer::load(&lonely, &opts).expect_err("no card").to_string();
     assert!(
-        e.starts_with(&format!("{}: ", Card::path_for(&missing).display())),
+        e.starts_with(&format!(
+            "{}: cannot read the tokenizer card that must sit beside {} (",
+            Card::path_for(&lonely).display(),
+            lonely.display()
+        )),
         "{e}"
     );
 }
