@@ -4,12 +4,19 @@
 use std::path::Path;
 use std::process::Command;
 
-fn imglish(dir: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_imglish"))
+/// Runs imglish in `dir` with extra environment variables, whatever its exit status.
+fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_imglish"))
         .current_dir(dir)
+        .envs(env.iter().copied())
         .args(args)
         .output()
-        .expect("spawn");
+        .expect("spawn")
+}
+
+/// Runs imglish in `dir`; it must succeed.
+fn imglish(dir: &Path, args: &[&str]) -> std::process::Output {
+    let out = run(dir, args, &[]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -141,9 +148,9 @@ fn demo_corpus_to_verified_dataset() {
 
     // Workers of one folder started with other tokenizers: the second one fails at once, naming both.
     tokenize(&["--part-samples", "16", "--worker", "1/2"], "mixed");
-    let o = Command::new(env!("CARGO_BIN_EXE_imglish"))
-        .current_dir(d)
-        .args([
+    let o = run(
+        d,
+        &[
             "-q",
             "tokenize",
             "--manifest",
@@ -158,9 +165,9 @@ fn demo_corpus_to_verified_dataset() {
             "0/2",
             "--out",
             "mixed",
-        ])
-        .output()
-        .expect("spawn");
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),
@@ -170,10 +177,9 @@ fn demo_corpus_to_verified_dataset() {
     );
 
     // Progress when stderr is not a terminal: periodic lines with the phase and its total.
-    let o = Command::new(env!("CARGO_BIN_EXE_imglish"))
-        .current_dir(d)
-        .env("IMGLISH_PROGRESS_SECS", "0.001")
-        .args([
+    let o = run(
+        d,
+        &[
             "tokenize",
             "--manifest",
             "m1",
@@ -185,9 +191,9 @@ fn demo_corpus_to_verified_dataset() {
             "2",
             "--out",
             "progress",
-        ])
-        .output()
-        .expect("spawn");
+        ],
+        &[("IMGLISH_PROGRESS_SECS", "0.001")],
+    );
     assert_eq!(o.status.code(), Some(0));
     let err = String::from_utf8_lossy(&o.stderr);
     let line = err
@@ -394,9 +400,9 @@ fn demo_corpus_to_verified_dataset() {
     let (key, out) = keys
         .iter()
         .find_map(|key| {
-            let out = Command::new(env!("CARGO_BIN_EXE_imglish"))
-                .current_dir(d)
-                .args([
+            let out = run(
+                d,
+                &[
                     "inspect",
                     "dataset",
                     "--manifest",
@@ -405,9 +411,9 @@ fn demo_corpus_to_verified_dataset() {
                     key,
                     "--text-tokenizer",
                     "tok/t.json",
-                ])
-                .output()
-                .expect("spawn");
+                ],
+                &[],
+            );
             out.status.success().then(|| (key.clone(), out))
         })
         .expect("an accepted circle");

@@ -315,12 +315,14 @@ pub fn tokenize(
     let mut summary = TokenizeSummary::default();
     let images_per_batch = config.batch_size.div_ceil(config.views as usize).max(1);
 
+    let done = |n: usize| read_done(out, n, &run_fingerprint).is_some();
+    let ours = |n: usize| n as u32 % config.worker.1 == config.worker.0;
     // Whether part `n` is done already or another worker's (counted), i.e. not this run's to write.
     let not_mine = |n: usize, summary: &mut TokenizeSummary| {
-        if read_done(out, n, &run_fingerprint).is_some() {
+        if done(n) {
             summary.parts_skipped += 1;
             true
-        } else if n as u32 % config.worker.1 != config.worker.0 {
+        } else if !ours(n) {
             summary.parts_pending += 1;
             true
         } else {
@@ -330,10 +332,7 @@ pub fn tokenize(
     // This run's share: the items of parts `first..first + count` it will write (for the progress totals).
     let todo = |first: usize, count: usize, len: usize| -> u64 {
         (0..count)
-            .filter(|&j| {
-                let n = first + j;
-                read_done(out, n, &run_fingerprint).is_none() && n as u32 % config.worker.1 == config.worker.0
-            })
+            .filter(|&j| ours(first + j) && !done(first + j))
             .map(|j| (((j + 1) * config.part_samples).min(len) - (j * config.part_samples).min(len)) as u64)
             .sum()
     };
