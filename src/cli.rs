@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::commands::build::BuildArgs;
 use crate::commands::demo::DemoCorpusArgs;
 use crate::commands::embed::EmbedArgs;
+use crate::commands::finetune::FinetuneArgs;
 use crate::commands::ingest::IngestArgs;
 use crate::commands::inspect::InspectArgs;
 use crate::commands::pack::PackArgs;
@@ -94,6 +95,9 @@ pub enum Command {
     Probe(ProbeArgs),
     /// A checkpoint's pooled features (CLS, mean) of every sample, view and caption, into a Parquet file.
     Embed(EmbedArgs),
+    /// Fine-tune a pretraining checkpoint for image classification (layer decay, mixup/CutMix, top-1/top-5,
+    /// best checkpoint, exact resume).
+    Finetune(FinetuneArgs),
 }
 
 impl Cli {

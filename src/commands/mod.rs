@@ -4,6 +4,7 @@ pub mod build;
 pub mod demo;
 mod doctor;
 pub mod embed;
+pub mod finetune;
 mod folders;
 pub mod ingest;
 pub mod inspect;
@@ -50,6 +51,7 @@ pub fn dispatch(command: Command, threads: usize, out: &Output) -> anyhow::Resul
         Command::Train(args) => train::run(&args, threads, out),
         Command::Probe(args) => probe::run(&args, threads, out),
         Command::Embed(args) => embed::run(&args, threads, out),
+        Command::Finetune(args) => finetune::run(&args, threads, out),
         Command::Quickstart(args) => quickstart::run(&args, threads, out),
         Command::Build(args) => build::run(&args, threads, out),
     }

@@ -238,6 +238,10 @@ pub(crate) struct BeitBatcher {
     resizer: Resizer,
     /// The first text sample passed over (BEiT trains on images only).
     text_seen: Option<u64>,
+    /// Pass over images without a label (fine-tuning a classifier).
+    labelled_only: bool,
+    /// The first unlabelled image passed over.
+    unlabelled_seen: Option<u64>,
 }
 
 impl BeitBatcher {
@@ -247,6 +251,16 @@ impl BeitBatcher {
             builder,
             resizer: Resizer::new(),
             text_seen: None,
+            labelled_only: false,
+            unlabelled_seen: None,
+        }
+    }
+
+    /// A batcher of labelled images only (classification fine-tuning).
+    pub(crate) fn labelled(builder: Builder) -> BeitBatcher {
+        BeitBatcher {
+            labelled_only: true,
+            ..BeitBatcher::new(builder)
         }
     }
 }
@@ -257,6 +271,10 @@ impl Batcher for BeitBatcher {
     fn push(&mut self, s: Sample, epoch: u64) {
         if s.kind == SampleKind::Text {
             self.text_seen.get_or_insert(s.sample_id);
+            return;
+        }
+        if self.labelled_only && s.label.is_none() {
+            self.unlabelled_seen.get_or_insert(s.sample_id);
             return;
         }
         self.builder.push(
@@ -282,7 +300,13 @@ impl Batcher for BeitBatcher {
     }
 
     fn first_skip(&self) -> Option<(u64, String)> {
-        self.pending.skipped.first().cloned().or_else(|| {
+        let unlabelled = self.unlabelled_seen.map(|id| {
+            (
+                id,
+                "an image without a label: fine-tuning needs labels (ingest with --labels from-folders)".into(),
+            )
+        });
+        self.pending.skipped.first().cloned().or(unlabelled).or_else(|| {
             self.text_seen.map(|id| {
                 (
                     id,

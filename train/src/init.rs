@@ -25,6 +25,9 @@ pub struct InitReport {
     pub loaded: usize,
     /// Parameters resized to this model's grid.
     pub resized: Vec<String>,
+    /// Per-layer relative position tables filled from the file's shared table (`rel_pos_bias.*`), as BEiT does
+    /// when a pretrained model is fine-tuned.
+    pub from_shared: usize,
     /// This model's parameters the file does not have (they keep their initialisation).
     pub missing: Vec<String>,
     /// The file's tensors this model has no parameter for (ignored; `relative_position_index` buffers, which are
@@ -43,7 +46,7 @@ impl InitReport {
             s.join(", ")
         };
         format!(
-            "init from {}: {} tensors loaded{}{}; missing (kept at their initialisation): {} [{}]; unexpected \
+            "init from {}: {} tensors loaded{}{}{}; missing (kept at their initialisation): {} [{}]; unexpected \
              (ignored): {} [{}]",
             self.file.display(),
             self.loaded,
@@ -56,6 +59,14 @@ impl InitReport {
                 String::new()
             } else {
                 format!(", resized to this grid: {}", list(&self.resized))
+            },
+            if self.from_shared == 0 {
+                String::new()
+            } else {
+                format!(
+                    ", {} per-layer relative position tables from the shared one",
+                    self.from_shared
+                )
             },
             self.missing.len(),
             list(&self.missing),
@@ -95,11 +106,17 @@ pub fn init_params(params: BTreeMap<String, Tensor>, path: &Path, grid: [i64; 2]
         prefix: prefix.to_string(),
         loaded: 0,
         resized: Vec::new(),
+        from_shared: 0,
         missing: Vec::new(),
         unexpected: Vec::new(),
     };
+    let shared = format!("{prefix}{SHARED_TABLE}");
     for (name, mut p) in params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())) {
-        let key = format!("{prefix}{name}");
+        let mut key = format!("{prefix}{name}");
+        if stored.get(&key).is_err() && is_layer_table(&name) && stored.get(&shared).is_ok() {
+            key.clone_from(&shared);
+            report.from_shared += 1;
+        }
         let Ok(src) = stored.get(&key) else {
             report.missing.push(name);
             continue;
@@ -123,9 +140,17 @@ pub fn init_params(params: BTreeMap<String, Tensor>, path: &Path, grid: [i64; 2]
         .iter()
         .filter(|n| !n.ends_with("relative_position_index"))
         .filter(|n| !n.strip_prefix(prefix).is_some_and(|k| params.contains_key(k)))
+        .filter(|n| report.from_shared == 0 || **n != shared)
         .cloned()
         .collect();
     Ok(report)
+}
+
+const SHARED_TABLE: &str = "rel_pos_bias.relative_position_bias_table";
+
+/// `blocks.N.attn.relative_position_bias_table`: a per-layer table (BEiT fine-tuning's layout).
+fn is_layer_table(name: &str) -> bool {
+    name.starts_with("blocks.") && name.ends_with(".attn.relative_position_bias_table")
 }
 
 /// `src` resized to `dst` when it is a relative position bias table or an absolute position embedding made for

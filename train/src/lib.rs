@@ -11,6 +11,7 @@
 //! - [`train`]: pack's streaming reader on a background thread, AdamW with warmup + cosine, accumulation,
 //!   clipping, validation with fixed masks, checkpoints (safetensors) that resume exactly, `metrics.jsonl` and
 //!   `loss.png`.
+//! - [`finetune`]: image classification fine-tuning (BEiT's recipe: layer decay, mixup/CutMix, best checkpoint).
 //! - [`probe`]: a linear probe of a checkpoint's frozen encoder against a random encoder.
 //!
 //! libtorch comes from the PyPI `torch==2.13.0` wheel (`scripts/setup-libtorch`).
@@ -42,6 +43,7 @@ mod data;
 mod device;
 mod embed;
 mod error;
+mod finetune;
 mod init;
 mod masking;
 mod model;
@@ -63,6 +65,10 @@ pub use data::{Batch, DeviceBatch, FixedSet, Loader, StreamConfig};
 pub use device::{torch_self_test, Precision, TorchDevice, TorchInfo};
 pub use embed::{embed, EmbedConfig, EmbedSummary, Pool};
 pub use error::{Result, TrainError};
+pub use finetune::{
+    finetune, finetune_config, load_classifier, Backbone, Classifier, FinetuneConfig, FinetuneEvent, FinetuneMetrics,
+    FinetuneOptions, FinetuneSummary, MixConfig, Start,
+};
 pub use init::{init_params, InitReport};
 pub use masking::{MaskKind, Masking};
 pub use model::{relative_position_index, Beit, Input};

@@ -268,6 +268,12 @@ impl Beit {
     /// enables stochastic depth, its per-sample draws keyed by `(key, block)` (no global RNG: the result depends
     /// only on the arguments); `None` is evaluation.
     pub fn features(&self, input: &Input, mask: Option<&Tensor>, train: Option<u64>) -> Tensor {
+        self.norm.forward(&self.blocks_output(input, mask, train))
+    }
+
+    /// The last block's output `[B, N+1, dim]`, before the final LayerNorm (fine-tuning with mean pooling
+    /// normalises the pooled patches with `fc_norm` instead, as timm's `Beit` with `global_pool='avg'`).
+    pub fn blocks_output(&self, input: &Input, mask: Option<&Tensor>, train: Option<u64>) -> Tensor {
         let x = self.embed(input, mask);
         let b = x.size()[0];
         let cls = self.cls_token.expand([b, 1, self.config.dim], false);
@@ -285,7 +291,7 @@ impl Beit {
                 .or_else(|| shared.as_ref().map(Tensor::shallow_clone));
             x = block.forward(&x, bias.as_ref(), &self.config, key, self.cast);
         }
-        self.norm.forward(&x)
+        x
     }
 
     /// MIM logits `[M, vocab]` for the `M` masked positions of the batch, in row-major order over `(b, n)`.

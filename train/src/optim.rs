@@ -93,6 +93,8 @@ struct Param {
     name: String,
     tensor: Tensor,
     decay: bool,
+    /// Multiplies the learning rate (layer-wise decay when fine-tuning; 1 otherwise).
+    lr_scale: f64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
@@ -110,11 +112,22 @@ impl std::fmt::Debug for AdamW {
 impl AdamW {
     /// An optimiser over `params` (name → tensor), in name order.
     pub fn new(params: BTreeMap<String, Tensor>, config: OptimConfig) -> Result<AdamW> {
+        AdamW::with_lr_scales(params, config, &|_| 1.0)
+    }
+
+    /// An optimiser whose learning rate (and with it the decoupled weight decay, as in BEiT's parameter groups)
+    /// is multiplied by `lr_scale(name)` for each parameter: layer-wise learning-rate decay.
+    pub fn with_lr_scales(
+        params: BTreeMap<String, Tensor>,
+        config: OptimConfig,
+        lr_scale: &dyn Fn(&str) -> f64,
+    ) -> Result<AdamW> {
         config.validate()?;
         let params = params
             .into_iter()
             .map(|(name, tensor)| Param {
                 decay: decays(&name, tensor.dim()),
+                lr_scale: lr_scale(&name),
                 exp_avg: tensor.zeros_like().detach(),
                 exp_avg_sq: tensor.zeros_like().detach(),
                 name,
@@ -190,6 +203,7 @@ impl AdamW {
                 if !g.defined() {
                     continue;
                 }
+                let lr = lr * p.lr_scale;
                 if p.decay && wd > 0.0 {
                     let _ = p.tensor.g_mul_scalar_(1.0 - lr * wd);
                 }

@@ -1,0 +1,271 @@
+//! `imglish finetune`: image classification fine-tuning of a pretraining checkpoint (BEiT's recipe).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use imglish_pack::{Dataset, Shuffle};
+use imglish_train::{
+    finetune, finetune_config, FinetuneEvent, FinetuneMetrics, FinetuneOptions, MixConfig, OptimConfig, Precision,
+    RunOptions, StreamConfig, TorchDevice,
+};
+
+use super::folders::{expect, Folder};
+use super::train::ShuffleArg;
+use crate::output::Output;
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// A pretraining checkpoint (`RUN/checkpoints/step-NNNNNNNN`) or run directory (its newest checkpoint): the
+    /// encoder's architecture and, unless --random-init or --init, its weights.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// Dataset directory with labels (`ingest --labels from-folders`).
+    #[arg(long, value_name = "DIR")]
+    pub dataset: PathBuf,
+    /// Output run directory (checkpoints, best/, metrics.jsonl, loss.png).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Start from random weights (the checkpoint gives only the architecture): the baseline pretraining must
+    /// beat.
+    #[arg(long, conflicts_with = "init")]
+    pub random_init: bool,
+    /// Start the encoder from this safetensors file instead (timm `beit_*`, torchscale `BEiT3`, imglish names;
+    /// shapes checked, position tables resized, shared relative position table copied to every block).
+    #[arg(long, value_name = "FILE")]
+    pub init: Option<PathBuf>,
+
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 1000)]
+    pub steps: u64,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Peak learning rate of the head (block i of N gets lr · layer_decay^(N - i)).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 1e-6)]
+    pub min_lr: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Layer-wise learning-rate decay (default: 0.65 up to 12 blocks, 0.75 deeper: BEiT's base / large values).
+    #[arg(long)]
+    pub layer_decay: Option<f64>,
+    /// Stochastic depth rate of the last block.
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_path: f64,
+    /// Label smoothing.
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f64,
+    /// Mixup's Beta(α, α) (0: off; BEiT uses 0.8). Needs a pixel-input encoder.
+    #[arg(long, default_value_t = 0.0)]
+    pub mixup: f64,
+    /// CutMix's Beta(α, α) (0: off; BEiT uses 1.0). Boxes follow the patch grid, so token input can use it.
+    #[arg(long, default_value_t = 0.0)]
+    pub cutmix: f64,
+    /// Probability that a batch is mixed.
+    #[arg(long, default_value_t = 1.0)]
+    pub mix_prob: f64,
+    /// With both mixup and CutMix on, the probability of CutMix.
+    #[arg(long, default_value_t = 0.5)]
+    pub switch_prob: f64,
+    /// Clip the global gradient norm (0: off, BEiT fine-tuning's default).
+    #[arg(long, default_value_t = 0.0)]
+    pub clip_grad: f64,
+
+    /// Seed of the head, order, views, mixing and stochastic depth.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Epoch order.
+    #[arg(long, value_enum, default_value_t = ShuffleArg::Window)]
+    pub shuffle: ShuffleArg,
+    /// Batches prepared ahead of the trainer.
+    #[arg(long, default_value_t = 4)]
+    pub prefetch: usize,
+    /// Skip samples of corrupt shards (counted and reported) instead of stopping.
+    #[arg(long)]
+    pub skip_corrupt: bool,
+
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
+    pub device: String,
+    /// f32, or bf16 (matrix products in bfloat16).
+    #[arg(long, default_value = "f32", value_parser = crate::cli::precision_arg)]
+    pub precision: String,
+
+    /// Log training metrics every N steps.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
+    /// Evaluate (top-1 / top-5 on the validation split) every N steps (0: about once an epoch).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Validation samples used.
+    #[arg(long, default_value_t = 50_000)]
+    pub eval_samples: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (best/ is kept apart).
+    #[arg(long, default_value_t = 2)]
+    pub keep_checkpoints: usize,
+    /// Continue from the newest checkpoint in --out (same settings required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (with a checkpoint) after this step although the run has more.
+    #[arg(long, value_name = "STEP")]
+    pub stop_at: Option<u64>,
+}
+
+impl FinetuneArgs {
+    fn options(&self) -> FinetuneOptions {
+        FinetuneOptions {
+            optim: OptimConfig {
+                lr: self.lr,
+                min_lr: self.min_lr,
+                warmup_steps: self.warmup_steps,
+                weight_decay: self.weight_decay,
+                clip_grad: (self.clip_grad > 0.0).then_some(self.clip_grad),
+                ..OptimConfig::default()
+            },
+            layer_decay: self.layer_decay,
+            drop_path: self.drop_path,
+            label_smoothing: self.label_smoothing,
+            mix: MixConfig {
+                mixup: self.mixup,
+                cutmix: self.cutmix,
+                prob: self.mix_prob,
+                switch_prob: self.switch_prob,
+            },
+            steps: self.steps,
+            seed: self.seed,
+            stream: StreamConfig {
+                batch_size: self.batch_size,
+                shuffle: match self.shuffle {
+                    ShuffleArg::Window => Shuffle::default(),
+                    ShuffleArg::Global => Shuffle::Global,
+                    ShuffleArg::None => Shuffle::None,
+                },
+                rank: 0,
+                world_size: 1,
+                prefetch: self.prefetch,
+                skip_corrupt: self.skip_corrupt,
+            },
+            random_init: self.random_init,
+            init: self.init.clone(),
+        }
+    }
+}
+
+fn val_line(m: &FinetuneMetrics) -> String {
+    format!(
+        "step {:>6}  val loss {:.4}  top-1 {:.3}  top-5 {:.3}  ({} samples)",
+        m.step,
+        m.loss,
+        m.top1,
+        m.top5.unwrap_or(0.0),
+        m.samples
+    )
+}
+
+pub fn run(args: &FinetuneArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    let _lock = super::lock::lock_dir(&args.out)?;
+    expect(&args.dataset, Folder::Dataset, "--dataset")?;
+    imglish_train::set_threads(threads);
+    let device: TorchDevice = args.device.parse()?;
+    let precision: Precision = args.precision.parse()?;
+    let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;
+    let dataset =
+        Dataset::open(&args.dataset).with_context(|| format!("cannot open the dataset {}", args.dataset.display()))?;
+    let config = finetune_config(&checkpoint, &dataset, &args.options())?;
+    let options = RunOptions {
+        device,
+        precision,
+        log_every: args.log_every,
+        eval_every: args.eval_every,
+        eval_samples: args.eval_samples,
+        checkpoint_every: args.checkpoint_every,
+        keep_checkpoints: args.keep_checkpoints,
+        stop_at: args.stop_at,
+        resume: args.resume,
+        ..RunOptions::default()
+    };
+    let bar = out.progress(0, "fine-tuning");
+    let mut observer = |e: &FinetuneEvent| match e {
+        FinetuneEvent::Started {
+            step,
+            until,
+            parameters,
+            device,
+            init,
+        } => {
+            bar.set_length(*until);
+            bar.set_style(crate::output::bar_style(*until));
+            bar.set_position(*step);
+            tracing::info!(
+                "fine-tuning {:.2}M parameters ({} classes) on {device}, steps {step}..{until}",
+                *parameters as f64 / 1e6,
+                config.classes
+            );
+            if !init.is_empty() {
+                tracing::info!("{init}");
+            }
+        }
+        FinetuneEvent::Step(s) => bar.set_position(*s),
+        FinetuneEvent::Metrics(m) => {
+            let text = if m.kind == "val" {
+                val_line(m)
+            } else {
+                bar.set_message(format!("loss {:.3}", m.loss));
+                format!(
+                    "step {:>6}  loss {:.4}  top-1 {:.3}  lr {:.2e}  {:.1} samples/s",
+                    m.step,
+                    m.loss,
+                    m.top1,
+                    m.lr.unwrap_or(0.0),
+                    m.samples_per_s.unwrap_or(0.0)
+                )
+            };
+            bar.suspend(|| out.summary(&text, &serde_json::to_value(m).unwrap_or_default()));
+        }
+        FinetuneEvent::Best(m) => tracing::info!("new best top-1 {:.3} at step {}: weights in best/", m.top1, m.step),
+        FinetuneEvent::Checkpoint(p) => tracing::info!("checkpoint {}", p.display()),
+        FinetuneEvent::Skipped(id, why) => tracing::warn!("sample {id} skipped: {why}"),
+    };
+    let summary = finetune(&args.dataset, &args.out, &config, &options, &mut observer)
+        .with_context(|| format!("fine-tuning on {} failed", args.dataset.display()))?;
+    bar.finish_and_clear();
+    let top = |m: Option<&FinetuneMetrics>| {
+        m.map_or("-".into(), |m| {
+            format!(
+                "top-1 {:.3} top-5 {:.3} (step {})",
+                m.top1,
+                m.top5.unwrap_or(0.0),
+                m.step
+            )
+        })
+    };
+    let text = format!(
+        "finetune: {} steps ({} this run, {:.1}s); last val {}; best {} in {}; {} skipped; checkpoint {}; plot {}",
+        summary.steps,
+        summary.steps_this_run,
+        summary.train_seconds,
+        top(summary.final_val.as_ref()),
+        top(summary.best.as_ref()),
+        args.out.join("best").display(),
+        summary.skipped,
+        summary
+            .checkpoint
+            .as_ref()
+            .map_or("-".into(), |p| p.display().to_string()),
+        summary.plot.display()
+    );
+    let mut json = serde_json::to_value(&summary).unwrap_or_default();
+    json["event"] = "finetune".into();
+    out.summary(&text, &json);
+    Ok(())
+}
