@@ -1,70 +1,12 @@
 //! End to end: token parts written with `PartWriter`, then `imglish pack`, `verify` and `inspect` as processes.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use imglish_pack::{part_file_name, PartWriter, Split, TokenRecord, TokenizerInfo, TokensManifest, ViewRecord};
 use sha2::{Digest, Sha256};
 
-fn imglish(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_imglish"))
-        .args(args)
-        .output()
-        .expect("run imglish")
-}
+mod common;
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn write_tokens(dir: &Path, n: u64) -> TokenizerInfo {
-    std::fs::create_dir_all(dir).expect("mkdir");
-    let info = TokenizerInfo {
-        fingerprint: "ab".repeat(32),
-        card: serde_json::json!({"name": "cli-test"}),
-        grid: [4, 4],
-        vocab_size: 512,
-        text_vocab_size: Some(1000),
-        text_special_ids: Default::default(),
-        views_per_sample: 2,
-    };
-    let mut entries = Vec::new();
-    for (p, ids) in (0..n).collect::<Vec<_>>().chunks(70).enumerate() {
-        let mut w = PartWriter::try_new(dir.join(part_file_name(p)), &info).expect("part writer");
-        for &id in ids {
-            let views = (0..2u64)
-                .map(|v| ViewRecord {
-                    crop: [0, 0, 100 + v as u32, 80],
-                    flip: v == 1,
-                    tokens: (0..16u64).map(|t| (mix(id * 64 + v * 16 + t) % 40) as u16).collect(),
-                })
-                .collect();
-            w.write(&TokenRecord {
-                sample_id: id,
-                views,
-                captions: (0..id % 3)
-                    .map(|c| (0..4 + (id + c) % 9).map(|t| (t * 7 % 1000) as u32).collect())
-                    .collect(),
-                label: Some((id % 5) as i32),
-                split: if id % 5 == 0 { Split::Val } else { Split::Train },
-                pixels: None,
-            })
-            .expect("write");
-        }
-        entries.push(w.finish().expect("finish"));
-    }
-    TokensManifest::new(info.clone(), entries)
-        .write(dir)
-        .expect("tokenize.json");
-    info
-}
+use common::{imglish, mix, text, write_tokens};
 
 fn hashes(dir: &Path) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = std::fs::read_dir(dir)

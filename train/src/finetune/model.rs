@@ -242,3 +242,55 @@ impl Classifier {
         tensors::load_params(self.named_parameters(), path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_ids_follow_beit() {
+        let mut c = ModelConfig::preset("tiny", [4, 4], 64).expect("preset");
+        c.depth = 3;
+        let b = Backbone::Beit(c);
+        for (name, id) in [
+            ("cls_token", 0),
+            ("patch_embed.proj.weight", 0),
+            ("token_embed.weight", 0),
+            ("rel_pos_bias.relative_position_bias_table", 0),
+            ("blocks.0.attn.qkv.weight", 1),
+            ("blocks.2.mlp.fc2.bias", 3),
+            ("fc_norm.weight", 4),
+            ("head.weight", 4),
+        ] {
+            assert_eq!(b.layer_id(name), id, "{name}");
+        }
+        let c3 = crate::Beit3Config::preset("beit3-tiny", [4, 4], 64, 100).expect("preset");
+        let b3 = Backbone::Beit3(c3);
+        assert_eq!(b3.layer_id("vision_embed.proj.weight"), 0);
+        assert_eq!(b3.layer_id("encoder.embed_positions.A.weight"), 0);
+        assert_eq!(b3.layer_id("encoder.layers.11.ffn.A.fc1.weight"), 12);
+        assert_eq!(b3.layer_id("encoder.layer_norm.A.weight"), 13);
+        assert_eq!(b3.layer_id("head.bias"), 13);
+    }
+
+    #[test]
+    fn pretraining_heads_are_left_out() {
+        let mut c = ModelConfig::preset("tiny", [2, 2], 16).expect("preset");
+        c.depth = 1;
+        let m = Classifier::new(&Backbone::Beit(c).for_finetuning(0.1), 3, Device::Cpu, 0).expect("model");
+        let names: Vec<String> = m.named_parameters().into_keys().collect();
+        assert!(names.contains(&"head.weight".to_string()) && names.contains(&"fc_norm.bias".to_string()));
+        assert!(names.contains(&"blocks.0.attn.relative_position_bias_table".to_string()));
+        for gone in [
+            "lm_head.weight",
+            "norm.weight",
+            "mask_token",
+            "rel_pos_bias.relative_position_bias_table",
+        ] {
+            assert!(!names.iter().any(|n| n == gone), "{gone} in {names:?}");
+        }
+        // BEiT's head init: truncated normal scaled by 0.001.
+        let w = &m.named_parameters()["head.weight"];
+        assert!(w.abs().max().double_value(&[]) <= 0.02 * 0.001 + 1e-9);
+    }
+}
