@@ -25,7 +25,12 @@ impl Work {
 
     /// Packs `n` samples of token directory `name` into dataset `name-ds`.
     fn dataset(&self, name: &str, n: u64, labelled: bool, vocab_size: u32) -> String {
-        write_tokens_with(&self.dir.path().join(name), n, labelled, vocab_size);
+        self.dataset_of(name, n, labelled, vocab_size, "ab")
+    }
+
+    /// [`Work::dataset`] tokenized by the tokenizer of fingerprint `fingerprint` (repeated).
+    fn dataset_of(&self, name: &str, n: u64, labelled: bool, vocab_size: u32, fingerprint: &str) -> String {
+        write_tokens_with(&self.dir.path().join(name), n, labelled, vocab_size, fingerprint);
         let ds = self.path(&format!("{name}-ds"));
         let o = imglish(&["-q", "pack", "--tokens", &self.path(name), "--out", &ds]);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
@@ -235,6 +240,26 @@ fn finetune_refuses_misfits_before_any_step() {
         format!(
             "error: dataset {other}: does not fit checkpoint {ckpt}: visual vocabulary of 256, the model expects 512"
         )
+    );
+
+    // Same grid and vocabulary, another tokenizer: the codes mean other things.
+    let retokenized = w.dataset_of("retok", 40, true, 512, "cd");
+    let o = finetune(&run, &retokenized, &w.path("x6"), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        last_line(&o),
+        format!(
+            "error: dataset {retokenized}: does not fit checkpoint {ckpt}: tokens of visual tokenizer cdcdcdcdcdcd, \
+             the checkpoint was trained on tokens of abababababab (same grid and vocabulary, other codes: \
+             re-tokenize with the checkpoint's tokenizer)"
+        )
+    );
+    let o = imglish(&["probe", "--checkpoint", &run, "--dataset", &retokenized]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        last_line(&o).contains("tokens of visual tokenizer cdcdcdcdcdcd"),
+        "{}",
+        text(&o.stderr)
     );
 
     // Mixup cannot average token ids.

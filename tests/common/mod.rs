@@ -26,14 +26,15 @@ pub fn mix(mut z: u64) -> u64 {
 
 /// A token directory of `n` samples (4x4 grid, 512 codes, ids 0..40; captions; every fifth sample in val).
 pub fn write_tokens(dir: &Path, n: u64) -> TokenizerInfo {
-    write_tokens_with(dir, n, true, 512)
+    write_tokens_with(dir, n, true, 512, "ab")
 }
 
-/// [`write_tokens`], with labels `id % 5` or none, and a visual vocabulary of `vocab_size` codes.
-pub fn write_tokens_with(dir: &Path, n: u64, labelled: bool, vocab_size: u32) -> TokenizerInfo {
+/// [`write_tokens`], with labels `id % 5` or none, a visual vocabulary of `vocab_size` codes and a tokenizer
+/// fingerprint of `fingerprint` repeated to 64 characters.
+pub fn write_tokens_with(dir: &Path, n: u64, labelled: bool, vocab_size: u32, fingerprint: &str) -> TokenizerInfo {
     std::fs::create_dir_all(dir).expect("mkdir");
     let info = TokenizerInfo {
-        fingerprint: "ab".repeat(32),
+        fingerprint: fingerprint.repeat(64 / fingerprint.len()),
         card: serde_json::json!({"name": "cli-test"}),
         grid: [4, 4],
         vocab_size,

@@ -117,6 +117,7 @@ pub fn embed(
             let c = &run.model;
             check_probe_fit(
                 checkpoint,
+                &dataset,
                 check_fit(&dataset, c.grid, c.vocab_size, Some(c.text_vocab_size), c.input),
             )?;
             Model::Beit3(m)
@@ -124,7 +125,11 @@ pub fn embed(
         _ => {
             let (m, run) = load_model(checkpoint, device)?;
             let c = &run.model;
-            check_probe_fit(checkpoint, check_fit(&dataset, c.grid, c.vocab_size, None, c.input))?;
+            check_probe_fit(
+                checkpoint,
+                &dataset,
+                check_fit(&dataset, c.grid, c.vocab_size, None, c.input),
+            )?;
             Model::Beit(m)
         }
     };

@@ -89,6 +89,7 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
             let m = &run.model;
             check_probe_fit(
                 checkpoint,
+                &dataset,
                 check_fit(&dataset, m.grid, m.vocab_size, Some(m.text_vocab_size), m.input),
             )?;
             let builder = Builder {
@@ -105,7 +106,11 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
         _ => {
             let (model, run) = load_model(checkpoint, device)?;
             let m = &run.model;
-            check_probe_fit(checkpoint, check_fit(&dataset, m.grid, m.vocab_size, None, m.input))?;
+            check_probe_fit(
+                checkpoint,
+                &dataset,
+                check_fit(&dataset, m.grid, m.vocab_size, None, m.input),
+            )?;
             let builder = Builder {
                 config: run.model.clone(),
                 masking: run.masking.clone(),

@@ -207,6 +207,10 @@ pub(crate) struct CheckpointState<C> {
     pub(crate) stream: StreamState,
     pub(crate) samples: u64,
     pub(crate) dataset_fingerprint: String,
+    /// The visual tokenizer's fingerprint of the dataset trained on (checkpoints written before it was recorded,
+    /// and the Python trainer's, have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tokenizer_fingerprint: Option<String>,
     pub(crate) config: C,
 }
 
@@ -535,6 +539,7 @@ pub fn train(
                 stream: stream_state,
                 samples,
                 dataset_fingerprint: dataset.index().build_fingerprint.clone(),
+                tokenizer_fingerprint: Some(dataset.tokenizer().fingerprint.clone()),
                 config: config.clone(),
             };
             let path = write_checkpoint(out, &|p| model.save(p), &opt, &state, options.keep_checkpoints)?;
@@ -643,8 +648,32 @@ pub(crate) fn check_fit(
     Ok(())
 }
 
-/// [`check_fit`] for a probe: the error also names the checkpoint.
-pub(crate) fn check_probe_fit(checkpoint: &Path, fit: Result<()>) -> Result<()> {
+/// [`check_fit`] for a command given a checkpoint: then the tokenizer fingerprint the checkpoint recorded (if
+/// any) must be the dataset's, so that token ids mean the same codes; the error also names the checkpoint.
+pub(crate) fn check_probe_fit(checkpoint: &Path, dataset: &Dataset, fit: Result<()>) -> Result<()> {
+    let fit = fit.and_then(|()| {
+        #[derive(Deserialize)]
+        struct Recorded {
+            #[serde(default)]
+            tokenizer_fingerprint: Option<String>,
+        }
+        let recorded: Option<Recorded> = fs::read(checkpoint.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let data = &dataset.tokenizer().fingerprint;
+        match recorded.and_then(|r| r.tokenizer_fingerprint) {
+            Some(fp) if fp != *data => Err(TrainError::Dataset {
+                path: dataset.dir().to_path_buf(),
+                reason: format!(
+                    "tokens of visual tokenizer {}, the checkpoint was trained on tokens of {} (same grid and \
+                     vocabulary, other codes: re-tokenize with the checkpoint's tokenizer)",
+                    short(data),
+                    short(&fp)
+                ),
+            }),
+            _ => Ok(()),
+        }
+    });
     fit.map_err(|e| match e {
         TrainError::Dataset { path, reason } => TrainError::Dataset {
             path,
@@ -652,6 +681,10 @@ pub(crate) fn check_probe_fit(checkpoint: &Path, fit: Result<()>) -> Result<()> 
         },
         other => other,
     })
+}
+
+fn short(fingerprint: &str) -> &str {
+    fingerprint.get(..12).unwrap_or(fingerprint)
 }
 
 /// Restores model (through `load_model`), optimiser and stream from the newest checkpoint under `out` when

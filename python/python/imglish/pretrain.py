@@ -515,6 +515,7 @@ def run(args, d):
                     "stream": stream,
                     "samples": samples,
                     "dataset_fingerprint": fingerprint,
+                    "tokenizer_fingerprint": dataset.index["tokenizer"]["fingerprint"],
                     "config": config,
                 }
                 last_ckpt = write_checkpoint(args.out, tensors, moments, state, args.keep_checkpoints)

@@ -345,6 +345,7 @@ pub fn probe_retrieval(
     let m = &run.model;
     crate::trainer::check_probe_fit(
         checkpoint,
+        &dataset,
         crate::trainer::check_fit(&dataset, m.grid, m.vocab_size, Some(m.text_vocab_size), m.input),
     )?;
     let train = load_pairs(&dataset, Split::Train, m, config.batch_size, config.max_samples)?;

@@ -468,6 +468,7 @@ pub fn train_beit3(
                 stream: stream_state,
                 samples,
                 dataset_fingerprint: dataset.index().build_fingerprint.clone(),
+                tokenizer_fingerprint: Some(dataset.tokenizer().fingerprint.clone()),
                 config: config.clone(),
             };
             let save = |p: &Path| save_with_torchscale_config(&model, p);

@@ -155,7 +155,7 @@ pub struct FinetuneSummary {
     pub final_val: Option<FinetuneMetrics>,
     /// The best evaluation so far (its weights: `best/model.safetensors`).
     pub best: Option<FinetuneMetrics>,
-    /// Wall time of the training loop.
+    /// Wall time of the training loop, evaluations excluded.
     pub train_seconds: f64,
     /// Samples skipped.
     pub skipped: u64,
@@ -198,6 +198,7 @@ pub fn finetune_config(checkpoint: &Path, dataset: &Dataset, options: &FinetuneO
     };
     check_probe_fit(
         checkpoint,
+        dataset,
         check_fit(dataset, data.grid, data.vocab_size, text_vocab, data.input),
     )?;
     let classes = label_classes(dataset)?;
@@ -353,8 +354,11 @@ pub fn finetune(
     });
     let mut skipped = val.skipped.len() as u64;
     let mut best = read_best(out);
+    let eval_time = std::cell::Cell::new(0.0f64);
     let mut evaluate_at = |model: &Classifier, step: u64, observer: &mut dyn FnMut(&FinetuneEvent)| -> Result<_> {
+        let t = Instant::now();
         let m = evaluate(model, &val, config.classes, step)?;
+        eval_time.set(eval_time.get() + t.elapsed().as_secs_f64());
         write_json_line(&metrics_path, &m)?;
         observer(&FinetuneEvent::Metrics(m.clone()));
         if best.as_ref().is_none_or(|b: &FinetuneMetrics| m.top1 > b.top1) {
@@ -380,6 +384,7 @@ pub fn finetune(
         n => n,
     };
     let started = Instant::now();
+    let eval_before = eval_time.get();
     let first_step = step;
     let mut window = Window::new();
     let mut last_ckpt = None;
@@ -432,6 +437,7 @@ pub fn finetune(
                 stream: stream_state,
                 samples,
                 dataset_fingerprint: dataset.index().build_fingerprint.clone(),
+                tokenizer_fingerprint: Some(dataset.tokenizer().fingerprint.clone()),
                 config: config.clone(),
             };
             let path = write_checkpoint(out, &|p| model.save(p), &opt, &state, options.keep_checkpoints)?;
@@ -439,7 +445,7 @@ pub fn finetune(
             last_ckpt = Some(path);
         }
     }
-    let train_seconds = started.elapsed().as_secs_f64();
+    let train_seconds = started.elapsed().as_secs_f64() - (eval_time.get() - eval_before);
     drop(source);
     let plot = out.join("loss.png");
     plot_losses(&metrics_path, &plot)?;
