@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use imglish_pack::{Dataset, Shuffle};
+use imglish_pack::Dataset;
 use imglish_train::{
     finetune, finetune_config, FinetuneEvent, FinetuneMetrics, FinetuneOptions, MixConfig, OptimConfig, Precision,
     RunOptions, StreamConfig, TorchDevice,
@@ -145,11 +145,7 @@ impl FinetuneArgs {
             seed: self.seed,
             stream: StreamConfig {
                 batch_size: self.batch_size,
-                shuffle: match self.shuffle {
-                    ShuffleArg::Window => Shuffle::default(),
-                    ShuffleArg::Global => Shuffle::Global,
-                    ShuffleArg::None => Shuffle::None,
-                },
+                shuffle: self.shuffle.into(),
                 rank: 0,
                 world_size: 1,
                 prefetch: self.prefetch,

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use imglish_tokenizer::{fit_codebook, fit_text_tokenizer, Card, FitConfig, PatchFeatures, TextModel};
+use imglish_tokenizer::{fit_codebook, fit_text_tokenizer, Card, FitConfig, Normalization, PatchFeatures, TextModel};
 
 use super::folders::{expect, Folder};
 use crate::output::{BarProgress, Output};
@@ -19,6 +19,54 @@ pub enum TokenizerCommand {
     Fit(FitArgs),
     /// Train a text tokenizer (tokenizer.json) on the manifest's captions.
     FitText(FitTextArgs),
+    /// Write the card of a third-party ONNX visual tokenizer (grid, vocabulary and output kind read from a
+    /// probe batch; the sha256 of the model and of every external data file), then load it back.
+    Card(CardArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NormArg {
+    /// DALL-E's map_pixels: (1 - 2·eps)·x + eps, x in [0, 1] (eps from --eps).
+    LogitLaplace,
+    /// 2·x - 1.
+    MinusOneOne,
+    /// (x - ImageNet mean) / ImageNet std.
+    Imagenet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FilterArg {
+    Lanczos3,
+    Bicubic,
+    Bilinear,
+}
+
+#[derive(Debug, Args)]
+pub struct CardArgs {
+    /// The ONNX model (its external data files, if any, beside it).
+    #[arg(long, value_name = "FILE")]
+    pub onnx: PathBuf,
+    /// Square input size in pixels.
+    #[arg(long)]
+    pub input_size: u32,
+    /// The pixel normalisation the model expects.
+    #[arg(long, value_enum)]
+    pub normalization: NormArg,
+    /// eps of --normalization logit-laplace.
+    #[arg(long, default_value_t = 0.1)]
+    pub eps: f32,
+    /// Filter that resizes views to the input size.
+    #[arg(long, value_enum, default_value_t = FilterArg::Bicubic)]
+    pub resize_filter: FilterArg,
+    /// Number of codes, for models that output indices (logits give it).
+    #[arg(long)]
+    pub vocab_size: Option<u32>,
+    /// A human name (default: the file's stem).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where to write the card (default: beside the model as NAME.card.json, where tokenize looks for it).
+    #[arg(long, value_name = "CARD")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -113,7 +161,61 @@ pub fn run(args: &TokenizerArgs, out: &Output) -> anyhow::Result<()> {
     match &args.command {
         TokenizerCommand::Fit(a) => fit(a, out),
         TokenizerCommand::FitText(a) => fit_text(a, out),
+        TokenizerCommand::Card(a) => card(a, out),
     }
+}
+
+fn card(a: &CardArgs, out: &Output) -> anyhow::Result<()> {
+    let spec = imglish_tokenizer::CardSpec {
+        name: a.name.clone().unwrap_or_else(|| {
+            a.onnx
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        }),
+        input_size: a.input_size,
+        normalization: match a.normalization {
+            NormArg::LogitLaplace => Normalization::LogitLaplace { eps: a.eps },
+            NormArg::MinusOneOne => Normalization::MinusOneOne,
+            NormArg::Imagenet => Normalization::MeanStd {
+                mean: [0.485, 0.456, 0.406],
+                std: [0.229, 0.224, 0.225],
+            },
+        },
+        resize_filter: match a.resize_filter {
+            FilterArg::Lanczos3 => imglish_ingest::Filter::Lanczos3,
+            FilterArg::Bicubic => imglish_ingest::Filter::Bicubic,
+            FilterArg::Bilinear => imglish_ingest::Filter::Bilinear,
+        },
+        vocab_size: a.vocab_size,
+    };
+    let options = imglish_tokenizer::SessionOptions::default();
+    let card = imglish_tokenizer::card_for_model(&a.onnx, &spec, &options)?;
+    let path = a.out.clone().unwrap_or_else(|| Card::path_for(&a.onnx));
+    imglish_ingest::write_atomic(&path, &serde_json::to_vec_pretty(&card)?)?;
+    if path == Card::path_for(&a.onnx) {
+        imglish_tokenizer::VisualTokenizer::load(&a.onnx, &options)
+            .context("the model does not load back with the card just written")?;
+    } else {
+        tracing::warn!(
+            "{} is not where tokenize looks for the card ({}): move it there before use",
+            path.display(),
+            Card::path_for(&a.onnx).display()
+        );
+    }
+    let text = format!(
+        "tokenizer card: {} -> {:?} {}x{} grid, {} codes, {} external data file(s); wrote {}",
+        a.onnx.display(),
+        card.output,
+        card.grid[0],
+        card.grid[1],
+        card.vocab_size,
+        card.external_data.len(),
+        path.display()
+    );
+    let mut json = serde_json::to_value(&card)?;
+    json["event"] = "tokenizer-card".into();
+    out.summary(&text, &json);
+    Ok(())
 }
 
 impl FitArgs {

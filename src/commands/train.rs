@@ -47,6 +47,16 @@ pub enum ShuffleArg {
     None,
 }
 
+impl From<ShuffleArg> for Shuffle {
+    fn from(arg: ShuffleArg) -> Shuffle {
+        match arg {
+            ShuffleArg::Window => Shuffle::default(),
+            ShuffleArg::Global => Shuffle::Global,
+            ShuffleArg::None => Shuffle::None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RelPosArg {
     Shared,
@@ -300,11 +310,7 @@ impl TrainArgs {
             mask_ratio: self.mask_ratio,
             min_mask_block: self.min_mask_block,
             seed: self.seed,
-            shuffle: match self.shuffle {
-                ShuffleArg::Window => Shuffle::default(),
-                ShuffleArg::Global => Shuffle::Global,
-                ShuffleArg::None => Shuffle::None,
-            },
+            shuffle: self.shuffle.into(),
             prefetch: self.prefetch,
             skip_corrupt: self.skip_corrupt,
         }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::session::{Model, OutputView, SessionOptions};
+use crate::session::{Model, Output, OutputView, SessionOptions};
 
 /// Version of the card format.
 pub const CARD_VERSION: u32 = 1;
@@ -76,6 +76,10 @@ pub struct Card {
     pub vocab_size: u32,
     /// sha256 of the ONNX file, hex.
     pub onnx_sha256: String,
+    /// sha256 of each external data file the model's initializers point to (location relative to the model's
+    /// folder → hex digest); empty for self-contained models.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub external_data: std::collections::BTreeMap<String, String>,
     /// Fit statistics (for tokenizers fitted by imglish): codebook usage, perplexity, quantisation error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<serde_json::Value>,
@@ -95,6 +99,7 @@ impl Card {
             grid: [14, 14],
             vocab_size: 8192,
             onnx_sha256: onnx_sha256.into(),
+            external_data: Default::default(),
             stats: None,
         }
     }
@@ -117,6 +122,7 @@ impl Card {
             grid: [14, 14],
             vocab_size: 8192,
             onnx_sha256: onnx_sha256.into(),
+            external_data: Default::default(),
             stats: None,
         }
     }
@@ -135,6 +141,156 @@ impl Card {
 /// sha256 of a byte string, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a card for a third-party model says that the model cannot tell: see [`card_for_model`].
+#[derive(Debug, Clone)]
+pub struct CardSpec {
+    /// A human name.
+    pub name: String,
+    /// Square input size in pixels.
+    pub input_size: u32,
+    /// Pixel normalisation the model was trained with.
+    pub normalization: Normalization,
+    /// Filter that resizes views to the input size.
+    pub resize_filter: Filter,
+    /// Number of codes, for models that output indices (logits give it).
+    pub vocab_size: Option<u32>,
+}
+
+/// Writes nothing: runs `model_path` (external data resolved from its folder) on a probe batch of two images at
+/// `spec.input_size` and builds its card from what comes out: logits `[B, V, h, w]` (vocabulary and grid from the
+/// shape) or indices `[B, h, w]` (vocabulary from `spec.vocab_size`, checked against the probe's largest index);
+/// the model's and every external data file's sha256.
+pub fn card_for_model(model_path: &Path, spec: &CardSpec, options: &SessionOptions) -> Result<Card> {
+    let bytes = std::fs::read(model_path).map_err(|source| Error::Io {
+        path: model_path.to_path_buf(),
+        source,
+    })?;
+    let external_data = external_data_hashes(model_path, &bytes)?;
+    let mut model = if external_data.is_empty() {
+        Model::from_bytes(&model_path.display().to_string(), &bytes, options)?
+    } else {
+        Model::from_path_with_external_data(model_path, options)?
+    };
+    let s = spec.input_size as usize;
+    // Two images: mid-grey and a ramp, in the normalised range.
+    let data: Vec<f32> = (0..2 * 3 * s * s)
+        .map(|i| {
+            if i < 3 * s * s {
+                0.0
+            } else {
+                (i % s) as f32 / s as f32 - 0.5
+            }
+        })
+        .collect();
+    let out = model
+        .run_f32(&[2, 3, s, s], &data)
+        .map_err(|e| mismatch(model_path, format!("a probe batch [2, 3, {s}, {s}] does not run: {e}")))?;
+    let (output, grid, vocab_size) = match &out {
+        Output::F32 { shape, .. } if shape.len() == 4 && shape[0] == 2 => {
+            (OutputKind::Logits, [shape[2], shape[3]], shape[1])
+        }
+        Output::I64 { shape, data } if shape.len() == 3 && shape[0] == 2 => {
+            let vocab = spec.vocab_size.ok_or_else(|| {
+                mismatch(
+                    model_path,
+                    "the model outputs indices [B, h, w]: give the vocabulary size".into(),
+                )
+            })? as usize;
+            if let Some(bad) = data.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+                return Err(mismatch(
+                    model_path,
+                    format!("the probe batch gave index {bad}, outside the vocabulary of {vocab}"),
+                ));
+            }
+            (OutputKind::Indices, [shape[1], shape[2]], vocab)
+        }
+        other => {
+            let shape = match other {
+                Output::F32 { shape, .. } | Output::I64 { shape, .. } => shape,
+            };
+            return Err(mismatch(
+                model_path,
+                format!("output shape {shape:?} for a batch of 2: expected logits [2, V, h, w] or indices [2, h, w]"),
+            ));
+        }
+    };
+    let to_u32 = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    Ok(Card {
+        card_version: CARD_VERSION,
+        name: spec.name.clone(),
+        input_size: spec.input_size,
+        layout: "NCHW".into(),
+        normalization: spec.normalization,
+        resize_filter: spec.resize_filter,
+        output,
+        grid: grid.map(to_u32),
+        vocab_size: to_u32(vocab_size),
+        onnx_sha256: sha256_hex(&bytes),
+        external_data,
+        stats: None,
+    })
+}
+
+/// The sha256 of each external data file of the model `bytes` (read from `model_path`'s folder): location →
+/// digest. A location that is absolute or climbs out of the folder is refused.
+pub fn external_data_hashes(model_path: &Path, bytes: &[u8]) -> Result<std::collections::BTreeMap<String, String>> {
+    let proto = crate::onnx::decode(bytes).map_err(|e| mismatch(model_path, format!("not an ONNX model: {e}")))?;
+    let dir = model_path.parent().unwrap_or(Path::new("."));
+    let mut hashes = std::collections::BTreeMap::new();
+    for location in crate::onnx::external_data_files(&proto) {
+        let inside = Path::new(&location)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+        if !inside || location.is_empty() {
+            return Err(mismatch(
+                model_path,
+                format!("external data location '{location}' is not a file inside the model's folder"),
+            ));
+        }
+        let path = dir.join(&location);
+        let data = std::fs::read(&path).map_err(|e| {
+            mismatch(
+                model_path,
+                format!("cannot read its external data file {} ({e})", path.display()),
+            )
+        })?;
+        hashes.insert(location, sha256_hex(&data));
+    }
+    Ok(hashes)
+}
+
+/// Checks the card's external data digests against the files; `true` when the model has external data.
+fn check_external_data(name: &Path, bytes: &[u8], card: &Card) -> Result<bool> {
+    let found = external_data_hashes(name, bytes)?;
+    for (location, hash) in &found {
+        match card.external_data.get(location) {
+            None => {
+                return Err(mismatch(
+                    name,
+                    format!(
+                        "its external data file {location} (sha256 {hash}) is not in the card's external_data: a \
+                         card covers every file of the model (`imglish tokenizer card` writes one)"
+                    ),
+                ))
+            }
+            Some(want) if want != hash => {
+                return Err(mismatch(
+                    name,
+                    format!("external data file {location}: sha256 {hash} does not match the card's {want}"),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = card.external_data.keys().find(|k| !found.contains_key(*k)) {
+        return Err(mismatch(
+            name,
+            format!("the card lists external data file {extra}, which the model does not use"),
+        ));
+    }
+    Ok(!found.is_empty())
 }
 
 /// A loaded visual tokenizer: the model, its card, and a fingerprint of both.
@@ -204,7 +360,11 @@ impl VisualTokenizer {
                 format!("layout {} is not supported (NCHW is)", card.layout),
             ));
         }
-        let model = Model::from_bytes(&name.display().to_string(), bytes, options)?;
+        let model = if check_external_data(name, bytes, &card)? {
+            Model::from_path_with_external_data(name, options)?
+        } else {
+            Model::from_bytes(&name.display().to_string(), bytes, options)?
+        };
         let input = model
             .inputs()
             .first()

@@ -338,6 +338,7 @@ impl Codebook {
             grid: [g, g],
             vocab_size: self.len() as u32,
             onnx_sha256: sha256_hex(onnx_bytes),
+            external_data: Default::default(),
             stats: Some(serde_json::to_value(report).unwrap_or_default()),
         }
     }

@@ -40,7 +40,10 @@ mod text;
 mod tokenize;
 mod views;
 
-pub use card::{sha256_hex, Card, Normalization, OutputKind, VisualTokenizer, CARD_VERSION};
+pub use card::{
+    card_for_model, external_data_hashes, sha256_hex, Card, CardSpec, Normalization, OutputKind, VisualTokenizer,
+    CARD_VERSION,
+};
 pub use error::{Error, Result};
 pub use kmeans::{fit_codebook, Codebook, FitConfig, FitReport, PatchFeatures};
 pub use runtime::{library_path, runtime, Runtime};

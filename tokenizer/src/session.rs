@@ -295,9 +295,24 @@ mod gpu {
     }
 }
 
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    Path(&'a Path),
+}
+
 impl Model {
     /// Loads a model from the bytes of an `.onnx` file; `name` is used in messages.
     pub fn from_bytes(name: &str, bytes: &[u8], options: &SessionOptions) -> Result<Self> {
+        Self::build(name, options, Source::Bytes(bytes))
+    }
+
+    /// Loads a model whose initializers keep their data in files beside it (external data): ONNX Runtime reads
+    /// the `.onnx` file by path and resolves those files from its folder, whatever the working directory.
+    pub fn from_path_with_external_data(path: &Path, options: &SessionOptions) -> Result<Self> {
+        Self::build(&path.display().to_string(), options, Source::Path(path))
+    }
+
+    fn build(name: &str, options: &SessionOptions, source: Source<'_>) -> Result<Self> {
         let rt = runtime()?;
         let session_err = |e: &dyn fmt::Display| Error::Session {
             model: name.to_string(),
@@ -325,7 +340,11 @@ impl Model {
                 reason: e.to_string(),
             })?;
         }
-        let session = builder.commit_from_memory(bytes).map_err(|e| session_err(&e))?;
+        let session = match source {
+            Source::Bytes(bytes) => builder.commit_from_memory(bytes),
+            Source::Path(path) => builder.commit_from_file(path),
+        }
+        .map_err(|e| session_err(&e))?;
         let inputs = tensor_infos(session.inputs());
         let outputs = tensor_infos(session.outputs());
         Ok(Model {

@@ -609,3 +609,90 @@ fn a_model_error_mid_run_is_reported_not_hung() {
         "no half-visible part"
     );
 }
+
+/// A model whose weights live in an external data file (as large exported models ship) loads by path from any
+/// working directory, gives the tokens of the same model with embedded weights, and its card must cover the file:
+/// a changed file or a card without it is refused naming the file; another file's content is another fingerprint.
+#[test]
+fn external_data_loads_by_path_and_the_card_covers_it() {
+    let v = 40;
+    let (bytes, ..) = dalle_like(v);
+    let card_for = |bytes: &[u8]| Card {
+        input_size: 16,
+        grid: [8, 8],
+        vocab_size: v as u32,
+        onnx_sha256: sha256_hex(bytes),
+        ..Card::dall_e("")
+    };
+    let mut embedded = VisualTokenizer::from_parts(
+        Path::new("dalle.onnx"),
+        &bytes,
+        card_for(&bytes),
+        &SessionOptions::default(),
+    )
+    .expect("load");
+    let images = center_pixels(16, Filter::Lanczos3);
+    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    let want = embedded.tokenize(&refs).expect("tokenize");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("model");
+    std::fs::create_dir_all(&folder).expect("mkdir");
+    let mut proto = onnx::decode(&bytes).expect("decode");
+    let weights = onnx::externalize(&mut proto, "w2", "w2.bin");
+    let small = onnx::encode(&proto);
+    assert_eq!(onnx::external_data_files(&proto), ["w2.bin"]);
+    let model = folder.join("dalle.onnx");
+    std::fs::write(&model, &small).expect("model");
+    std::fs::write(folder.join("w2.bin"), &weights).expect("weights");
+    let mut card = card_for(&small);
+    card.external_data = imglish_tokenizer::external_data_hashes(&model, &small).expect("hashes");
+    assert_eq!(card.external_data["w2.bin"], sha256_hex(&weights));
+    std::fs::write(Card::path_for(&model), serde_json::to_vec(&card).expect("json")).expect("card");
+
+    // Loaded by path (the test's working directory is the package, not the model's folder).
+    let mut external = VisualTokenizer::load(&model, &SessionOptions::default()).expect("load external");
+    assert_eq!(external.tokenize(&refs).expect("tokenize"), want);
+
+    // Other weights with a matching card: another fingerprint.
+    let mut other = weights.clone();
+    other[0] ^= 0x40;
+    std::fs::write(folder.join("w2.bin"), &other).expect("weights");
+    let mut card2 = card.clone();
+    card2.external_data.insert("w2.bin".into(), sha256_hex(&other));
+    let retuned = VisualTokenizer::from_parts(&model, &small, card2, &SessionOptions::default()).expect("load");
+    assert_ne!(retuned.fingerprint(), external.fingerprint());
+
+    // The old card no longer matches the file.
+    let err = VisualTokenizer::load(&model, &SessionOptions::default()).expect_err("changed weights");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: external data file w2.bin: sha256 {} does not match the card's {}",
+            model.display(),
+            sha256_hex(&other),
+            sha256_hex(&weights)
+        )
+    );
+    // A card that does not cover the file.
+    let err = VisualTokenizer::from_parts(&model, &small, card_for(&small), &SessionOptions::default())
+        .expect_err("uncovered");
+    assert!(
+        err.to_string().ends_with(&format!(
+            "its external data file w2.bin (sha256 {}) is not in the card's external_data: a card covers every file \
+             of the model (`imglish tokenizer card` writes one)",
+            sha256_hex(&other)
+        )),
+        "{err}"
+    );
+    // A location outside the model's folder.
+    let mut escaping = onnx::decode(&bytes).expect("decode");
+    let _ = onnx::externalize(&mut escaping, "w2", "../w2.bin");
+    let escaping = onnx::encode(&escaping);
+    let err = imglish_tokenizer::external_data_hashes(&model, &escaping).expect_err("escapes");
+    assert!(
+        err.to_string()
+            .ends_with("external data location '../w2.bin' is not a file inside the model's folder"),
+        "{err}"
+    );
+}

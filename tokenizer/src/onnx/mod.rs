@@ -224,3 +224,47 @@ pub fn encode(model: &ModelProto) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Result<ModelProto, prost::DecodeError> {
     ModelProto::decode(bytes)
 }
+
+/// The external data files a model's initializers point to (`location` of tensors stored outside the `.onnx`
+/// file, as `onnx.save_model(..., save_as_external_data=True)` and the PyTorch exporter write them for large
+/// models), sorted and deduplicated.
+pub fn external_data_files(model: &ModelProto) -> Vec<String> {
+    let mut files: Vec<String> = model
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .filter(|t| t.data_location == 1)
+        .flat_map(|t| &t.external_data)
+        .filter(|e| e.key == "location")
+        .map(|e| e.value.clone())
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+/// Moves the data of initializer `name` to `file` (a path relative to the model's folder, written by the caller
+/// with the returned bytes): what exporters do with large weights.
+///
+/// # Panics
+/// If the model has no initializer `name`.
+pub fn externalize(model: &mut ModelProto, name: &str, file: &str) -> Vec<u8> {
+    let t = model
+        .graph
+        .iter_mut()
+        .flat_map(|g| g.initializer.iter_mut())
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("no initializer {name}"));
+    let data = std::mem::take(&mut t.raw_data);
+    let entry = |k: &str, v: String| proto::StringStringEntryProto {
+        key: k.into(),
+        value: v,
+    };
+    t.external_data = vec![
+        entry("location", file.into()),
+        entry("offset", "0".into()),
+        entry("length", data.len().to_string()),
+    ];
+    t.data_location = 1;
+    data
+}

@@ -136,6 +136,13 @@ pub struct TensorProto {
     pub raw_data: Vec<u8>,
     #[prost(string, tag = "12")]
     pub doc_string: String,
+    /// Where the data lives when `data_location` is `EXTERNAL` (1): `location` (a path relative to the model's
+    /// folder), `offset`, `length`, `checksum`.
+    #[prost(message, repeated, tag = "13")]
+    pub external_data: Vec<StringStringEntryProto>,
+    /// 0 `DEFAULT` (in this message), 1 `EXTERNAL`.
+    #[prost(int32, tag = "14")]
+    pub data_location: i32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
