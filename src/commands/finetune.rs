@@ -6,12 +6,11 @@ use anyhow::Context;
 use clap::Args;
 use imglish_pack::Dataset;
 use imglish_train::{
-    finetune, finetune_config, FinetuneEvent, FinetuneMetrics, FinetuneOptions, MixConfig, OptimConfig, Precision,
-    RunOptions, StreamConfig, TorchDevice,
+    finetune, finetune_config, FinetuneEvent, FinetuneMetrics, FinetuneOptions, MixConfig, OptimConfig, StreamConfig,
 };
 
 use super::folders::{expect, Folder};
-use super::train::ShuffleArg;
+use super::train::{RunArgs, ShuffleArg};
 use crate::output::Output;
 
 #[derive(Debug, Args)]
@@ -91,34 +90,15 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub skip_corrupt: bool,
 
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
-    pub device: String,
-    /// f32, or bf16 (matrix products in bfloat16).
-    #[arg(long, default_value = "f32", value_parser = crate::cli::precision_arg)]
-    pub precision: String,
-
-    /// Log training metrics every N steps.
-    #[arg(long, default_value_t = 10)]
-    pub log_every: u64,
     /// Evaluate (top-1 / top-5 on the validation split) every N steps (0: about once an epoch).
     #[arg(long, default_value_t = 0)]
     pub eval_every: u64,
     /// Validation samples used.
     #[arg(long, default_value_t = 50_000)]
     pub eval_samples: usize,
-    /// Checkpoint every N steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
-    pub checkpoint_every: u64,
-    /// Checkpoints kept (best/ is kept apart).
-    #[arg(long, default_value_t = 2)]
-    pub keep_checkpoints: usize,
-    /// Continue from the newest checkpoint in --out (same settings required).
-    #[arg(long)]
-    pub resume: bool,
-    /// Stop (with a checkpoint) after this step although the run has more.
-    #[arg(long, value_name = "STEP")]
-    pub stop_at: Option<u64>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 impl FinetuneArgs {
@@ -172,24 +152,11 @@ pub fn run(args: &FinetuneArgs, threads: usize, out: &Output) -> anyhow::Result<
     let _lock = super::lock::lock_dir(&args.out)?;
     expect(&args.dataset, Folder::Dataset, "--dataset")?;
     imglish_train::set_threads(threads);
-    let device: TorchDevice = args.device.parse()?;
-    let precision: Precision = args.precision.parse()?;
     let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;
     let dataset =
         Dataset::open(&args.dataset).with_context(|| format!("cannot open the dataset {}", args.dataset.display()))?;
     let config = finetune_config(&checkpoint, &dataset, &args.options())?;
-    let options = RunOptions {
-        device,
-        precision,
-        log_every: args.log_every,
-        eval_every: args.eval_every,
-        eval_samples: args.eval_samples,
-        checkpoint_every: args.checkpoint_every,
-        keep_checkpoints: args.keep_checkpoints,
-        stop_at: args.stop_at,
-        resume: args.resume,
-        ..RunOptions::default()
-    };
+    let options = args.run.options(args.eval_every, args.eval_samples)?;
     let bar = out.progress(0, "fine-tuning");
     let mut observer = |e: &FinetuneEvent| match e {
         FinetuneEvent::Started {

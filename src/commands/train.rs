@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use imglish_pack::{Dataset, Shuffle};
 use imglish_train::{
     train, train_beit3, Beit3Event, Beit3Metrics, Beit3TrainConfig, DataMode, Event, InputKind, MaskKind, ModelKind,
-    Precision, RelPosBias, RunOptions, TorchDevice, TrainOptions,
+    RelPosBias, RunOptions, TrainOptions,
 };
 
 use super::folders::{expect, Folder};
@@ -206,22 +206,32 @@ pub struct TrainArgs {
     #[arg(long)]
     pub skip_corrupt: bool,
 
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
-    pub device: String,
-    /// f32, or bf16 (matrix products in bfloat16).
-    #[arg(long, default_value = "f32", value_parser = crate::cli::precision_arg)]
-    pub precision: String,
-
-    /// Log metrics every N steps.
-    #[arg(long, default_value_t = 10)]
-    pub log_every: u64,
     /// Evaluate on the validation split every N steps (0: at the start and the end only).
     #[arg(long, default_value_t = 0)]
     pub eval_every: u64,
     /// Validation samples used.
     #[arg(long, default_value_t = 2048)]
     pub eval_samples: usize,
+    /// Read every batch into memory before training (measures the streaming data path's overhead).
+    #[arg(long)]
+    pub in_memory: bool,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Device, precision, logging and checkpoint flags shared by `train` and `finetune`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
+    pub device: String,
+    /// f32, or bf16 (matrix products in bfloat16).
+    #[arg(long, default_value = "f32", value_parser = crate::cli::precision_arg)]
+    pub precision: String,
+    /// Log metrics every N steps.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     pub checkpoint_every: u64,
@@ -234,9 +244,24 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) after this step although the run has more.
     #[arg(long, value_name = "STEP")]
     pub stop_at: Option<u64>,
-    /// Read every batch into memory before training (measures the streaming data path's overhead).
-    #[arg(long)]
-    pub in_memory: bool,
+}
+
+impl RunArgs {
+    /// The run options these flags give, with the command's evaluation settings.
+    pub fn options(&self, eval_every: u64, eval_samples: usize) -> anyhow::Result<RunOptions> {
+        Ok(RunOptions {
+            device: self.device.parse()?,
+            precision: self.precision.parse()?,
+            log_every: self.log_every,
+            eval_every,
+            eval_samples,
+            checkpoint_every: self.checkpoint_every,
+            keep_checkpoints: self.keep_checkpoints,
+            stop_at: self.stop_at,
+            resume: self.resume,
+            ..RunOptions::default()
+        })
+    }
 }
 
 /// Parses `image=1,text=1,pair=1` (any subset; missing kinds get 0).
@@ -332,26 +357,16 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
     let _lock = super::lock::lock_dir(&args.out)?;
     expect(&args.dataset, Folder::Dataset, "--dataset")?;
     imglish_train::set_threads(threads);
-    let device: TorchDevice = args.device.parse()?;
-    let precision: Precision = args.precision.parse()?;
     let dataset =
         Dataset::open(&args.dataset).with_context(|| format!("cannot open the dataset {}", args.dataset.display()))?;
     let options = RunOptions {
-        device,
-        precision,
-        log_every: args.log_every,
-        eval_every: args.eval_every,
-        eval_samples: args.eval_samples,
-        checkpoint_every: args.checkpoint_every,
-        keep_checkpoints: args.keep_checkpoints,
-        stop_at: args.stop_at,
-        resume: args.resume,
         init: args.init.clone(),
         data: if args.in_memory {
             DataMode::Memory
         } else {
             DataMode::Stream
         },
+        ..args.run.options(args.eval_every, args.eval_samples)?
     };
     let train_options = args.options();
     if args.model == ModelArg::Beit3 {

@@ -155,7 +155,7 @@ pub struct FinetuneSummary {
     pub final_val: Option<FinetuneMetrics>,
     /// The best evaluation so far (its weights: `best/model.safetensors`).
     pub best: Option<FinetuneMetrics>,
-    /// Wall time of the training loop, evaluations excluded.
+    /// Wall time of the training loop, evaluations and checkpoint writes excluded.
     pub train_seconds: f64,
     /// Samples skipped.
     pub skipped: u64,
@@ -354,6 +354,7 @@ pub fn finetune(
     });
     let mut skipped = val.skipped.len() as u64;
     let mut best = read_best(out);
+    // Seconds spent evaluating and writing checkpoints (left out of `train_seconds`).
     let eval_time = std::cell::Cell::new(0.0f64);
     let mut evaluate_at = |model: &Classifier, step: u64, observer: &mut dyn FnMut(&FinetuneEvent)| -> Result<_> {
         let t = Instant::now();
@@ -440,7 +441,9 @@ pub fn finetune(
                 tokenizer_fingerprint: Some(dataset.tokenizer().fingerprint.clone()),
                 config: config.clone(),
             };
+            let t = Instant::now();
             let path = write_checkpoint(out, &|p| model.save(p), &opt, &state, options.keep_checkpoints)?;
+            eval_time.set(eval_time.get() + t.elapsed().as_secs_f64());
             observer(&FinetuneEvent::Checkpoint(path.clone()));
             last_ckpt = Some(path);
         }
