@@ -135,6 +135,13 @@ pub fn bar_style(len: u64) -> ProgressStyle {
     }
 }
 
+/// Sets a run's bar to steps `step..until` (its total and style), where a trainer says it starts or resumes.
+pub fn start_steps(bar: &indicatif::ProgressBar, step: u64, until: u64) {
+    bar.set_length(until);
+    bar.set_style(bar_style(until));
+    bar.set_position(step);
+}
+
 fn progress_interval() -> Duration {
     let secs = std::env::var("IMGLISH_PROGRESS_SECS")
         .ok()

@@ -104,14 +104,13 @@ pub struct FinetuneArgs {
 impl FinetuneArgs {
     fn options(&self) -> FinetuneOptions {
         FinetuneOptions {
-            optim: OptimConfig {
-                lr: self.lr,
-                min_lr: self.min_lr,
-                warmup_steps: self.warmup_steps,
-                weight_decay: self.weight_decay,
-                clip_grad: (self.clip_grad > 0.0).then_some(self.clip_grad),
-                ..OptimConfig::default()
-            },
+            optim: OptimConfig::from_flags(
+                self.lr,
+                self.min_lr,
+                self.warmup_steps,
+                self.weight_decay,
+                self.clip_grad,
+            ),
             layer_decay: self.layer_decay,
             drop_path: self.drop_path,
             label_smoothing: self.label_smoothing,
@@ -166,9 +165,7 @@ pub fn run(args: &FinetuneArgs, threads: usize, out: &Output) -> anyhow::Result<
             device,
             init,
         } => {
-            bar.set_length(*until);
-            bar.set_style(crate::output::bar_style(*until));
-            bar.set_position(*step);
+            crate::output::start_steps(&bar, *step, *until);
             tracing::info!(
                 "fine-tuning {:.2}M parameters ({} classes) on {device}, steps {step}..{until}",
                 *parameters as f64 / 1e6,

@@ -382,9 +382,7 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
             parameters,
             device,
         } => {
-            bar.set_length(*until);
-            bar.set_style(crate::output::bar_style(*until));
-            bar.set_position(*step);
+            crate::output::start_steps(&bar, *step, *until);
             tracing::info!(
                 "training {:.2}M parameters on {device}, steps {step}..{until}",
                 *parameters as f64 / 1e6
@@ -489,9 +487,7 @@ fn run_beit3(args: &TrainArgs, config: &Beit3TrainConfig, options: &RunOptions, 
             parameters,
             device,
         } => {
-            bar.set_length(*until);
-            bar.set_style(crate::output::bar_style(*until));
-            bar.set_position(*step);
+            crate::output::start_steps(&bar, *step, *until);
             tracing::info!(
                 "training BEiT-3 ({:.2}M parameters) on {device}, steps {step}..{until}",
                 *parameters as f64 / 1e6

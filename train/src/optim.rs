@@ -44,6 +44,18 @@ impl Default for OptimConfig {
 }
 
 impl OptimConfig {
+    /// The schedule and decay a command's flags give (`clip_grad` 0: no clipping), other values at their defaults.
+    pub fn from_flags(lr: f64, min_lr: f64, warmup_steps: u64, weight_decay: f64, clip_grad: f64) -> OptimConfig {
+        OptimConfig {
+            lr,
+            min_lr,
+            warmup_steps,
+            weight_decay,
+            clip_grad: (clip_grad > 0.0).then_some(clip_grad),
+            ..OptimConfig::default()
+        }
+    }
+
     /// Checks the values.
     pub fn validate(&self) -> Result<()> {
         let ok = self.lr > 0.0

@@ -164,14 +164,13 @@ impl TrainOptions {
     }
 
     fn optim(&self) -> Result<OptimConfig> {
-        let optim = OptimConfig {
-            lr: self.lr,
-            min_lr: self.min_lr,
-            warmup_steps: self.warmup_steps,
-            weight_decay: self.weight_decay,
-            clip_grad: (self.clip_grad > 0.0).then_some(self.clip_grad),
-            ..OptimConfig::default()
-        };
+        let optim = OptimConfig::from_flags(
+            self.lr,
+            self.min_lr,
+            self.warmup_steps,
+            self.weight_decay,
+            self.clip_grad,
+        );
         optim.validate()?;
         Ok(optim)
     }

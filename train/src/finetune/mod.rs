@@ -402,7 +402,7 @@ pub fn finetune(
         if !batch.is_empty() {
             let key = mix64(config.seed ^ mix64(step.wrapping_add(1) ^ 0x6669_6e65));
             let d = batch.to_device(&data, device);
-            let (loss, correct) = train_loss(&model, config, d.input, &d.labels, key);
+            let (loss, correct) = train_loss(&model, config, &data, d.input, &d.labels, key);
             loss.backward();
             window.add(loss.double_value(&[]), correct, batch.len() as u64);
         }
@@ -475,12 +475,12 @@ fn write_config(out: &Path, config: &FinetuneConfig) -> Result<()> {
 fn train_loss(
     model: &Classifier,
     config: &FinetuneConfig,
+    data: &crate::ModelConfig,
     input: crate::Input,
     labels: &Tensor,
     key: u64,
 ) -> (Tensor, i64) {
-    let grid = config.backbone.grid();
-    let patch = config.backbone.data_config().patch_size;
+    let (grid, patch) = (data.grid, data.patch_size);
     let targets = mix::soft_targets(labels, config.classes, config.label_smoothing);
     let mixing = mix::draw(&config.mix, grid, mix64(key ^ 0x006d_6978));
     let (input, targets) = mix::apply(mixing, input, targets, grid, patch);
@@ -503,9 +503,10 @@ pub(crate) fn evaluate(model: &Classifier, set: &FixedSet, classes: i64, step: u
     tch::no_grad(|| {
         let (mut loss, mut top1, mut top5, mut n) = (0.0, 0i64, 0i64, 0i64);
         let data = model.backbone().data_config();
+        let device = model.device();
         let k = classes.min(5);
         for b in &set.batches {
-            let d = b.to_device(&data, model_device(model));
+            let d = b.to_device(&data, device);
             let keep = d.labels.ge(0);
             let labels = d.labels.masked_select(&keep);
             if labels.numel() == 0 {
@@ -539,14 +540,6 @@ pub(crate) fn evaluate(model: &Classifier, set: &FixedSet, classes: i64, step: u
             samples: n as u64,
         })
     })
-}
-
-fn model_device(model: &Classifier) -> Device {
-    model
-        .named_parameters()
-        .values()
-        .next()
-        .map_or(Device::Cpu, Tensor::device)
 }
 
 fn val_history(metrics: &Path) -> Vec<FinetuneMetrics> {

@@ -186,6 +186,11 @@ impl Classifier {
         &self.backbone
     }
 
+    /// The device the variables live on.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
     /// Matrix products in `kind` (bf16 autocast), the head in float32.
     pub fn set_compute_kind(&mut self, kind: Option<Kind>) {
         match &mut self.encoder {
