@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::build::BuildArgs;
 use crate::commands::demo::DemoCorpusArgs;
+use crate::commands::download::DownloadArgs;
 use crate::commands::embed::EmbedArgs;
 use crate::commands::finetune::FinetuneArgs;
 use crate::commands::ingest::IngestArgs;
@@ -77,6 +78,9 @@ pub enum Command {
     DemoCorpus(DemoCorpusArgs),
     /// Check the installation: ONNX Runtime library, execution providers, threads.
     Doctor,
+    /// Download a URL list (with captions) into WebDataset tar shards and a per-URL status table, an ingest
+    /// source: bounded per-host concurrency, retries, opt-outs honoured, every image validated.
+    Download(DownloadArgs),
     /// Stage 1: read image sources and caption sets into a validated manifest (samples + rejects).
     Ingest(IngestArgs),
     /// Visual and text tokenizers: fit a patch codebook, train a text tokenizer.

@@ -121,6 +121,10 @@ impl imglish_ingest::Progress for BarProgress<'_> {
         self.0.reset_eta();
         self.0.reset_elapsed();
     }
+
+    fn message(&self, text: &str) {
+        self.0.set_message(text.to_string());
+    }
 }
 
 /// A bar for a known total, a counter with a rate for an unknown one (`len == 0`).

@@ -41,7 +41,9 @@ pub use demo::{write_demo_corpus, BadInput, DemoConfig, DemoSummary, CLASSES, DE
 pub use error::{Error, Result};
 pub use fast_image_resize::Resizer;
 pub use fsutil::write_atomic;
-pub use parquet_io::{write_image_parquet, write_rejects_parquet, ManifestRow, RejectRow, Split};
+pub use parquet_io::{
+    write_df as write_parquet, write_image_parquet, write_rejects_parquet, ManifestRow, RejectRow, Split,
+};
 pub use prepare::{
     center_view, decode_rgb, max_reduction, random_view, render_view, resize_image, CropSpec, DecodeOptions, Decoded,
     Filter, ViewParams,
@@ -52,6 +54,6 @@ pub use run::{
     ingest, read_image_bytes, sample_id, IngestConfig, IngestCounts, IngestSummary, LabelMode, Manifest,
     MANIFEST_VERSION,
 };
-pub use sources::{Locator, ParquetColumns, SourceKind};
+pub use sources::{Locator, ParquetColumns, SourceKind, DOWNLOAD_RECORD};
 pub use texts::{read_texts_file, TextOptions, TextRow, TEXTS_FILE};
 pub use validate::{validate_bytes, ImageInfo, Reason, Rejection, ValidationLimits};

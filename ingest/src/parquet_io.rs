@@ -81,7 +81,9 @@ pub struct RejectRow {
     pub message: String,
 }
 
-pub(crate) fn write_df(path: &Path, df: &mut DataFrame) -> Result<()> {
+/// Writes `df` to `path` as zstd Parquet atomically (temporary sibling, fsync, rename); a failed write names
+/// the OS cause and leaves no temporary behind.
+pub fn write_df(path: &Path, df: &mut DataFrame) -> Result<()> {
     let tmp = temp_sibling(path);
     let written = (|| {
         let f = File::create(&tmp).at(&tmp)?;

@@ -10,6 +10,11 @@ pub trait Progress {
     fn phase(&self, name: &str, total: u64) {
         let _ = (name, total);
     }
+
+    /// A short status of the current phase (for example counts by outcome), shown beside the count.
+    fn message(&self, text: &str) {
+        let _ = text;
+    }
 }
 
 impl<F: Fn(u64)> Progress for F {

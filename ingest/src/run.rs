@@ -305,7 +305,10 @@ const CHUNK: usize = 256;
 /// when a folder's files are listed first) and the number of items just checked.
 pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn crate::Progress) -> Result<IngestSummary> {
     let started = Instant::now();
-    let sources: Vec<Source> = config.images.iter().map(|p| Source::detect(p)).collect::<Result<_>>()?;
+    let mut sources: Vec<Source> = Vec::new();
+    for p in &config.images {
+        sources.extend(Source::expand(p)?);
+    }
     let caption_sets = config
         .captions
         .iter()

@@ -80,7 +80,40 @@ pub(crate) fn normalize_label(p: &Path) -> String {
     }
 }
 
+/// The record `imglish download` writes into its output folder once it finishes; such a folder is read as its
+/// tar shards.
+pub const DOWNLOAD_RECORD: &str = "download.json";
+
 impl Source {
+    /// The sources `path` stands for: a folder written by `imglish download` (it holds [`DOWNLOAD_RECORD`]) is
+    /// its tar shards, in the record's order; anything else is one source ([`Source::detect`]).
+    pub fn expand(path: &Path) -> Result<Vec<Source>> {
+        let record = path.join(DOWNLOAD_RECORD);
+        if !path.is_dir() || !record.is_file() {
+            return Ok(vec![Source::detect(path)?]);
+        }
+        let text = fs::read_to_string(&record).at(&record)?;
+        let bad = |reason: String| Error::Config {
+            option: "--images".into(),
+            reason: format!("{}: {reason}", record.display()),
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let files = value
+            .get("shard_files")
+            .and_then(|f| f.as_array())
+            .ok_or_else(|| bad("no shard_files list: not written by `imglish download`".into()))?;
+        files
+            .iter()
+            .map(|f| {
+                let name = f
+                    .as_str()
+                    .filter(|n| !n.contains('/') && !n.contains(".."))
+                    .ok_or_else(|| bad(format!("bad shard name {f}")))?;
+                Source::detect(&path.join(name))
+            })
+            .collect()
+    }
+
     /// Detects the kind of `path`: a directory, a tar file (by its `ustar` magic or `.tar` name) or a Parquet
     /// file (by its `PAR1` magic).
     pub fn detect(path: &Path) -> Result<Source> {

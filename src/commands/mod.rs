@@ -3,6 +3,7 @@
 pub mod build;
 pub mod demo;
 mod doctor;
+pub mod download;
 pub mod embed;
 pub mod finetune;
 mod folders;
@@ -42,6 +43,7 @@ pub fn dispatch(command: Command, threads: usize, out: &Output) -> anyhow::Resul
     match command {
         Command::DemoCorpus(args) => demo::run(&args, out),
         Command::Doctor => doctor::run(threads, out),
+        Command::Download(args) => download::run(&args, threads, out),
         Command::Ingest(args) => ingest::run(&args, out),
         Command::Tokenizer(args) => tokenizer::run(&args, out),
         Command::Tokenize(args) => tokenize::run(&args, threads, out),

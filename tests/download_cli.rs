@@ -1,0 +1,125 @@
+//! `imglish download` through the real binary against a loopback HTTP server, then `imglish ingest` of its
+//! output folder.
+
+mod common;
+#[path = "../download/tests/common/mod.rs"]
+mod server;
+
+use common::{imglish, text};
+
+fn list(dir: &std::path::Path, s: &server::Server, paths: &[&str]) -> String {
+    let mut t = String::from("url,caption,source\n");
+    for (i, p) in paths.iter().enumerate() {
+        t.push_str(&format!("{},picture number {i},web\n", s.url(p)));
+    }
+    let path = dir.join("urls.csv");
+    std::fs::write(&path, t).expect("write list");
+    path.display().to_string()
+}
+
+#[test]
+fn download_then_ingest_reads_the_shards_with_their_captions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = server::Server::start(server::demo_images(dir.path(), 8));
+    let urls = list(
+        dir.path(),
+        &s,
+        &["/img/0", "/img/1", "/404", "/img/2", "/html", "/img/3", "/noai/4"],
+    );
+    let out = dir.path().join("dl");
+    let o = imglish(&[
+        "download",
+        "--urls",
+        &urls,
+        "--out",
+        out.to_str().expect("utf8"),
+        "--shard-size",
+        "4",
+        "--per-host",
+        "2",
+        "--retries",
+        "0",
+        "--user-agent-contact",
+        "ops@example.invalid",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.starts_with("download: 7 listed, 4 stored, 3 failed (http-404: 1, not-an-image: 1, opt-out: 1)\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 of 2 shards written"), "{stdout}");
+
+    let manifest = dir.path().join("manifest");
+    let o = imglish(&[
+        "ingest",
+        "--images",
+        out.to_str().expect("utf8"),
+        "--out",
+        manifest.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(stdout.starts_with("ingest: 4 seen, 4 accepted"), "{stdout}");
+    assert!(stdout.contains("\n  0 images without captions"), "{stdout}");
+
+    // A rerun fetches nothing.
+    let before = s.total_requests();
+    let o = imglish(&[
+        "download",
+        "--urls",
+        &urls,
+        "--out",
+        out.to_str().expect("utf8"),
+        "--shard-size",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("this run: 0 fetched"), "{}", text(&o.stdout));
+    assert_eq!(s.total_requests(), before);
+}
+
+#[test]
+fn download_failures_are_one_line_with_exit_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = server::Server::start(server::demo_images(dir.path(), 2));
+    let urls = list(dir.path(), &s, &["/404", "/nowhere"]);
+    let out = dir.path().join("dl");
+    let o = imglish(&[
+        "download",
+        "--urls",
+        &urls,
+        "--out",
+        out.to_str().expect("utf8"),
+        "--retries",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        format!(
+            "error: download into {} failed: nothing downloaded: 2 URLs listed, 2 failed, most as http-404 (2); see {}\n",
+            out.display(),
+            out.join("status.parquet").display()
+        )
+    );
+
+    let other = dir.path().join("links.csv");
+    std::fs::write(&other, "link,text\nhttp://127.0.0.1:9/a.jpg,a\n").expect("write");
+    let o = imglish(&[
+        "download",
+        "--urls",
+        other.to_str().expect("utf8"),
+        "--out",
+        dir.path().join("dl2").to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        format!(
+            "error: download into {} failed: {}: no URL column 'url' (columns: link, text); name it with --url-column\n",
+            dir.path().join("dl2").display(),
+            other.display()
+        )
+    );
+}
