@@ -161,12 +161,12 @@ fn misspelled_tables_and_keys_are_refused_before_any_stage() {
         (
             format!("{base}[tokenise]\nviews = 2\n"),
             "error: c.toml: invalid build config: unknown table `tokenise` (did you mean `tokenize`?); known: \
-             version, demo, ingest, tokenizer, text_tokenizer, tokenize, pack",
+             version, demo, download, ingest, tokenizer, text_tokenizer, tokenize, pack",
         ),
         (
             format!("{base}[Pack]\nbatch_rows = 64\n"),
             "error: c.toml: invalid build config: unknown table `Pack` (did you mean `pack`?); known: version, \
-             demo, ingest, tokenizer, text_tokenizer, tokenize, pack",
+             demo, download, ingest, tokenizer, text_tokenizer, tokenize, pack",
         ),
         (
             format!("{base}[pack]\nbatch_row = 64\n"),

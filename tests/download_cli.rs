@@ -123,3 +123,52 @@ fn download_failures_are_one_line_with_exit_1() {
         )
     );
 }
+
+#[test]
+fn a_build_config_downloads_a_url_list_and_ingests_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = server::Server::start(server::demo_images(dir.path(), 12));
+    let paths: Vec<String> = (0..12)
+        .map(|i| format!("/img/{i}"))
+        .chain(["/404".to_string()])
+        .collect();
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    list(dir.path(), &s, &paths);
+    let config = "version = 1\n[download]\nurls = \"urls.csv\"\nretries = 0\nshard_size = 5\n\
+                  [ingest]\nimages = [\"{out}/download\"]\nval_fraction = 0.25\n\
+                  [tokenizer.fit]\npatch = 8\ninput_size = 32\ncodebook = 8\n[tokenize]\nviews = 1\n[pack]\n";
+    std::fs::write(dir.path().join("c.toml"), config).expect("config");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_imglish"))
+            .current_dir(dir.path())
+            .args(["--threads", "2", "build", "c.toml", "--out", "b"])
+            .output()
+            .expect("run")
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("b/download/download.json")).expect("record"))
+            .expect("json");
+    assert_eq!(
+        (record["succeeded"].as_u64(), record["failed"].as_u64()),
+        (Some(12), Some(1))
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("b/dataset/index.json")).expect("index")).expect("json");
+    let counts = &index["counts"];
+    assert_eq!(
+        counts["train"].as_u64().unwrap_or(0) + counts["val"].as_u64().unwrap_or(0),
+        12,
+        "{index}"
+    );
+    let before = s.total_requests();
+    let o = run();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("build: download up to date (skipped)"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert_eq!(s.total_requests(), before);
+}

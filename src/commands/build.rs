@@ -8,7 +8,9 @@
 //! Config (`version = 1`): one table per stage with the stage's own flags as keys (`val_fraction = 0.2` is
 //! `--val-fraction 0.2`, `true` is a bare flag, arrays repeat values); the build supplies every input/output
 //! path itself. Relative paths are relative to the config file; `{out}` stands for the build directory.
-//! Tables: `[demo]` (optional: generate the demo corpus into `{out}/demo`), `[ingest]`, `[tokenizer]` with
+//! Tables: `[demo]` (optional: generate the demo corpus into `{out}/demo`), `[download]` (optional: `imglish
+//! download` of `urls = "LIST"` into `{out}/download`, which `[ingest]` names as `images = ["{out}/download"]`),
+//! `[ingest]`, `[tokenizer]` with
 //! either `model = "tok.onnx"` or `[tokenizer.fit]`, `[text_tokenizer]` (optional) with either
 //! `file = "tokenizer.json"` or `[text_tokenizer.fit]`, `[tokenize]`, `[pack]`.
 
@@ -137,9 +139,10 @@ fn resolve(s: &str, base: &Path, out: &Path) -> String {
 }
 
 /// The tables a build config may have, and the keys of those that are not a stage's flags.
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "version",
     "demo",
+    "download",
     "ingest",
     "tokenizer",
     "text_tokenizer",
@@ -223,6 +226,23 @@ fn plan(config: &toml::Table, base: &Path, out: &Path) -> anyhow::Result<Vec<Sta
             argv,
             inputs: vec![],
             outputs: vec![demo.clone()],
+        });
+    }
+    if let Some(t) = table(config, "download") {
+        let list = t
+            .get("urls")
+            .and_then(toml::Value::as_str)
+            .context("[download] needs `urls = \"LIST\"` (a .parquet, .csv, .tsv, .jsonl or .txt URL list)")?;
+        let list = PathBuf::from(resolve(list, base, out));
+        let dl = out.join("download");
+        let mut argv = vec!["download".into(), "--out".into(), p(&dl)];
+        argv.extend(flags(t, &[], base, out)?);
+        stages.push(Stage {
+            name: "download",
+            table: "download",
+            argv,
+            inputs: vec![file_sha(&list)?],
+            outputs: vec![dl],
         });
     }
     let ingest = table(config, "ingest").context("the config has no [ingest] table")?;
