@@ -1,10 +1,12 @@
-"""The fault-injection suite behind scripts/fault-check: every stage that writes a folder (ingest, tokenizer fit,
-tokenize, pack, train, build) is killed with SIGKILL at several points, run on a full disk, pointed at an output
+"""The fault-injection suite behind scripts/fault-check: every stage that writes a folder (download, ingest,
+tokenizer fit, tokenize, pack, train, build) is killed with SIGKILL at several points, run on a full disk, pointed at an output
 that is a file or a read-only folder, has an input deleted while it runs, is given a second writer, and every
 reading stage is fed truncated and bit-flipped inputs. One table row per case: expected and observed outcome.
 Exit status 1 when any row fails. Standard library only (runs with the system python3).
 
-    python3 scripts/fault_check.py --bin IMGLISH [--short] [--work DIR] [--timeout S]
+    python3 scripts/fault_check.py --bin IMGLISH --serve SERVE [--short] [--work DIR] [--timeout S] [--only STAGE]
+
+SERVE is the download tests' loopback HTTP server (download/examples/serve.rs); the download stage fetches from it.
 """
 
 import argparse
@@ -110,10 +112,13 @@ batch_rows = 16
 
 
 def stages(ctx):
+    urls = ["--urls", "urls.csv", "--shard-size", "8", "--retries", "0", "--concurrency", "4", "--per-host", "4"]
     tok = ["--tokenizer", "tok/v.onnx", "--text-tokenizer", "tok/t.json", "--views", "2", "--part-samples", "8"]
     train = ["--steps", "40", "--batch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
              "--checkpoint-every", "10", "--threads", "1"]
     return [
+        Stage("download", lambda o: ["-q", "download", *urls, "--out", o], "download.json",
+              lambda d: {k for k in tree(d) if k.startswith("shard-") or k == "status.parquet"}),
         Stage("ingest", lambda o: ["-q", "ingest", "--images", "demo/images", "demo/shards/demo-00000.tar",
                                    "--captions", "demo/captions/coco_captions.json", "--labels", "from-folders",
                                    "--val-fraction", "0.25", "--out", o],
@@ -140,7 +145,7 @@ def setup(ctx, all_stages):
     assert code == 0, err
     (ctx.work / "b.toml").write_text(BUILD_TOML.format(images=images))
     # The clean runs: each stage's reference output (and the inputs of the next).
-    inputs = {"ingest": "m", "fit": "tok", "tokenize": "t", "pack": "d", "train": "clean-train",
+    inputs = {"download": "dl", "ingest": "m", "fit": "tok", "tokenize": "t", "pack": "d", "train": "clean-train",
               "build": "clean-build"}
     clean = {}
     for s in all_stages:
@@ -386,6 +391,8 @@ def case_corrupt_inputs(ctx):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True)
+    ap.add_argument("--serve", required=True, help="the loopback HTTP server binary (download/examples/serve.rs)")
+    ap.add_argument("--only", action="append", help="run only this stage's cases (repeatable)")
     ap.add_argument("--short", action="store_true", help="one kill point per stage, no build cases (CI)")
     ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per case before it counts as a hang")
@@ -396,10 +403,18 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(os.path.abspath(a.bin), work.resolve(), a.timeout, a.short)
     started = time.monotonic()
+    server = subprocess.Popen([os.path.abspath(a.serve), str(work / "server"), "16"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
+        port = int(server.stdout.readline())
+        # 48 URLs that each take 150 ms to answer (4 at a time: about 2 s), 4 missing.
+        lines = [f"http://127.0.0.1:{port}/{'404' if i % 12 == 11 else 'delay'}/{i},picture {i}" for i in range(48)]
+        (work / "urls.csv").write_text("url,caption\n" + "\n".join(lines) + "\n")
         all_stages = stages(ctx)
         if a.short:
             all_stages = [s for s in all_stages if s.name != "build"]
+        if a.only:
+            all_stages = [s for s in all_stages if s.name in a.only]
         clean = setup(ctx, all_stages)
         mount = can_mount() and not a.no_mount
         fractions = [0.5] if a.short else [0.15, 0.5, 0.9]
@@ -411,10 +426,15 @@ def main():
             case_read_only(ctx, s, mount)
             case_two_writers(ctx, s, clean)
         by_name = {s.name: s for s in all_stages}
-        case_input_deleted(ctx, by_name["pack"], clean, "t", "part-*.parquet")
-        case_input_deleted(ctx, by_name["train"], clean, "d", "shard-*.arrow")
-        case_corrupt_inputs(ctx)
+        if "pack" in by_name:
+            case_input_deleted(ctx, by_name["pack"], clean, "t", "part-*.parquet")
+        if "train" in by_name:
+            case_input_deleted(ctx, by_name["train"], clean, "d", "shard-*.arrow")
+        if not a.only:
+            case_corrupt_inputs(ctx)
     finally:
+        server.stdin.close()
+        server.wait()
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
     print("| stage | case | expected | observed | result |")

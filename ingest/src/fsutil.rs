@@ -16,13 +16,19 @@ pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of the directory).
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of the directory); a failed write removes
+/// its temporary.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_sibling(path);
-    {
+    let written = (|| {
         let mut f = File::create(&tmp).at(&tmp)?;
         f.write_all(bytes).at(&tmp)?;
-        f.sync_all().at(&tmp)?;
+        f.sync_all().at(&tmp)
+    })();
+    if let Err(e) = written {
+        // A full disk: free what the temporary took rather than leave it behind.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
     fs::rename(&tmp, path).at(path)?;
     sync_dir(path.parent().unwrap_or(Path::new(".")));
