@@ -350,6 +350,31 @@ mod tests {
     }
 
     #[test]
+    fn parquet_lists_keep_typed_extra_columns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("list.parquet");
+        let mut df = DataFrame::new_infer_height(vec![
+            Column::from(Series::new("URL".into(), ["http://a/1.jpg", "http://a/2.jpg"])),
+            Column::from(Series::new("TEXT".into(), [Some("one"), None])),
+            Column::from(Series::new("width".into(), [640i64, 480])),
+        ])
+        .expect("frame");
+        imglish_ingest::write_parquet(&p, &mut df).expect("write");
+        let columns = UrlColumns {
+            url: "URL".into(),
+            caption: Some("TEXT".into()),
+        };
+        let rows = read_url_list(&p, &columns).expect("read");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].caption.as_deref(), rows[1].caption.as_deref()),
+            (Some("one"), None)
+        );
+        assert_eq!(rows[1].extra["width"], Value::from(480));
+        assert!(rows.iter().all(|r| r.bad.is_none()));
+    }
+
+    #[test]
     fn jsonl_bad_lines_stay_rows_with_their_reason() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("list.jsonl");

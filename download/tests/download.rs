@@ -240,3 +240,23 @@ fn opt_outs_can_be_ignored_and_that_is_recorded() {
         serde_json::from_slice(&std::fs::read(out.join("download.json")).expect("download.json")).expect("json");
     assert_eq!(record["honour_opt_out"], serde_json::Value::Bool(false));
 }
+
+#[test]
+fn the_per_host_rate_spaces_request_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(common::demo_images(dir.path(), 4));
+    let paths: Vec<String> = (0..10).map(|i| format!("/img/{i}")).collect();
+    let list = dir.path().join("urls.tsv");
+    write_list(&list, &server, &paths.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut c = config(&list);
+    c.fetch.per_host_rate = 20.0;
+    let started = Instant::now();
+    let s = download(&c, &dir.path().join("out"), &|_| {}).expect("download");
+    assert_eq!(s.succeeded, 10);
+    // Ten starts 50 ms apart: the last one 450 ms after the first.
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+}
