@@ -76,3 +76,26 @@ pub fn write_tokens_with(dir: &Path, n: u64, labelled: bool, vocab_size: u32, fi
         .expect("tokenize.json");
     info
 }
+
+/// A token directory of `n` text-only samples (no views; one caption each), for BEiT-3 text corpora.
+pub fn write_text_tokens(dir: &Path, n: u64) -> TokenizerInfo {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let mut info = write_tokens_with(&dir.join("unused"), 0, false, 512, "cd");
+    info.fingerprint = "cd".repeat(32);
+    let mut w = PartWriter::try_new(dir.join(part_file_name(0)), &info).expect("part writer");
+    for id in 0..n {
+        w.write(&TokenRecord {
+            sample_id: id,
+            views: vec![],
+            captions: vec![vec![2, 5 + (id % 90) as u32, 6 + (id % 7) as u32, 3]],
+            label: None,
+            split: if id % 10 == 0 { Split::Val } else { Split::Train },
+            pixels: None,
+        })
+        .expect("write");
+    }
+    TokensManifest::new(info.clone(), vec![w.finish().expect("finish")])
+        .write(dir)
+        .expect("tokenize.json");
+    info
+}

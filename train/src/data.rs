@@ -15,6 +15,10 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{InputKind, ModelConfig};
 use crate::error::{Result, TrainError};
 use crate::masking::Masking;
+
+/// Samples read without a usable one, at the start of a run, after which the loader warns (the error comes only
+/// after a whole epoch: a dataset may hold a long run of samples this model skips, such as texts for BEiT).
+const EARLY_WARNING: u64 = 4096;
 use crate::model::Input;
 
 /// The `epoch` key of evaluation masks (never a training epoch).
@@ -384,6 +388,7 @@ impl<B: Send + 'static> Loader<B> {
             .spawn(move || {
                 let mut state = start;
                 let mut sent_any = false;
+                let mut warned = false;
                 loop {
                     let options = StreamOptions {
                         split: Some(Split::Train),
@@ -412,6 +417,17 @@ impl<B: Send + 'static> Loader<B> {
                         };
                         delivered += 1;
                         batcher.push(s, epoch);
+                        if !sent_any && !warned && delivered == EARLY_WARNING && batcher.pending() == 0 {
+                            // Nothing usable yet: say so within seconds rather than after a whole epoch.
+                            warned = true;
+                            let why = batcher
+                                .first_skip()
+                                .map_or(String::new(), |(id, why)| format!(" (the first, sample {id}: {why})"));
+                            tracing::warn!(
+                                "no usable training sample among the first {EARLY_WARNING} read{why}; still reading, \
+                                 the run stops with an error if a whole epoch has none"
+                            );
+                        }
                         if batcher.pending() == stream.batch_size {
                             sent_any = true;
                             if tx.send(Ok(batcher.take(samples.state()))).is_err() {
