@@ -196,14 +196,7 @@ pub(crate) fn tar_bytes<'a>(groups: impl Iterator<Item = &'a Members>) -> std::i
     let mut builder = tar::Builder::new(Vec::new());
     for members in groups {
         for (name, data) in members {
-            let mut header = tar::Header::new_ustar();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            header.set_mtime(0);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_entry_type(tar::EntryType::Regular);
-            builder.append_data(&mut header, name, data.as_slice())?;
+            imglish_ingest::tar_append(&mut builder, name, data)?;
         }
     }
     builder.into_inner()

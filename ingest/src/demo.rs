@@ -542,17 +542,6 @@ struct Generated {
     captions: Vec<String>,
 }
 
-fn tar_append(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> std::io::Result<()> {
-    let mut header = tar::Header::new_ustar();
-    header.set_size(data.len() as u64);
-    header.set_mode(0o644);
-    header.set_mtime(0);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_entry_type(tar::EntryType::Regular);
-    builder.append_data(&mut header, name, data)
-}
-
 /// Writes the demo corpus into `out` (which must not exist, or hold a complete corpus of the same
 /// configuration, in which case nothing is written). The corpus is assembled in a temporary sibling directory
 /// and renamed into place, so `out` is never half-written.
@@ -765,13 +754,17 @@ fn write_into(root: &Path, config: &DemoConfig, progress: &dyn Fn(u64)) -> Resul
         let mut builder = tar::Builder::new(Vec::new());
         for g in chunk {
             let io = |r: std::io::Result<()>| r.at(&path);
-            io(tar_append(&mut builder, &format!("{}.{}", g.key, g.ext), &g.bytes))?;
-            io(tar_append(
+            io(crate::sources::tar_append(
+                &mut builder,
+                &format!("{}.{}", g.key, g.ext),
+                &g.bytes,
+            ))?;
+            io(crate::sources::tar_append(
                 &mut builder,
                 &format!("{}.txt", g.key),
                 g.captions[0].as_bytes(),
             ))?;
-            io(tar_append(
+            io(crate::sources::tar_append(
                 &mut builder,
                 &format!("{}.cls", g.key),
                 g.class.to_string().as_bytes(),

@@ -54,6 +54,6 @@ pub use run::{
     ingest, read_image_bytes, sample_id, IngestConfig, IngestCounts, IngestSummary, LabelMode, Manifest,
     MANIFEST_VERSION,
 };
-pub use sources::{Locator, ParquetColumns, SourceKind, DOWNLOAD_RECORD};
+pub use sources::{tar_append, Locator, ParquetColumns, SourceKind, DOWNLOAD_RECORD};
 pub use texts::{read_texts_file, TextOptions, TextRow, TEXTS_FILE};
 pub use validate::{validate_bytes, ImageInfo, Reason, Rejection, ValidationLimits};

@@ -150,6 +150,19 @@ impl Source {
     }
 }
 
+/// Appends a regular file member with fixed metadata (mode 0644, mtime 0, owner 0), so that the same members
+/// give the same archive bytes (the demo corpus's shards, `imglish download`'s shards).
+pub fn tar_append(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let mut header = tar::Header::new_ustar();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    builder.append_data(&mut header, name, data)
+}
+
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {

@@ -4,8 +4,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use imglish_download::{download, user_agent, DownloadConfig, FetchConfig, UrlColumns};
-use imglish_ingest::ValidationLimits;
 
+use super::ingest::ImageLimitArgs;
 use crate::output::{BarProgress, Output};
 
 #[derive(Debug, Args)]
@@ -70,17 +70,8 @@ pub struct DownloadArgs {
     #[arg(long, default_value_t = 32 << 20)]
     pub max_bytes: u64,
 
-    /// Reject images with more pixels than this.
-    #[arg(long, default_value_t = 178_956_970)]
-    pub max_pixels: u64,
-
-    /// Reject images whose shorter side is below this.
-    #[arg(long, default_value_t = 32)]
-    pub min_side: u32,
-
-    /// Reject images whose aspect ratio (long/short) exceeds this.
-    #[arg(long, default_value_t = 10.0)]
-    pub max_aspect: f64,
+    #[command(flatten)]
+    pub image: ImageLimitArgs,
 
     /// Download images whose response says `X-Robots-Tag: noai` (or noimageai, noindex, noimageindex); by
     /// default they are skipped as `opt-out`. Recorded in download.json.
@@ -132,13 +123,7 @@ impl DownloadArgs {
             honour_opt_out: !self.ignore_opt_out,
             user_agent: user_agent(self.user_agent_contact.as_deref()),
         };
-        config.limits = ValidationLimits {
-            max_pixels: self.max_pixels,
-            min_side: self.min_side,
-            max_aspect: self.max_aspect,
-            max_bytes: self.max_bytes,
-            full_decode: false,
-        };
+        config.limits = self.image.limits(self.max_bytes, false);
         config.retry_failed = self.retry_failed;
         config.overwrite = self.overwrite;
         config.allow_empty = self.allow_empty;

@@ -64,17 +64,8 @@ pub struct IngestArgs {
     #[arg(long)]
     pub require_captions: bool,
 
-    /// Reject images with more pixels than this.
-    #[arg(long, default_value_t = 178_956_970)]
-    pub max_pixels: u64,
-
-    /// Reject images whose shorter side is below this.
-    #[arg(long, default_value_t = 32)]
-    pub min_side: u32,
-
-    /// Reject images whose aspect ratio (long/short) exceeds this.
-    #[arg(long, default_value_t = 10.0)]
-    pub max_aspect: f64,
+    #[command(flatten)]
+    pub image: ImageLimitArgs,
 
     /// Reject files larger than this many bytes.
     #[arg(long, default_value_t = 256 << 20)]
@@ -107,6 +98,35 @@ pub struct IngestArgs {
     /// Replace a manifest in --out made from other inputs or settings (refused by default).
     #[arg(long)]
     pub overwrite: bool,
+}
+
+/// The image checks shared by `ingest` and `download`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ImageLimitArgs {
+    /// Reject images with more pixels than this.
+    #[arg(long, default_value_t = 178_956_970)]
+    pub max_pixels: u64,
+
+    /// Reject images whose shorter side is below this.
+    #[arg(long, default_value_t = 32)]
+    pub min_side: u32,
+
+    /// Reject images whose aspect ratio (long/short) exceeds this.
+    #[arg(long, default_value_t = 10.0)]
+    pub max_aspect: f64,
+}
+
+impl ImageLimitArgs {
+    /// The validation limits with this file-size cap and full decoding on or off.
+    pub fn limits(&self, max_bytes: u64, full_decode: bool) -> ValidationLimits {
+        ValidationLimits {
+            max_pixels: self.max_pixels,
+            min_side: self.min_side,
+            max_aspect: self.max_aspect,
+            max_bytes,
+            full_decode,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -161,13 +181,7 @@ pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
         })
         .with_require_captions(args.require_captions)
         .with_follow_symlinks(args.follow_symlinks)
-        .try_with_limits(ValidationLimits {
-            max_pixels: args.max_pixels,
-            min_side: args.min_side,
-            max_aspect: args.max_aspect,
-            max_bytes: args.max_bytes,
-            full_decode: args.full_decode,
-        })?
+        .try_with_limits(args.image.limits(args.max_bytes, args.full_decode))?
         .with_parquet_columns(ParquetColumns {
             image: args.image_column.clone(),
             caption: args.caption_column.clone(),
