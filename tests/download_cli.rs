@@ -63,6 +63,31 @@ fn download_then_ingest_reads_the_shards_with_their_captions() {
     assert!(stdout.starts_with("ingest: 4 seen, 4 accepted"), "{stdout}");
     assert!(stdout.contains("\n  0 images without captions"), "{stdout}");
 
+    // A plain folder of tar shards (img2dataset's layout: shards beside Parquet and JSON metadata, no
+    // download.json) is read as its shards too.
+    let plain = dir.path().join("plain");
+    std::fs::create_dir(&plain).expect("mkdir");
+    for e in std::fs::read_dir(&out).expect("out") {
+        let p = e.expect("entry").path();
+        if p.file_name().is_some_and(|n| n != "download.json") {
+            std::fs::copy(&p, plain.join(p.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let manifest2 = dir.path().join("manifest2");
+    let o = imglish(&[
+        "ingest",
+        "--images",
+        plain.to_str().expect("utf8"),
+        "--out",
+        manifest2.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).starts_with("ingest: 4 seen, 4 accepted"),
+        "{}",
+        text(&o.stdout)
+    );
+
     // A rerun fetches nothing.
     let before = s.total_requests();
     let o = imglish(&[

@@ -86,9 +86,16 @@ pub const DOWNLOAD_RECORD: &str = "download.json";
 
 impl Source {
     /// The sources `path` stands for: a folder written by `imglish download` (it holds [`DOWNLOAD_RECORD`]) is
-    /// its tar shards, in the record's order; anything else is one source ([`Source::detect`]).
+    /// its tar shards, in the record's order; a folder of WebDataset tar shards (`.tar` files and no images or
+    /// subfolders beside them, as img2dataset writes) is its tars in name order; anything else is one source
+    /// ([`Source::detect`]).
     pub fn expand(path: &Path) -> Result<Vec<Source>> {
         let record = path.join(DOWNLOAD_RECORD);
+        if path.is_dir() && !record.is_file() {
+            if let Some(tars) = tar_folder(path)? {
+                return tars.iter().map(|t| Source::detect(t)).collect();
+            }
+        }
         if !path.is_dir() || !record.is_file() {
             return Ok(vec![Source::detect(path)?]);
         }
@@ -161,6 +168,31 @@ pub fn tar_append(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) 
     header.set_gid(0);
     header.set_entry_type(tar::EntryType::Regular);
     builder.append_data(&mut header, name, data)
+}
+
+/// The `.tar` files of a folder that holds tar shards beside nothing but metadata (no image files, no
+/// subfolders); `None` for any other folder.
+fn tar_folder(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let mut tars = Vec::new();
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let p = entry.path();
+        if entry.file_type().at(&p)?.is_dir() {
+            return Ok(None);
+        }
+        let ext = p
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        if IMAGE_EXTS.contains(&ext.as_str()) {
+            return Ok(None);
+        }
+        if ext == "tar" {
+            tars.push(p);
+        }
+    }
+    tars.sort();
+    Ok((!tars.is_empty()).then_some(tars))
 }
 
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {

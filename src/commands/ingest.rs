@@ -285,7 +285,8 @@ fn hint(reason: &str) -> &'static str {
             " (symbolic links that lead out of the source folder are refused: pass --follow-symlinks to read them)"
         }
         "unsupported-format" => {
-            " (a folder source reads image files; pass .tar or .parquet files to --images themselves)"
+            " (a folder source reads image files, or the .tar shards of a folder that holds shards and no images; \
+             pass other .tar or .parquet files to --images themselves)"
         }
         "bad-record" => " (check the field names: --text-field, or the caption file's columns)",
         _ => "",
