@@ -17,6 +17,19 @@ fn list(dir: &std::path::Path, s: &server::Server, paths: &[&str]) -> String {
     path.display().to_string()
 }
 
+/// `imglish ingest --images IMAGES --out OUT`, which must succeed; its stdout.
+fn ingest(images: &std::path::Path, out: &std::path::Path) -> String {
+    let o = imglish(&[
+        "ingest",
+        "--images",
+        images.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    text(&o.stdout)
+}
+
 #[test]
 fn download_then_ingest_reads_the_shards_with_their_captions() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -50,16 +63,7 @@ fn download_then_ingest_reads_the_shards_with_their_captions() {
     );
     assert!(stdout.contains("2 of 2 shards written"), "{stdout}");
 
-    let manifest = dir.path().join("manifest");
-    let o = imglish(&[
-        "ingest",
-        "--images",
-        out.to_str().expect("utf8"),
-        "--out",
-        manifest.to_str().expect("utf8"),
-    ]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let stdout = text(&o.stdout);
+    let stdout = ingest(&out, &dir.path().join("manifest"));
     assert!(stdout.starts_with("ingest: 4 seen, 4 accepted"), "{stdout}");
     assert!(stdout.contains("\n  0 images without captions"), "{stdout}");
 
@@ -73,20 +77,8 @@ fn download_then_ingest_reads_the_shards_with_their_captions() {
             std::fs::copy(&p, plain.join(p.file_name().expect("name"))).expect("copy");
         }
     }
-    let manifest2 = dir.path().join("manifest2");
-    let o = imglish(&[
-        "ingest",
-        "--images",
-        plain.to_str().expect("utf8"),
-        "--out",
-        manifest2.to_str().expect("utf8"),
-    ]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    assert!(
-        text(&o.stdout).starts_with("ingest: 4 seen, 4 accepted"),
-        "{}",
-        text(&o.stdout)
-    );
+    let stdout = ingest(&plain, &dir.path().join("manifest2"));
+    assert!(stdout.starts_with("ingest: 4 seen, 4 accepted"), "{stdout}");
 
     // A rerun fetches nothing.
     let before = s.total_requests();

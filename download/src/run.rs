@@ -178,9 +178,11 @@ pub fn download(config: &DownloadConfig, out: &Path, progress: &dyn Progress) ->
     Ok(summary)
 }
 
+/// sha256 of a file, streamed (URL lists can be large).
 fn file_sha256(path: &Path) -> Result<String> {
-    let bytes = fs::read(path).at(path)?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut fs::File::open(path).at(path)?, &mut hasher).at(path)?;
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// Checks that `out` holds nothing or an earlier run of the same list and settings (or clears it with

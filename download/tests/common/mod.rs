@@ -163,6 +163,14 @@ fn write_response(conn: &mut TcpStream, status: &str, headers: &[(&str, String)]
     conn.flush()
 }
 
+/// The status line and headers of a 200 response whose body the caller writes (or fails to write) itself.
+fn write_image_head(conn: &mut TcpStream, content_type: &str, len: usize) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes())
+}
+
 fn handle(mut conn: TcpStream, images: &[(Vec<u8>, &'static str)], state: &Mutex<State>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
@@ -262,11 +270,7 @@ fn handle(mut conn: TcpStream, images: &[(Vec<u8>, &'static str)], state: &Mutex
         "slow" => {
             leave();
             let (bytes, ct) = img(num(1));
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
-                bytes.len()
-            );
-            conn.write_all(head.as_bytes())?;
+            write_image_head(&mut conn, ct, bytes.len())?;
             conn.write_all(&bytes[..bytes.len() / 2])?;
             conn.flush()?;
             thread::sleep(Duration::from_secs(5));
@@ -276,11 +280,7 @@ fn handle(mut conn: TcpStream, images: &[(Vec<u8>, &'static str)], state: &Mutex
         "truncated" => {
             leave();
             let (bytes, ct) = img(num(1));
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
-                bytes.len()
-            );
-            conn.write_all(head.as_bytes())?;
+            write_image_head(&mut conn, ct, bytes.len())?;
             conn.write_all(&bytes[..bytes.len() / 3])?;
             conn.flush()?;
             conn.shutdown(std::net::Shutdown::Both)
