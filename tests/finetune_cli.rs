@@ -285,6 +285,31 @@ fn finetune_refuses_misfits_before_any_step() {
         )
     );
 
+    // Without --checkpoint, --init must be a timm Beit (pixel input): imglish's token-input weights are not.
+    let weights = format!("{ckpt}/model.safetensors");
+    let o = imglish(&[
+        "finetune",
+        "--init",
+        &weights,
+        "--dataset",
+        &ds,
+        "--out",
+        &w.path("x7"),
+        "--steps",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        last_line(&o),
+        format!(
+            "error: checkpoint {weights}: has no 'patch_embed.proj.weight': without --checkpoint, --init needs a \
+             timm Beit state dict (a pixel-input encoder); give the pretraining checkpoint for other files"
+        )
+    );
+    // Neither --checkpoint nor --init: a usage error.
+    let o = imglish(&["finetune", "--dataset", &ds, "--out", &w.path("x8")]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+
     // --init and --random-init: a usage error.
     let o = finetune(&run, &ds, &w.path("x5"), &["--random-init", "--init", "w.safetensors"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));

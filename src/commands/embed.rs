@@ -53,6 +53,10 @@ pub struct EmbedArgs {
     /// Inputs per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Pixel-input encoders: embed the centre view of each original image of this ingest manifest (the one the
+    /// dataset was made from) instead of the stored working image.
+    #[arg(long, value_name = "MANIFEST", conflicts_with = "all_views")]
+    pub images: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
     pub device: String,
@@ -60,6 +64,9 @@ pub struct EmbedArgs {
 
 pub fn run(args: &EmbedArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
     expect(&args.dataset, Folder::Dataset, "--dataset")?;
+    if let Some(images) = &args.images {
+        expect(images, Folder::Manifest, "--images")?;
+    }
     imglish_train::set_threads(threads);
     let device: TorchDevice = args.device.parse()?;
     let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;
@@ -77,6 +84,7 @@ pub fn run(args: &EmbedArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         all_views: args.all_views,
         texts: !args.no_texts,
         batch_size: args.batch_size,
+        images: args.images.clone(),
     };
     let started = std::time::Instant::now();
     let bar = out.spinner("embedding");

@@ -17,8 +17,8 @@ use crate::output::Output;
 pub struct FinetuneArgs {
     /// A pretraining checkpoint (`RUN/checkpoints/step-NNNNNNNN`) or run directory (its newest checkpoint): the
     /// encoder's architecture and, unless --random-init or --init, its weights.
-    #[arg(long, value_name = "DIR")]
-    pub checkpoint: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "init")]
+    pub checkpoint: Option<PathBuf>,
     /// Dataset directory with labels (`ingest --labels from-folders`).
     #[arg(long, value_name = "DIR")]
     pub dataset: PathBuf,
@@ -30,9 +30,23 @@ pub struct FinetuneArgs {
     #[arg(long, conflicts_with = "init")]
     pub random_init: bool,
     /// Start the encoder from this safetensors file instead (timm `beit_*`, torchscale `BEiT3`, imglish names;
-    /// shapes checked, position tables resized, shared relative position table copied to every block).
+    /// shapes checked, position tables resized, shared relative position table copied to every block). Without
+    /// --checkpoint the file must be a timm `Beit` state dict: it gives the architecture too, and its `fc_norm`
+    /// and `head` are loaded when they have this dataset's number of classes.
     #[arg(long, value_name = "FILE")]
     pub init: Option<PathBuf>,
+    /// Attention heads of an --init file that has no relative position table (otherwise read from the file).
+    #[arg(long, requires = "init", conflicts_with = "checkpoint")]
+    pub heads: Option<i64>,
+    /// Pixel-input encoders: fine-tune at this image side in pixels (a multiple of the patch size; position
+    /// tables are resized, as BEiT does at 384). Default: the encoder's own.
+    #[arg(long, value_name = "PX")]
+    pub input_size: Option<i64>,
+    /// Pixel-input encoders: cut each view afresh from the original images of this ingest manifest (the one the
+    /// dataset was tokenized from): a new random-resized crop with flip every epoch at the input size, the centre
+    /// view for evaluation. Default: the dataset's stored views (`pack --include-pixels`).
+    #[arg(long, value_name = "MANIFEST")]
+    pub images: Option<PathBuf>,
 
     /// Optimiser steps.
     #[arg(long, default_value_t = 1000)]
@@ -132,6 +146,9 @@ impl FinetuneArgs {
             },
             random_init: self.random_init,
             init: self.init.clone(),
+            heads: self.heads,
+            input_size: self.input_size,
+            images: self.images.clone(),
         }
     }
 }
@@ -151,10 +168,16 @@ pub fn run(args: &FinetuneArgs, threads: usize, out: &Output) -> anyhow::Result<
     let _lock = super::lock::lock_dir(&args.out)?;
     expect(&args.dataset, Folder::Dataset, "--dataset")?;
     imglish_train::set_threads(threads);
-    let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;
+    let checkpoint = match &args.checkpoint {
+        Some(c) => Some(imglish_train::resolve_checkpoint(c)?),
+        None => None,
+    };
+    if let Some(images) = &args.images {
+        expect(images, Folder::Manifest, "--images")?;
+    }
     let dataset =
         Dataset::open(&args.dataset).with_context(|| format!("cannot open the dataset {}", args.dataset.display()))?;
-    let config = finetune_config(&checkpoint, &dataset, &args.options())?;
+    let config = finetune_config(checkpoint.as_deref(), &dataset, &args.options())?;
     let options = args.run.options(args.eval_every, args.eval_samples)?;
     let bar = out.progress(0, "fine-tuning");
     let mut observer = |e: &FinetuneEvent| match e {

@@ -103,11 +103,7 @@ impl std::fmt::Debug for BatchMaker {
 impl BatchMaker {
     /// For a BEiT run.
     pub fn beit(config: &TrainConfig) -> BatchMaker {
-        let builder = Builder {
-            config: config.model.clone(),
-            masking: config.masking.clone(),
-            seed: config.seed,
-        };
+        let builder = Builder::new(config.model.clone(), config.masking.clone(), config.seed);
         BatchMaker {
             inner: Inner::Beit(Box::new(BeitBatcher::new(builder)), config.clone()),
         }
@@ -138,11 +134,7 @@ impl BatchMaker {
     pub fn validation(&self, dataset: &Dataset, batch_size: usize, limit: usize) -> Result<Vec<MadeBatch>> {
         match &self.inner {
             Inner::Beit(_, config) => {
-                let builder = Builder {
-                    config: config.model.clone(),
-                    masking: config.masking.clone(),
-                    seed: config.seed,
-                };
+                let builder = Builder::new(config.model.clone(), config.masking.clone(), config.seed);
                 let set = FixedSet::load(dataset, Split::Val, &builder, batch_size, limit, false)?;
                 Ok(set.batches.into_iter().map(|b| beit_arrays(b, config, None)).collect())
             }

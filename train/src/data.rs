@@ -2,6 +2,7 @@
 //! and masks with bounded prefetch; and fixed evaluation sets (centre view, fixed masks).
 
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,8 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{InputKind, ModelConfig};
 use crate::error::{Result, TrainError};
 use crate::masking::Masking;
+use crate::originals::Originals;
+use image::RgbImage;
 
 /// Samples read without a usable one, at the start of a run, after which the loader warns (the error comes only
 /// after a whole epoch: a dataset may hold a long run of samples this model skips, such as texts for BEiT).
@@ -108,12 +111,18 @@ impl Batch {
     }
 }
 
-/// Turns samples into batches: masks, targets, and (pixel input) the view rebuilt from the stored working image.
+/// Turns samples into batches: masks, targets, and (pixel input) the view rebuilt from the stored working image
+/// or cut afresh from the original image.
 #[derive(Clone)]
 pub(crate) struct Builder {
     pub(crate) config: ModelConfig,
     pub(crate) masking: Masking,
     pub(crate) seed: u64,
+    /// Read the stored tokens (masked-modelling targets, token input). A pixel-input classifier does not: its
+    /// grid may differ from the dataset's, and it masks nothing.
+    pub(crate) read_tokens: bool,
+    /// Pixel input cut from the original images instead of the stored working image.
+    pub(crate) originals: Option<Arc<Originals>>,
 }
 
 struct Pending {
@@ -126,6 +135,17 @@ struct Pending {
 }
 
 impl Builder {
+    /// A builder of masked-modelling batches (stored tokens; pixels from the stored working image).
+    pub(crate) fn new(config: ModelConfig, masking: Masking, seed: u64) -> Builder {
+        Builder {
+            config,
+            masking,
+            seed,
+            read_tokens: true,
+            originals: None,
+        }
+    }
+
     fn pending(&self) -> Pending {
         Pending {
             ids: Vec::new(),
@@ -151,6 +171,17 @@ impl Builder {
         pixels: Option<&[u8]>,
         label: Option<i32>,
     ) {
+        if !self.read_tokens {
+            match self.classifier_pixels(resizer, sample_id, epoch, crop, flip, pixels) {
+                Ok(px) => p.pixels.extend(px),
+                Err(reason) => return p.skipped.push((sample_id, reason)),
+            }
+            p.ids.push(sample_id);
+            p.labels.push(label.map_or(-1, i64::from));
+            p.mask
+                .extend(std::iter::repeat_n(false, self.config.num_patches() as usize));
+            return;
+        }
         if tokens.len() != self.config.num_patches() as usize {
             p.skipped.push((
                 sample_id,
@@ -175,6 +206,32 @@ impl Builder {
         p.labels.push(label.map_or(-1, i64::from));
         p.targets.extend(tokens.iter().map(|&t| i64::from(t)));
         p.mask.extend(self.masking.mask(self.seed, epoch, sample_id));
+    }
+
+    /// A classifier's pixel input: from the original image when the builder has them, else from the stored one.
+    fn classifier_pixels(
+        &self,
+        resizer: &mut Resizer,
+        sample_id: u64,
+        epoch: u64,
+        crop: [u32; 4],
+        flip: bool,
+        pixels: Option<&[u8]>,
+    ) -> Result<Vec<f32>, String> {
+        let Some(originals) = &self.originals else {
+            return render_pixels(pixels, crop, flip, self.config.image_size(), resizer);
+        };
+        if epoch == EVAL_EPOCH {
+            return originals.centre_pixels(sample_id, self.config.image_size(), resizer);
+        }
+        let side = square_side(self.config.image_size())?;
+        Ok(normalize(&originals.view(
+            sample_id,
+            self.seed,
+            Some(epoch),
+            side,
+            resizer,
+        )?))
     }
 
     fn finish(&self, p: Pending, state: StreamState) -> Batch {
@@ -206,19 +263,28 @@ pub(crate) fn render_pixels(
     let bytes = pixels.ok_or("the dataset has no pixels (pack with --include-pixels)")?;
     let decoded =
         decode_rgb(bytes, &DecodeOptions::default(), 1.0).map_err(|r| format!("stored pixels: {}", r.message))?;
-    let [h, w] = size;
+    let side = square_side(size)?;
+    let img = render_view(&decoded, &ViewParams { crop, flip }, side, Filter::Bicubic, resizer);
+    Ok(normalize(&img))
+}
+
+pub(crate) fn square_side([h, w]: [i64; 2]) -> Result<u32, String> {
     if h != w {
         return Err(format!("pixel input needs a square image size, not {h}x{w}"));
     }
-    let img = render_view(&decoded, &ViewParams { crop, flip }, h as u32, Filter::Bicubic, resizer);
-    let plane = (h * w) as usize;
+    Ok(h as u32)
+}
+
+/// `[3, H, W]` planes normalised with mean = std = 0.5.
+pub(crate) fn normalize(img: &RgbImage) -> Vec<f32> {
+    let plane = (img.width() * img.height()) as usize;
     let mut out = vec![0f32; 3 * plane];
     for (i, px) in img.pixels().enumerate() {
         for c in 0..3 {
             out[c * plane + i] = (f32::from(px[c]) / 255.0 - 0.5) / 0.5;
         }
     }
-    Ok(out)
+    out
 }
 
 /// Turns streamed samples into batches on the loader thread.

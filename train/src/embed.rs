@@ -4,7 +4,7 @@
 //! the same file.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -22,6 +22,7 @@ use crate::data::render_pixels;
 use crate::device::TorchDevice;
 use crate::error::{Result, TrainError};
 use crate::model::{Beit, Input};
+use crate::originals::Originals;
 use crate::trainer::{check_fit, check_probe_fit, checkpoint_architecture, load_model};
 
 /// Which pooled features a row carries.
@@ -49,6 +50,10 @@ pub struct EmbedConfig {
     pub texts: bool,
     /// Inputs per forward pass.
     pub batch_size: usize,
+    /// Pixel input: the centre view of each original image of this ingest manifest (the one the dataset was made
+    /// from) instead of the stored working image's.
+    #[serde(default)]
+    pub images: Option<PathBuf>,
 }
 
 impl Default for EmbedConfig {
@@ -59,6 +64,7 @@ impl Default for EmbedConfig {
             all_views: false,
             texts: true,
             batch_size: 64,
+            images: None,
         }
     }
 }
@@ -111,27 +117,25 @@ pub fn embed(
     }
     let device = device.resolve()?;
     let dataset = Dataset::open(dataset_dir)?;
-    let model = match checkpoint_architecture(checkpoint)?.as_str() {
-        "beit3" => {
-            let (m, run) = load_beit3(checkpoint, device)?;
-            let c = &run.model;
-            check_probe_fit(
-                checkpoint,
-                &dataset,
-                check_fit(&dataset, c.grid, c.vocab_size, Some(c.text_vocab_size), c.input),
-            )?;
-            Model::Beit3(m)
+    let (model, input) = load_encoder(checkpoint, &dataset, config.images.is_some(), device)?;
+    let originals = match &config.images {
+        Some(_) if input != InputKind::Pixels => {
+            return Err(TrainError::Config(
+                "--images needs a pixel-input encoder (this one reads the dataset's tokens)".into(),
+            ))
         }
-        _ => {
-            let (m, run) = load_model(checkpoint, device)?;
-            let c = &run.model;
-            check_probe_fit(
-                checkpoint,
-                &dataset,
-                check_fit(&dataset, c.grid, c.vocab_size, None, c.input),
-            )?;
-            Model::Beit(m)
+        Some(_) if config.all_views => {
+            return Err(TrainError::Config(
+                "--images embeds the centre view of each original image; --all-views reads the stored views".into(),
+            ))
         }
+        Some(dir) => Some(Originals::open(dir, &dataset)?),
+        None => None,
+    };
+    let ctx = Context {
+        model: &model,
+        config,
+        originals: originals.as_ref(),
     };
     let mut cols = Columns::default();
     let mut images: Vec<(Row, Vec<i64>, Vec<f32>)> = Vec::new();
@@ -144,7 +148,7 @@ pub fn embed(
         }
         for b in 0..shard.batches as usize {
             for r in dataset.batch_records(i, b)? {
-                add_record(&model, &r, config, &mut resizer, &mut images, &mut texts)?;
+                add_record(&ctx, &r, &mut resizer, &mut images, &mut texts)?;
                 if images.len() >= config.batch_size {
                     dim = run_images(&model, &mut images, &mut cols, device)?;
                     progress(cols.rows.len() as u64);
@@ -178,14 +182,49 @@ pub fn embed(
     })
 }
 
+/// The encoder of `checkpoint` and what it reads, checked against the dataset (stored pixels are not needed
+/// when the original images are given).
+fn load_encoder(checkpoint: &Path, dataset: &Dataset, originals: bool, device: Device) -> Result<(Model, InputKind)> {
+    let needs = |input: InputKind| if originals { InputKind::Tokens } else { input };
+    Ok(match checkpoint_architecture(checkpoint)?.as_str() {
+        "beit3" => {
+            let (m, run) = load_beit3(checkpoint, device)?;
+            let c = &run.model;
+            check_probe_fit(
+                checkpoint,
+                dataset,
+                check_fit(dataset, c.grid, c.vocab_size, Some(c.text_vocab_size), needs(c.input)),
+            )?;
+            (Model::Beit3(m), c.input)
+        }
+        _ => {
+            let (m, run) = load_model(checkpoint, device)?;
+            let c = &run.model;
+            check_probe_fit(
+                checkpoint,
+                dataset,
+                check_fit(dataset, c.grid, c.vocab_size, None, needs(c.input)),
+            )?;
+            (Model::Beit(m), c.input)
+        }
+    })
+}
+
+/// What every record is embedded with.
+struct Context<'a> {
+    model: &'a Model,
+    config: &'a EmbedConfig,
+    originals: Option<&'a Originals>,
+}
+
 fn add_record(
-    model: &Model,
+    ctx: &Context<'_>,
     r: &TokenRecord,
-    config: &EmbedConfig,
     resizer: &mut Resizer,
     images: &mut Vec<(Row, Vec<i64>, Vec<f32>)>,
     texts: &mut Vec<(Row, Vec<u32>)>,
 ) -> Result<()> {
+    let (model, config) = (ctx.model, ctx.config);
     let (input, size, max_text) = match model {
         Model::Beit(m) => (m.config().input, m.config().image_size(), 0),
         Model::Beit3(m) => (
@@ -201,11 +240,13 @@ fn add_record(
     };
     for (v, view) in r.views.iter().take(views).enumerate() {
         let pixels = if input == InputKind::Pixels {
-            render_pixels(r.pixels.as_deref(), view.crop, view.flip, size, resizer).map_err(|reason| {
-                TrainError::Sample {
-                    sample_id: r.sample_id,
-                    reason,
-                }
+            match ctx.originals {
+                Some(o) => o.centre_pixels(r.sample_id, size, resizer),
+                None => render_pixels(r.pixels.as_deref(), view.crop, view.flip, size, resizer),
+            }
+            .map_err(|reason| TrainError::Sample {
+                sample_id: r.sample_id,
+                reason,
             })?
         } else {
             Vec::new()

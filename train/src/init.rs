@@ -80,7 +80,36 @@ const PREFIXES: [&str; 6] = ["", "module.", "model.", "beit3.", "module.beit3.",
 
 /// Copies the tensors of `path` into `params` (see the module docs); `grid` is this model's patch grid.
 pub fn init_params(params: BTreeMap<String, Tensor>, path: &Path, grid: [i64; 2]) -> Result<InitReport> {
+    init_with_optional(params, BTreeMap::new(), path, grid)
+}
+
+/// [`init_params`], and also `optional` parameters (a classifier's `fc_norm` and `head`), each copied only when
+/// the file holds it with the same shape (a head for another number of classes keeps its initialisation and is
+/// reported missing, as timm does).
+pub(crate) fn init_with_optional(
+    mut params: BTreeMap<String, Tensor>,
+    optional: BTreeMap<String, Tensor>,
+    path: &Path,
+    grid: [i64; 2],
+) -> Result<InitReport> {
     let stored = Stored::read(path, "--init weights")?;
+    let prefix = stored_prefix(&stored, &params)?;
+    let mut skipped = Vec::new();
+    for (name, p) in optional {
+        match stored.get(&format!("{prefix}{name}")) {
+            Ok(src) if src.size() == p.size() => {
+                params.insert(name, p);
+            }
+            _ => skipped.push(name),
+        }
+    }
+    let mut report = copy_params(&stored, &params, path, &prefix, grid)?;
+    report.missing.extend(skipped);
+    Ok(report)
+}
+
+/// The prefix (of [`PREFIXES`]) under which the file holds the most of `params`.
+fn stored_prefix(stored: &Stored, params: &BTreeMap<String, Tensor>) -> Result<String> {
     let names: Vec<String> = stored.names().cloned().collect();
     let matches = |prefix: &str| {
         params
@@ -101,6 +130,17 @@ pub fn init_params(params: BTreeMap<String, Tensor>, path: &Path, grid: [i64; 2]
             params.keys().next().map_or("", String::as_str)
         )));
     }
+    Ok(prefix.to_string())
+}
+
+fn copy_params(
+    stored: &Stored,
+    params: &BTreeMap<String, Tensor>,
+    path: &Path,
+    prefix: &str,
+    grid: [i64; 2],
+) -> Result<InitReport> {
+    let names: Vec<String> = stored.names().cloned().collect();
     let mut report = InitReport {
         file: path.to_path_buf(),
         prefix: prefix.to_string(),
@@ -210,4 +250,82 @@ pub(crate) fn apply(init: Option<&Path>, step: u64, params: BTreeMap<String, Ten
     let report = init_params(params, path, grid)?;
     tracing::info!("{}", report.summary());
     Ok(())
+}
+
+/// The architecture of a timm `Beit` state dict (`beit_*` models; a `module.` / `model.` prefix is allowed), for
+/// `finetune --init FILE` without a pretraining checkpoint: width and patch size from `patch_embed.proj.weight`,
+/// depth from the blocks, MLP ratio from `mlp.fc1`, heads and grid from the relative position tables (else from
+/// `heads` and `pos_embed`), layer scale from `gamma_1`. The encoder reads pixels; `vocab_size` (unused by a
+/// classifier) is set to 2.
+pub fn timm_beit_config(path: &Path, heads: Option<i64>) -> Result<crate::ModelConfig> {
+    let stored = Stored::read(path, "--init weights")?;
+    let prefix = ["", "module.", "model."]
+        .into_iter()
+        .find(|p| stored.get(&format!("{p}patch_embed.proj.weight")).is_ok())
+        .ok_or_else(|| {
+            stored.bad(
+                "has no 'patch_embed.proj.weight': without --checkpoint, --init needs a timm Beit state dict (a \
+                 pixel-input encoder); give the pretraining checkpoint for other files"
+                    .into(),
+            )
+        })?;
+    let shape = |name: &str| stored.get(&format!("{prefix}{name}")).ok().map(Tensor::size);
+    let proj = shape("patch_embed.proj.weight").unwrap_or_default();
+    let [dim, 3, patch, patch_w] = proj[..] else {
+        return Err(stored.bad(format!(
+            "'patch_embed.proj.weight' has shape {proj:?}, not [dim, 3, p, p]"
+        )));
+    };
+    if patch != patch_w {
+        return Err(stored.bad(format!(
+            "patch_embed.proj.weight has non-square patches {patch}x{patch_w}"
+        )));
+    }
+    let depth = (0..)
+        .take_while(|i| shape(&format!("blocks.{i}.norm1.weight")).is_some())
+        .count() as i64;
+    let hidden = shape("blocks.0.mlp.fc1.weight").map_or(0, |s| s[0]);
+    let (rel_pos_bias, table) = if let Some(t) = shape("blocks.0.attn.relative_position_bias_table") {
+        (crate::RelPosBias::PerLayer, Some(t))
+    } else if let Some(t) = shape(SHARED_TABLE) {
+        (crate::RelPosBias::Shared, Some(t))
+    } else {
+        (crate::RelPosBias::Off, None)
+    };
+    let pos_embed = shape("pos_embed");
+    let side = match (&table, &pos_embed) {
+        (Some(t), _) => square_side(t[0] - 3).map(|s| (s + 1) / 2),
+        (None, Some(p)) => square_side(p[1] - 1),
+        (None, None) => None,
+    }
+    .ok_or_else(|| stored.bad("has neither a relative position table nor a pos_embed to read the grid from".into()))?;
+    let heads = match (heads, &table) {
+        (Some(h), _) => h,
+        (None, Some(t)) => t[1],
+        (None, None) => {
+            return Err(
+                stored.bad("has no relative position table to read the number of heads from: give --heads".into())
+            )
+        }
+    };
+    let config = crate::ModelConfig {
+        dim,
+        depth,
+        heads,
+        mlp_ratio: hidden as f64 / dim as f64,
+        grid: [side, side],
+        patch_size: patch,
+        input: crate::InputKind::Pixels,
+        vocab_size: 2,
+        rel_pos_bias,
+        abs_pos_emb: pos_embed.is_some(),
+        layer_scale_init: shape("blocks.0.gamma_1").map(|_| 0.1),
+        layer_norm_eps: 1e-6,
+        drop_path: 0.0,
+        init_std: 0.02,
+    };
+    config
+        .validate()
+        .map_err(|e| stored.bad(format!("does not describe a Beit encoder: {e}")))?;
+    Ok(config)
 }

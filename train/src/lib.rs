@@ -49,6 +49,7 @@ mod masking;
 mod model;
 mod optim;
 mod options;
+mod originals;
 mod plot;
 mod probe;
 mod tensors;
@@ -69,7 +70,7 @@ pub use finetune::{
     finetune, finetune_config, load_classifier, Backbone, Classifier, FinetuneConfig, FinetuneEvent, FinetuneMetrics,
     FinetuneOptions, FinetuneSummary, MixConfig, Start,
 };
-pub use init::{init_params, InitReport};
+pub use init::{init_params, timm_beit_config, InitReport};
 pub use masking::{MaskKind, Masking};
 pub use model::{relative_position_index, Beit, Input};
 pub use optim::{decays, AdamW, OptimConfig};

@@ -92,11 +92,7 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
                 &dataset,
                 check_fit(&dataset, m.grid, m.vocab_size, Some(m.text_vocab_size), m.input),
             )?;
-            let builder = Builder {
-                config: run.model.data_config(),
-                masking: run.objective.image_masking.clone(),
-                seed: run.seed,
-            };
+            let builder = Builder::new(run.model.data_config(), run.objective.image_masking.clone(), run.seed);
             (
                 Encoder::Beit3(model),
                 Encoder::Beit3(Beit3::new(&run.model, device, run.seed)?),
@@ -111,11 +107,7 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
                 &dataset,
                 check_fit(&dataset, m.grid, m.vocab_size, None, m.input),
             )?;
-            let builder = Builder {
-                config: run.model.clone(),
-                masking: run.masking.clone(),
-                seed: run.seed,
-            };
+            let builder = Builder::new(run.model.clone(), run.masking.clone(), run.seed);
             (
                 Encoder::Beit(model),
                 Encoder::Beit(Beit::new(&run.model, device, run.seed)?),

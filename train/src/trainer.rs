@@ -410,11 +410,7 @@ pub fn train(
     .map_err(io_err(out.join("config.json")))?;
 
     let until = options.stop_at.map_or(config.steps, |s| s.min(config.steps));
-    let builder = Builder {
-        config: config.model.clone(),
-        masking: config.masking.clone(),
-        seed: config.seed,
-    };
+    let builder = Builder::new(config.model.clone(), config.masking.clone(), config.seed);
     let val = FixedSet::load(
         &dataset,
         Split::Val,

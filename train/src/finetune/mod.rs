@@ -22,6 +22,7 @@ use crate::data::{BeitBatcher, Builder, FixedSet, Loader, StreamConfig};
 use crate::error::{io_err, torch_err, Result, TrainError};
 use crate::masking::Masking;
 use crate::optim::{AdamW, OptimConfig};
+use crate::originals::Originals;
 use crate::plot::plot_losses;
 use crate::trainer::{
     check_fit, check_probe_fit, checkpoint_architecture, latest_checkpoint, read_state, restore, write_checkpoint,
@@ -65,6 +66,9 @@ pub struct FinetuneConfig {
     pub stream: StreamConfig,
     /// The pretraining run's masking (it only keys the data builder; fine-tuning masks nothing).
     pub masking: Masking,
+    /// Views cut from the original images of this ingest manifest (pixel input) instead of the stored ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<PathBuf>,
 }
 
 /// Settings of a fine-tuning run that do not come from the checkpoint.
@@ -88,8 +92,15 @@ pub struct FinetuneOptions {
     pub stream: StreamConfig,
     /// Start from random weights instead of the checkpoint's.
     pub random_init: bool,
-    /// Start from these weights instead of the checkpoint's (the checkpoint gives the architecture).
+    /// Start from these weights instead of the checkpoint's (the checkpoint gives the architecture; without
+    /// one, this timm `Beit` state dict gives it).
     pub init: Option<PathBuf>,
+    /// Attention heads of an `--init` file without relative position tables (the heads cannot be read from it).
+    pub heads: Option<i64>,
+    /// Pixel input: fine-tune at this image side (the grid becomes side / patch; position tables are resized).
+    pub input_size: Option<i64>,
+    /// Pixel input: cut the views from the original images of this ingest manifest.
+    pub images: Option<PathBuf>,
 }
 
 /// One line of `metrics.jsonl`: a train interval (`kind: "train"`) or an evaluation (`kind: "val"`).
@@ -167,10 +178,63 @@ pub struct FinetuneSummary {
 
 const ARCH_SUFFIX: &str = "-classifier";
 
-/// The fine-tuning configuration for `checkpoint` (a BEiT or BEiT-3 pretraining checkpoint) on `dataset`:
-/// checks that they fit (grid, vocabularies, input kind, labels in both splits) before anything is computed.
-pub fn finetune_config(checkpoint: &Path, dataset: &Dataset, options: &FinetuneOptions) -> Result<FinetuneConfig> {
-    let (backbone, masking) = match checkpoint_architecture(checkpoint)?.as_str() {
+/// The fine-tuning configuration for `checkpoint` (a BEiT or BEiT-3 pretraining checkpoint; `None`: the timm
+/// `Beit` state dict of `--init` gives the architecture) on `dataset`: checks that they fit (grid, vocabularies,
+/// input kind, labels in both splits) before anything is computed.
+pub fn finetune_config(
+    checkpoint: Option<&Path>,
+    dataset: &Dataset,
+    options: &FinetuneOptions,
+) -> Result<FinetuneConfig> {
+    let (backbone, masking) = match checkpoint {
+        Some(checkpoint) => pretrained_backbone(checkpoint)?,
+        None => {
+            let Some(file) = &options.init else {
+                return Err(TrainError::Config(
+                    "give --checkpoint (a pretraining run) or --init (a timm Beit state dict)".into(),
+                ));
+            };
+            let config = crate::init::timm_beit_config(file, options.heads)?;
+            let grid = [config.grid[0] as usize, config.grid[1] as usize];
+            (Backbone::Beit(config), Masking::new(crate::MaskKind::Random, grid)?)
+        }
+    };
+    let backbone = match options.input_size {
+        Some(size) => backbone.with_input_size(size)?,
+        None => backbone,
+    };
+    check_data(checkpoint, dataset, &backbone, options.images.is_some())?;
+    let classes = label_classes(dataset)?;
+    let depth = backbone.depth();
+    let layer_decay = options.layer_decay.unwrap_or(if depth > 12 { 0.75 } else { 0.65 });
+    let start = match (&options.init, options.random_init, checkpoint) {
+        (Some(_), true, _) => return Err(TrainError::Config("--init and --random-init exclude each other".into())),
+        (Some(file), false, _) => Start::File(file.clone()),
+        (None, true, _) => Start::Random,
+        (None, false, Some(c)) => Start::Checkpoint(c.to_path_buf()),
+        (None, false, None) => unreachable!("checked above: no checkpoint means --init"),
+    };
+    let config = FinetuneConfig {
+        backbone: backbone.for_finetuning(options.drop_path),
+        start,
+        classes,
+        optim: options.optim.clone(),
+        layer_decay,
+        label_smoothing: options.label_smoothing,
+        mix: options.mix,
+        steps: options.steps,
+        seed: options.seed,
+        stream: options.stream.clone(),
+        masking,
+        images: options.images.clone(),
+    };
+    validate(&config)?;
+    Ok(config)
+}
+
+/// The encoder of a pretraining checkpoint and its masking.
+fn pretrained_backbone(checkpoint: &Path) -> Result<(Backbone, Masking)> {
+    Ok(match checkpoint_architecture(checkpoint)?.as_str() {
         "beit" => {
             let state: CheckpointState<TrainConfig> = read_state(checkpoint, "beit")?;
             (Backbone::Beit(state.config.model), state.config.masking)
@@ -190,41 +254,38 @@ pub fn finetune_config(checkpoint: &Path, dataset: &Dataset, options: &FinetuneO
                 ),
             })
         }
-    };
+    })
+}
+
+/// A token-input encoder must fit the dataset's tokens (grid, vocabularies, tokenizer); a pixel-input one reads
+/// no tokens, only images: the stored working images or the originals (`--images`).
+fn check_data(checkpoint: Option<&Path>, dataset: &Dataset, backbone: &Backbone, originals: bool) -> Result<()> {
     let data = backbone.data_config();
-    let text_vocab = match &backbone {
+    if data.input == crate::InputKind::Pixels {
+        if originals || dataset.index().config.include_pixels {
+            return Ok(());
+        }
+        return Err(TrainError::Dataset {
+            path: dataset.dir().to_path_buf(),
+            reason: "holds no images for a pixel-input encoder: pack with --include-pixels, or give the original \
+                     images with --images MANIFEST"
+                .into(),
+        });
+    }
+    if originals {
+        return Err(TrainError::Config(
+            "--images needs a pixel-input encoder (this one reads the dataset's tokens)".into(),
+        ));
+    }
+    let text_vocab = match backbone {
         Backbone::Beit3(c) => Some(c.text_vocab_size),
         Backbone::Beit(_) => None,
     };
-    check_probe_fit(
-        checkpoint,
-        dataset,
-        check_fit(dataset, data.grid, data.vocab_size, text_vocab, data.input),
-    )?;
-    let classes = label_classes(dataset)?;
-    let depth = backbone.depth();
-    let layer_decay = options.layer_decay.unwrap_or(if depth > 12 { 0.75 } else { 0.65 });
-    let start = match (&options.init, options.random_init) {
-        (Some(_), true) => return Err(TrainError::Config("--init and --random-init exclude each other".into())),
-        (Some(file), false) => Start::File(file.clone()),
-        (None, true) => Start::Random,
-        (None, false) => Start::Checkpoint(checkpoint.to_path_buf()),
-    };
-    let config = FinetuneConfig {
-        backbone: backbone.for_finetuning(options.drop_path),
-        start,
-        classes,
-        optim: options.optim.clone(),
-        layer_decay,
-        label_smoothing: options.label_smoothing,
-        mix: options.mix,
-        steps: options.steps,
-        seed: options.seed,
-        stream: options.stream.clone(),
-        masking,
-    };
-    validate(&config)?;
-    Ok(config)
+    let fit = check_fit(dataset, data.grid, data.vocab_size, text_vocab, data.input);
+    match checkpoint {
+        Some(c) => check_probe_fit(c, dataset, fit),
+        None => fit,
+    }
 }
 
 fn validate(config: &FinetuneConfig) -> Result<()> {
@@ -281,7 +342,16 @@ fn load_start(model: &Classifier, config: &FinetuneConfig) -> Result<String> {
         Start::Checkpoint(dir) => dir.join("model.safetensors"),
         Start::File(f) => f.clone(),
     };
-    let report = crate::init::init_params(model.encoder_parameters(), &file, config.backbone.grid())?;
+    let report = match config.start {
+        // A timm classifier's `fc_norm` and `head` come along when they fit (same number of classes).
+        Start::File(_) => crate::init::init_with_optional(
+            model.encoder_parameters(),
+            model.head_parameters(),
+            &file,
+            config.backbone.grid(),
+        )?,
+        _ => crate::init::init_params(model.encoder_parameters(), &file, config.backbone.grid())?,
+    };
     if report.loaded == 0 || !report.missing.is_empty() && matches!(config.start, Start::Checkpoint(_)) {
         return Err(TrainError::Checkpoint {
             path: file,
@@ -331,11 +401,13 @@ pub fn finetune(
         String::new()
     };
     write_config(out, config)?;
-    let builder = Builder {
-        config: data.clone(),
-        masking: config.masking.clone(),
-        seed: config.seed,
-    };
+    let mut builder = Builder::new(data.clone(), config.masking.clone(), config.seed);
+    if data.input == crate::InputKind::Pixels {
+        builder.read_tokens = false;
+        if let Some(dir) = &config.images {
+            builder.originals = Some(std::sync::Arc::new(Originals::open(dir, &dataset)?));
+        }
+    }
     let val = FixedSet::load(
         &dataset,
         Split::Val,

@@ -44,6 +44,36 @@ impl Backbone {
         }
     }
 
+    /// A pixel-input BEiT encoder at another image side (`--input-size`): the grid becomes side / patch, and
+    /// the position tables are resized when the weights are loaded.
+    pub fn with_input_size(self, size: i64) -> Result<Backbone> {
+        let bad = |m: String| Err(crate::TrainError::Config(m));
+        match self {
+            Backbone::Beit(mut c) => {
+                if c.input != crate::InputKind::Pixels {
+                    return bad(
+                        "--input-size needs a pixel-input encoder (a token-input one reads the tokenizer's \
+                                grid)"
+                            .into(),
+                    );
+                }
+                if size <= 0 || size % c.patch_size != 0 {
+                    return bad(format!(
+                        "--input-size {size} is not a positive multiple of the patch size {}",
+                        c.patch_size
+                    ));
+                }
+                c.grid = [size / c.patch_size; 2];
+                Ok(Backbone::Beit(c))
+            }
+            Backbone::Beit3(_) => bad(
+                "--input-size is not supported for BEiT-3 encoders (their position table covers image and text \
+                 positions together)"
+                    .into(),
+            ),
+        }
+    }
+
     /// `"beit"` or `"beit3"`.
     pub fn architecture(&self) -> &'static str {
         match self {
@@ -206,6 +236,11 @@ impl Classifier {
             Encoder::Beit3(m) => m.named_parameters(),
         };
         all.into_iter().filter(|(n, _)| self.backbone.used(n)).collect()
+    }
+
+    /// `fc_norm.*` and `head.*`.
+    pub fn head_parameters(&self) -> BTreeMap<String, Tensor> {
+        self.vs.variables().into_iter().collect()
     }
 
     /// Every trained parameter: the encoder's used ones, `fc_norm.*` and `head.*`.
