@@ -190,6 +190,13 @@ class TransferTest(unittest.TestCase):
             last_line(["--checkpoint", pre, "--dataset", self.dataset, "--input-size", "40"]),
             "error: invalid configuration: --input-size 40 is not a positive multiple of the patch size 16",
         )
+        bare = os.path.join(d, "bare")
+        ok(self, ["pack", "--tokens", os.path.join(self.dir, "tokens"), "--manifest", self.manifest, "--out", bare])
+        self.assertEqual(
+            last_line(["--checkpoint", pre, "--dataset", bare]),
+            f"error: dataset {bare}: holds no images for a pixel-input encoder: pack with --include-pixels, or give "
+            "the original images with --images MANIFEST",
+        )
         tokens_run = os.path.join(d, "tokens-run")
         ok(self, ["train", "--dataset", self.dataset, "--out", tokens_run, "--steps", "1", "--batch-size", "4",
                   "--dim", "32", "--depth", "1", "--heads", "2"])
