@@ -26,7 +26,12 @@ Exit codes:
 Environment:
   ORT_DYLIB_PATH   path of libonnxruntime.so (default: installed by scripts/setup-onnxruntime)
   RANK, WORLD_SIZE this process's data partition in `imglish train` (or --rank/--world-size)
-  IMGLISH_LOG      log filter, e.g. `debug` or `imglish_ingest=trace` (default: info)";
+  IMGLISH_LOG      log filter, e.g. `debug` or `imglish_ingest=trace` (default: info)
+  AWS_*, GOOGLE_*, AZURE_*
+                   credentials, region and endpoint of s3://, gs://, az:// datasets (e.g. AWS_ACCESS_KEY_ID,
+                   AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP)
+  IMGLISH_CACHE_DIR
+                   default --cache-dir";
 
 /// imglish: image corpora and captions into compressed shards of discrete tokens for masked-modeling
 /// pretraining (BEiT, BEiT v2, BEiT-3).
@@ -54,6 +59,57 @@ pub struct GlobalArgs {
     /// Log and summary format on stderr/stdout: human text, or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Remote datasets (s3://, gs://, az://, https://): local folder of cached shards (default
+    /// $IMGLISH_CACHE_DIR, else ~/.cache/imglish/shards).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cache_dir: Option<std::path::PathBuf>,
+
+    /// Remote datasets: most shard bytes kept in the cache at once, e.g. 500M, 20G (least recently used shards
+    /// are evicted; at least the largest shard).
+    #[arg(long, global = true, value_name = "SIZE", default_value = "20G", value_parser = size_arg)]
+    pub cache_limit: u64,
+
+    /// Remote datasets: shards downloaded ahead of the reader.
+    #[arg(long, global = true, value_name = "N", default_value_t = 2)]
+    pub prefetch_shards: usize,
+}
+
+impl GlobalArgs {
+    /// The remote dataset options these flags set.
+    pub fn remote_options(&self) -> imglish_pack::RemoteOptions {
+        let mut options = imglish_pack::RemoteOptions::default();
+        if let Some(dir) = &self.cache_dir {
+            options.cache_dir.clone_from(dir);
+        }
+        options.cache_limit = self.cache_limit;
+        options.prefetch = self.prefetch_shards;
+        options
+    }
+}
+
+/// A size in bytes with an optional K, M, G or T suffix (powers of 1024).
+pub fn size_arg(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("'{s}': the size suffix must be K, M, G or T")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (a whole number with an optional K, M, G or T)"))?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("'{s}': the size must be positive and below 16 EiB"))
 }
 
 /// `--log-format` values.

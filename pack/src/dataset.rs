@@ -15,6 +15,7 @@ use crate::error::{PackError, Result};
 use crate::index::{DatasetIndex, ShardEntry};
 use crate::order::{view_for, EpochOrder, Partition, Shuffle, StreamState};
 use crate::record::{SampleKind, Split, SplitCounts, TokenRecord, TokenizerInfo};
+use crate::remote::{read_remote_index, remote_url, Remote};
 use crate::shard::{Expect, ShardFile};
 
 type ShardSlot = OnceLock<std::result::Result<Arc<ShardFile>, (Option<usize>, String)>>;
@@ -23,6 +24,8 @@ struct Inner {
     dir: PathBuf,
     index: DatasetIndex,
     shards: Vec<ShardSlot>,
+    /// Object storage and the local shard cache of a remote dataset.
+    remote: Option<Arc<Remote>>,
 }
 
 /// A packed dataset opened for reading.
@@ -208,18 +211,50 @@ pub struct DatasetStats {
 
 impl Dataset {
     /// Opens the dataset in `dir` and validates its `index.json` (shards are verified lazily, see [`Dataset`]).
+    ///
+    /// `dir` may be a URL (`s3://bucket/prefix`, `gs://`, `az://`, `https://host/path`): `index.json` is read
+    /// from object storage and shards are fetched into a local cache as they are needed (see
+    /// [`set_remote_options`](crate::set_remote_options) for the cache directory, its limit and the prefetch depth).
     pub fn open(dir: impl AsRef<Path>) -> Result<Dataset> {
         let dir = dir.as_ref().to_path_buf();
-        let index = DatasetIndex::read(&dir)?;
+        let (index, remote) = match remote_url(&dir) {
+            Some(url) => {
+                let (index, remote) = read_remote_index(url)?;
+                (index, Some(remote))
+            }
+            None => (DatasetIndex::read(&dir)?, None),
+        };
         let shards = index.shards.iter().map(|_| OnceLock::new()).collect();
         Ok(Dataset {
-            inner: Arc::new(Inner { dir, index, shards }),
+            inner: Arc::new(Inner {
+                dir,
+                index,
+                shards,
+                remote,
+            }),
         })
     }
 
-    /// The dataset directory.
+    /// The dataset directory (or URL).
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The local cache folder of a remote dataset's shards (`None` for a local dataset).
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.inner.remote.as_ref().map(|r| r.cache_dir())
+    }
+
+    /// Asks for `shards` (dataset shard indices, in the order they will be read) to be downloaded ahead of the
+    /// reader; a no-op for a local dataset. The stream calls it itself.
+    pub fn prefetch(&self, shards: &[usize]) {
+        if let Some(remote) = &self.inner.remote {
+            let wanted: Vec<(usize, ShardEntry)> = shards
+                .iter()
+                .filter_map(|&i| self.shards().get(i).map(|e| (i, e.clone())))
+                .collect();
+            remote.prefetch(&wanted);
+        }
     }
 
     /// The parsed `index.json`.
@@ -253,13 +288,16 @@ impl Dataset {
             index: i as u64,
             len: self.shards().len() as u64,
         })?;
+        let expect = Expect {
+            info: Some(self.tokenizer().clone()),
+            include_pixels: Some(self.index().config.include_pixels),
+            entry: Some(entry.clone()),
+            batch_rows: Some(u64::from(self.index().config.batch_rows)),
+        };
+        if let Some(remote) = &self.inner.remote {
+            return remote.shard(i, entry, &expect);
+        }
         let slot = self.inner.shards[i].get_or_init(|| {
-            let expect = Expect {
-                info: Some(self.tokenizer().clone()),
-                include_pixels: Some(self.index().config.include_pixels),
-                entry: Some(entry.clone()),
-                batch_rows: Some(u64::from(self.index().config.batch_rows)),
-            };
             ShardFile::open_verified(&self.dir().join(&entry.file), expect)
                 .map(Arc::new)
                 .map_err(|e| match e {
@@ -323,8 +361,13 @@ impl Dataset {
     }
 
     /// Checks every shard (size, sha256, structure, schema, every batch decoded) in parallel, then the
-    /// dataset-level counts and that sample ids are unique. Collects every problem instead of stopping.
+    /// dataset-level counts and that sample ids are unique. Collects every problem instead of stopping. A remote
+    /// dataset's shards are fetched again from object storage (what is cached is dropped first), so the objects
+    /// themselves are checked.
     pub fn verify(&self) -> VerifyReport {
+        if let Some(remote) = &self.inner.remote {
+            remote.clear();
+        }
         let want_pixels = self.index().config.include_pixels;
         type Checked = (SplitCounts, Vec<u64>, Vec<u64>);
         let results: Vec<std::result::Result<Checked, String>> = (0..self.shards().len())
@@ -641,14 +684,35 @@ impl Worker {
             seed: self.options.seed,
             epoch: self.epoch,
         };
+        let remote = self.dataset.inner.remote.is_some();
         while positions.peek().is_some() {
             let chunk: Vec<u64> = positions.by_ref().take(self.options.chunk_samples).collect();
+            if remote {
+                self.prefetch_after(&chunk, positions.clone());
+            }
             let skip = self.options.skip_corrupt.then_some(&*self.corrupt);
             let (out, fatal) = lookup.resolve(&chunk, skip);
             if tx.send(out).is_err() || fatal {
                 return;
             }
         }
+    }
+}
+
+impl Worker {
+    /// Asks a remote dataset for the shards the positions after `chunk` will read (the next few chunks' worth),
+    /// in reading order, beyond those `chunk` reads.
+    fn prefetch_after(&self, chunk: &[u64], next: impl Iterator<Item = u64>) {
+        let shard_of = |p: u64| self.plan.locate(self.order.sample_at(p)).0;
+        let current: Vec<usize> = chunk.iter().map(|&p| shard_of(p)).collect();
+        let mut upcoming: Vec<usize> = Vec::new();
+        let look = self.options.chunk_samples * self.options.prefetch_chunks.max(1) * 4;
+        for s in next.take(look).map(shard_of) {
+            if !current.contains(&s) && !upcoming.contains(&s) {
+                upcoming.push(s);
+            }
+        }
+        self.dataset.prefetch(&upcoming);
     }
 }
 

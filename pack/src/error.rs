@@ -83,6 +83,14 @@ pub enum PackError {
         /// What is wrong.
         reason: String,
     },
+    /// Object storage could not be reached or answered an error.
+    #[error("{url}: {reason}")]
+    Remote {
+        /// The dataset or object URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// An invalid pack, stream or read option.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

@@ -103,7 +103,17 @@ impl DatasetIndex {
     /// Reads and validates `dir/index.json`: version, tokenizer, shard names, counts and batch layout.
     pub fn read(dir: &Path) -> Result<DatasetIndex> {
         let path = dir.join(INDEX_FILE);
-        let index: DatasetIndex = util::read_json(&path)?;
+        let bytes = std::fs::read(&path).map_err(crate::error::io_err(&path))?;
+        DatasetIndex::parse(&bytes, &path)
+    }
+
+    /// Parses and validates the bytes of an `index.json` (`path` names it in errors).
+    pub(crate) fn parse(bytes: &[u8], path: &Path) -> Result<DatasetIndex> {
+        let path = path.to_path_buf();
+        let index: DatasetIndex = serde_json::from_slice(bytes).map_err(|e| PackError::InvalidJson {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         let invalid = |reason: String| PackError::InvalidJson {
             path: path.clone(),
             reason,

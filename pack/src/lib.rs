@@ -65,6 +65,7 @@ mod index;
 mod order;
 mod part;
 mod record;
+mod remote;
 mod shard;
 mod util;
 
@@ -80,4 +81,5 @@ pub use part::{
     PART_METADATA_KEY, TOKENS_MANIFEST_FILE,
 };
 pub use record::{SampleKind, Split, SplitCounts, TokenRecord, TokenizerInfo, ViewRecord};
+pub use remote::{remote_url, set_remote_options, upload_dataset, RemoteOptions, REMOTE_SCHEMES};
 pub use shard::{read_shard_bytes, shard_file_name, shard_schema, FORMAT_VERSION, META_FORMAT_VERSION, META_TOKENIZER};

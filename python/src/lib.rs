@@ -105,6 +105,25 @@ fn train_config(dataset: PathBuf, options_json: &str) -> PyResult<String> {
     }
 }
 
+/// Sets the shard cache of remote datasets (`s3://`, `gs://`, `az://`, `https://`) opened later in this process:
+/// its folder, its size limit in bytes and the shards downloaded ahead; `None` keeps the default. The first call
+/// wins.
+#[pyfunction]
+#[pyo3(signature = (cache_dir=None, cache_limit=None, prefetch=None))]
+fn set_cache(cache_dir: Option<PathBuf>, cache_limit: Option<u64>, prefetch: Option<usize>) {
+    let mut options = imglish_pack::RemoteOptions::default();
+    if let Some(dir) = cache_dir {
+        options.cache_dir = dir;
+    }
+    if let Some(limit) = cache_limit {
+        options.cache_limit = limit;
+    }
+    if let Some(n) = prefetch {
+        options.prefetch = n;
+    }
+    imglish_pack::set_remote_options(options);
+}
+
 /// The default training options as JSON.
 #[pyfunction]
 fn default_options() -> PyResult<String> {
@@ -325,6 +344,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Reader>()?;
     m.add_function(wrap_pyfunction!(train_config, m)?)?;
     m.add_function(wrap_pyfunction!(default_options, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cache, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

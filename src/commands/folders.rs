@@ -55,6 +55,10 @@ impl Folder {
 /// Refuses `dir` given as `flag` when it is another stage's folder, naming what it is and what `flag` wants.
 /// A folder of none of these kinds is left to the stage (which reports what is missing).
 pub fn expect(dir: &Path, want: Folder, flag: &str) -> anyhow::Result<()> {
+    if want == Folder::Dataset && imglish_pack::remote_url(dir).is_some() {
+        // Read from object storage: checked when its index.json is fetched.
+        return Ok(());
+    }
     if want.holds(dir) {
         return Ok(());
     }

@@ -35,6 +35,7 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<()> {
         .num_threads(threads)
         .build_global()
         .context("cannot start the worker thread pool")?;
+    imglish_pack::set_remote_options(cli.global.remote_options());
     dispatch(cli.command, threads, out)
 }
 
@@ -47,7 +48,7 @@ pub fn dispatch(command: Command, threads: usize, out: &Output) -> anyhow::Resul
         Command::Ingest(args) => ingest::run(&args, out),
         Command::Tokenizer(args) => tokenizer::run(&args, out),
         Command::Tokenize(args) => tokenize::run(&args, threads, out),
-        Command::Pack(args) => pack::run(&args, out),
+        Command::Pack(args) => pack::run(&args, &imglish_pack::RemoteOptions::current(), out),
         Command::Verify(args) => verify::run(&args, out),
         Command::Inspect(args) => inspect::run(&args, out),
         Command::Train(args) => train::run(&args, threads, out),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use imglish_pack::{pack_dataset, PackConfig, TokensManifest};
+use sha2::Digest;
 
 use super::folders::{expect, Folder};
 use crate::output::Output;
@@ -20,8 +21,9 @@ pub struct PackArgs {
     pub manifest: Option<PathBuf>,
 
     /// Dataset directory to write (must be empty, hold an interrupted build of the same inputs and settings,
-    /// or the same complete dataset).
-    #[arg(long, value_name = "DIR")]
+    /// or the same complete dataset), or an object storage URL (s3://, gs://, az://): the dataset is packed into
+    /// a staging folder under --cache-dir, then uploaded, shards first and index.json last.
+    #[arg(long, value_name = "DIR|URL")]
     pub out: PathBuf,
 
     /// Close a shard after the record batch that brings it to this many bytes.
@@ -45,8 +47,17 @@ pub struct PackArgs {
     pub include_pixels: bool,
 }
 
-pub fn run(args: &PackArgs, out: &Output) -> anyhow::Result<()> {
-    let _lock = super::lock::lock_dir(&args.out)?;
+pub fn run(args: &PackArgs, options: &imglish_pack::RemoteOptions, out: &Output) -> anyhow::Result<()> {
+    let url = imglish_pack::remote_url(&args.out).map(str::to_string);
+    // A remote dataset is packed into a local staging folder first (kept: a rerun of the same pack reuses it).
+    let dir = match &url {
+        Some(u) => {
+            let key = format!("{:x}", sha2::Sha256::digest(u.as_bytes()));
+            options.cache_dir.join(format!("upload-{}", &key[..16]))
+        }
+        None => args.out.clone(),
+    };
+    let _lock = super::lock::lock_dir(&dir)?;
     expect(&args.tokens, Folder::Tokens, "--tokens")?;
     if let Some(m) = &args.manifest {
         expect(m, Folder::Manifest, "--manifest")?;
@@ -62,11 +73,15 @@ pub fn run(args: &PackArgs, out: &Output) -> anyhow::Result<()> {
     let tokens = TokensManifest::read(&args.tokens)
         .with_context(|| format!("cannot read the tokens directory {}", args.tokens.display()))?;
     let bar = out.progress(tokens.counts.total(), "packing");
-    let summary = pack_dataset(&args.tokens, args.manifest.as_deref(), &args.out, &config, &|n| {
-        bar.inc(n)
-    })
-    .with_context(|| format!("cannot pack {} into {}", args.tokens.display(), args.out.display()))?;
+    let summary = pack_dataset(&args.tokens, args.manifest.as_deref(), &dir, &config, &|n| bar.inc(n))
+        .with_context(|| format!("cannot pack {} into {}", args.tokens.display(), dir.display()))?;
     bar.finish_and_clear();
+    if let Some(u) = &url {
+        let bar = out.progress(summary.bytes, "uploading");
+        imglish_pack::upload_dataset(&dir, u, &mut |n| bar.set_position(n))
+            .with_context(|| format!("cannot upload {} to {u}", dir.display()))?;
+        bar.finish_and_clear();
+    }
     let seconds = started.elapsed().as_secs_f64();
     let n = summary.counts.total();
     let state = if summary.up_to_date {

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from ._native import ImglishError as ImglishError
+from ._native import set_cache as set_cache
 
 __version__: str
 

@@ -22,6 +22,9 @@ class Dataset:
 def train_config(dataset: str, options_json: str) -> str:
     """The configuration ``imglish train`` would use for these options (JSON in, JSON out)."""
 
+def set_cache(cache_dir: str | None = None, cache_limit: int | None = None, prefetch: int | None = None) -> None:
+    """Sets the shard cache of remote datasets opened later in this process (the first call wins)."""
+
 def default_options() -> str:
     """``imglish train``'s default options as JSON."""
 
