@@ -700,16 +700,20 @@ impl Worker {
 }
 
 impl Worker {
-    /// Asks a remote dataset for the shards the positions after `chunk` will read (the next few chunks' worth),
-    /// in reading order, beyond those `chunk` reads.
+    /// Asks a remote dataset for the shards the positions after `chunk` will read, in reading order, beyond
+    /// those `chunk` reads (up to 8 shards, looking at most 64 chunks ahead; the cache fetches as many as its
+    /// prefetch depth allows).
     fn prefetch_after(&self, chunk: &[u64], next: impl Iterator<Item = u64>) {
+        const SHARDS: usize = 8;
         let shard_of = |p: u64| self.plan.locate(self.order.sample_at(p)).0;
         let current: Vec<usize> = chunk.iter().map(|&p| shard_of(p)).collect();
         let mut upcoming: Vec<usize> = Vec::new();
-        let look = self.options.chunk_samples * self.options.prefetch_chunks.max(1) * 4;
-        for s in next.take(look).map(shard_of) {
+        for s in next.take(self.options.chunk_samples * 64).map(shard_of) {
             if !current.contains(&s) && !upcoming.contains(&s) {
                 upcoming.push(s);
+                if upcoming.len() == SHARDS {
+                    break;
+                }
             }
         }
         self.dataset.prefetch(&upcoming);

@@ -123,8 +123,11 @@ impl Store {
                 .map(|s| Arc::new(s) as _),
             ObjectStoreScheme::Http => {
                 let base = &parsed[..url::Position::BeforePath];
+                // Plain http:// is allowed when asked for by the URL itself (a server on the local network).
+                let client = object_store::ClientOptions::new().with_allow_http(parsed.scheme() == "http");
                 object_store::http::HttpBuilder::new()
                     .with_url(base)
+                    .with_client_options(client)
                     .build()
                     .map(|s| Arc::new(s) as _)
             }

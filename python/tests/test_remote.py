@@ -174,6 +174,31 @@ class RemoteTest(unittest.TestCase):
         self.assertIn(f"shard {bad}: the object {url}/{bad} is", r.stdout + r.stderr)
         self.assertIn("changed or damaged after packing", r.stdout + r.stderr)
 
+    def test_https_style_url_and_inspect(self):
+        """A dataset served over plain HTTP (a static file server on 127.0.0.1) reads like a bucket."""
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)],
+                                  cwd=os.path.dirname(self.local), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}/{os.path.basename(self.local)}"
+            for _ in range(200):
+                try:
+                    urllib.request.urlopen(f"{url}/index.json", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            r = self.imglish(["verify", url, "--cache-dir", tmpdir(self)])
+            self.assertEqual(r.returncode, 0, r.stderr)
+            remote = self.imglish(["inspect", self.url, "--cache-dir", tmpdir(self)])
+            self.assertEqual(remote.returncode, 0, remote.stderr)
+            local = self.imglish(["inspect", self.local])
+            self.assertEqual(local.returncode, 0, local.stderr)
+            self.assertEqual(remote.stdout.replace(self.url, "DS"), local.stdout.replace(self.local, "DS"))
+        finally:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
     def test_refusals(self):
         r = self.imglish(["verify", f"s3://{BUCKET}/nothing-here", "--cache-dir", tmpdir(self)])
         self.assertEqual(r.returncode, 1)
