@@ -161,12 +161,17 @@ fn misspelled_tables_and_keys_are_refused_before_any_stage() {
         (
             format!("{base}[tokenise]\nviews = 2\n"),
             "error: c.toml: invalid build config: unknown table `tokenise` (did you mean `tokenize`?); known: \
-             version, demo, download, ingest, tokenizer, text_tokenizer, tokenize, pack",
+             version, demo, download, ingest, tokenizer, text_tokenizer, tokenize, pack, upload",
         ),
         (
             format!("{base}[Pack]\nbatch_rows = 64\n"),
             "error: c.toml: invalid build config: unknown table `Pack` (did you mean `pack`?); known: version, \
-             demo, download, ingest, tokenizer, text_tokenizer, tokenize, pack",
+             demo, download, ingest, tokenizer, text_tokenizer, tokenize, pack, upload",
+        ),
+        (
+            format!("{base}[upload]\nurl = \"work/copy\"\n"),
+            "error: c.toml: invalid build config: [upload] url must be an object storage URL (s3://, gs://, az://, \
+             https://, http://)",
         ),
         (
             format!("{base}[pack]\nbatch_row = 64\n"),

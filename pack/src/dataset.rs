@@ -684,12 +684,17 @@ impl Worker {
             seed: self.options.seed,
             epoch: self.epoch,
         };
-        let remote = self.dataset.inner.remote.is_some();
         while positions.peek().is_some() {
             let chunk: Vec<u64> = positions.by_ref().take(self.options.chunk_samples).collect();
-            if remote {
-                self.prefetch_after(&chunk, positions.clone());
-            }
+            let window = self.options.chunk_samples * 64;
+            prefetch_after(
+                &self.dataset,
+                &self.order,
+                &self.plan,
+                &chunk,
+                positions.clone(),
+                window,
+            );
             let skip = self.options.skip_corrupt.then_some(&*self.corrupt);
             let (out, fatal) = lookup.resolve(&chunk, skip);
             if tx.send(out).is_err() || fatal {
@@ -699,25 +704,33 @@ impl Worker {
     }
 }
 
-impl Worker {
-    /// Asks a remote dataset for the shards the positions after `chunk` will read, in reading order, beyond
-    /// those `chunk` reads (up to 8 shards, looking at most 64 chunks ahead; the cache fetches as many as its
-    /// prefetch depth allows).
-    fn prefetch_after(&self, chunk: &[u64], next: impl Iterator<Item = u64>) {
-        const SHARDS: usize = 8;
-        let shard_of = |p: u64| self.plan.locate(self.order.sample_at(p)).0;
-        let current: Vec<usize> = chunk.iter().map(|&p| shard_of(p)).collect();
-        let mut upcoming: Vec<usize> = Vec::new();
-        for s in next.take(self.options.chunk_samples * 64).map(shard_of) {
-            if !current.contains(&s) && !upcoming.contains(&s) {
-                upcoming.push(s);
-                if upcoming.len() == SHARDS {
-                    break;
-                }
+/// Asks a remote dataset for the shards that the positions `next` will read, in reading order, beyond those
+/// `current` reads (up to 8 shards, looking at most `window` positions ahead; the cache fetches as many as its
+/// prefetch depth allows).
+fn prefetch_after(
+    dataset: &Dataset,
+    order: &EpochOrder,
+    plan: &Plan,
+    current: &[u64],
+    next: impl Iterator<Item = u64>,
+    window: usize,
+) {
+    const SHARDS: usize = 8;
+    if dataset.inner.remote.is_none() {
+        return;
+    }
+    let shard_of = |p: u64| plan.locate(order.sample_at(p)).0;
+    let current: Vec<usize> = current.iter().map(|&p| shard_of(p)).collect();
+    let mut upcoming: Vec<usize> = Vec::new();
+    for s in next.take(window).map(shard_of) {
+        if !current.contains(&s) && !upcoming.contains(&s) {
+            upcoming.push(s);
+            if upcoming.len() == SHARDS {
+                break;
             }
         }
-        self.dataset.prefetch(&upcoming);
     }
+    dataset.prefetch(&upcoming);
 }
 
 /// Resolves global positions of one epoch to samples.
@@ -864,6 +877,18 @@ impl EpochReader {
             seed: self.seed,
             epoch: self.epoch,
         };
+        // Readers ask for increasing positions: the shards after the last one asked for come next.
+        if let Some(&last) = positions.iter().max() {
+            let window = positions.len().max(64) * 64;
+            prefetch_after(
+                &self.dataset,
+                &self.order,
+                &self.plan,
+                positions,
+                last + 1..self.len(),
+                window,
+            );
+        }
         let (slots, _) = lookup.resolve(positions, None);
         let mut out = Vec::with_capacity(positions.len());
         for slot in slots {

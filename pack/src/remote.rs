@@ -239,9 +239,9 @@ pub(crate) fn read_remote_index(url: &str) -> Result<(DatasetIndex, Arc<Remote>)
 }
 
 /// Uploads the packed dataset in `dir` to `url`: the old `index.json` there is removed first, then every shard is
-/// uploaded, then `index.json`, so a reader never sees an index whose shards are not all in place. Returns the
-/// bytes uploaded.
-pub fn upload_dataset(dir: &Path, url: &str, progress: &mut dyn FnMut(u64)) -> Result<u64> {
+/// uploaded, then the `extra` files of `dir` that exist (such as a build record), then `index.json`, so a reader
+/// never sees an index whose shards are not all in place. `progress` gets the shard bytes done; returns them.
+pub fn upload_dataset(dir: &Path, url: &str, extra: &[&str], progress: &mut dyn FnMut(u64)) -> Result<u64> {
     let index = DatasetIndex::read(dir)?;
     let store = Store::open(url)?;
     store.delete(INDEX_FILE)?;
@@ -250,6 +250,11 @@ pub fn upload_dataset(dir: &Path, url: &str, progress: &mut dyn FnMut(u64)) -> R
         store.put(&shard.file, &dir.join(&shard.file))?;
         done += shard.bytes;
         progress(done);
+    }
+    for name in extra {
+        if dir.join(name).is_file() {
+            store.put(name, &dir.join(name))?;
+        }
     }
     store.put(INDEX_FILE, &dir.join(INDEX_FILE))?;
     Ok(done)

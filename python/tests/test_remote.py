@@ -199,6 +199,25 @@ class RemoteTest(unittest.TestCase):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
 
+    def test_build_uploads_its_dataset(self):
+        d = tmpdir(self)
+        with open(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "build", "demo.toml")) as f:
+            config = f.read().replace("images = 240", "images = 40")
+        url = f"s3://{BUCKET}/builds/demo"
+        with open(os.path.join(d, "b.toml"), "w") as f:
+            f.write(config + f'\n[upload]\nurl = "{url}"\n')
+        r = self.imglish(["build", os.path.join(d, "b.toml"), "--out", os.path.join(d, "out")])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("build: uploaded", r.stdout)
+        r = self.imglish(["verify", url, "--cache-dir", tmpdir(self)])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        body = self.s3.get_object(Bucket=BUCKET, Key="builds/demo/build.json")["Body"].read()
+        with open(os.path.join(d, "out", "dataset", "build.json"), "rb") as f:
+            self.assertEqual(body, f.read())
+        r = self.imglish(["build", os.path.join(d, "b.toml"), "--out", os.path.join(d, "out")])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(f"build: upload to {url} up to date (skipped)", r.stdout)
+
     def test_refusals(self):
         r = self.imglish(["verify", f"s3://{BUCKET}/nothing-here", "--cache-dir", tmpdir(self)])
         self.assertEqual(r.returncode, 1)

@@ -12,7 +12,9 @@
 //! download` of `urls = "LIST"` into `{out}/download`, which `[ingest]` names as `images = ["{out}/download"]`),
 //! `[ingest]`, `[tokenizer]` with
 //! either `model = "tok.onnx"` or `[tokenizer.fit]`, `[text_tokenizer]` (optional) with either
-//! `file = "tokenizer.json"` or `[text_tokenizer.fit]`, `[tokenize]`, `[pack]`.
+//! `file = "tokenizer.json"` or `[text_tokenizer.fit]`, `[tokenize]`, `[pack]`, and `[upload]` (optional:
+//! `url = "s3://..."`: the finished dataset is uploaded there, build.json and shards first, index.json last;
+//! skipped when `.build/upload.json` records the same index uploaded to the same URL).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -139,7 +141,7 @@ fn resolve(s: &str, base: &Path, out: &Path) -> String {
 }
 
 /// The tables a build config may have, and the keys of those that are not a stage's flags.
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     "version",
     "demo",
     "download",
@@ -148,6 +150,7 @@ const TABLES: [&str; 8] = [
     "text_tokenizer",
     "tokenize",
     "pack",
+    "upload",
 ];
 
 /// Refuses unknown tables (and unknown keys of `[tokenizer]` / `[text_tokenizer]`), suggesting the closest name.
@@ -448,6 +451,7 @@ fn build_in_place(
 ) -> anyhow::Result<()> {
     let d = Path::new(".");
     check_keys(config).with_context(|| format!("{}: invalid build config", args.config.display()))?;
+    let upload_to = upload_url(config).with_context(|| format!("{}: invalid build config", args.config.display()))?;
     let stages = plan(config, base, d).with_context(|| format!("{}: invalid build config", args.config.display()))?;
     // Every stage's settings are checked before the first one runs, not hours later when its turn comes.
     let mut parsed = Vec::with_capacity(stages.len());
@@ -537,6 +541,9 @@ fn build_in_place(
         },
     });
     write_json(&dataset_dir.join(BUILD_RECORD), &record)?;
+    if let Some(url) = &upload_to {
+        upload(&dataset_dir, url, &index_sha, out)?;
+    }
     out.summary(
         &format!(
             "build: {} -> {} ({} samples: {} train, {} val; index sha256 {}; {:.1}s)",
@@ -550,6 +557,50 @@ fn build_in_place(
         ),
         &serde_json::json!({"event": "build", "dataset": args.out.join("dataset"), "index_sha256": index_sha,
             "build_fingerprint": dataset.index().build_fingerprint, "seconds": started.elapsed().as_secs_f64()}),
+    );
+    Ok(())
+}
+
+/// `[upload] url = "s3://..."`: where the finished dataset goes (object storage), if anywhere.
+fn upload_url(config: &toml::Table) -> anyhow::Result<Option<String>> {
+    let Some(t) = table(config, "upload") else {
+        return Ok(None);
+    };
+    if let Some(k) = t.keys().find(|k| k.as_str() != "url") {
+        bail!("[upload] has no key `{k}` (its only key is `url`)");
+    }
+    match t.get("url").and_then(|v| v.as_str()) {
+        Some(u) if imglish_pack::remote_url(std::path::Path::new(u)).is_some() => Ok(Some(u.to_string())),
+        _ => bail!(
+            "[upload] url must be an object storage URL ({})",
+            imglish_pack::REMOTE_SCHEMES.join(", ")
+        ),
+    }
+}
+
+/// Uploads the built dataset to `url` (build.json and shards first, index.json last), unless `.build/upload.json`
+/// records the same index already uploaded there.
+fn upload(dataset_dir: &Path, url: &str, index_sha: &str, out: &Output) -> anyhow::Result<()> {
+    let record_path = Path::new(".build").join("upload.json");
+    let record = serde_json::json!({"url": url, "index_sha256": index_sha});
+    let done = std::fs::read(&record_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|r| r == record);
+    if done {
+        out.summary(
+            &format!("build: upload to {url} up to date (skipped)"),
+            &serde_json::json!({"event": "build-stage", "stage": "upload", "skipped": true}),
+        );
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&record_path);
+    let bytes = imglish_pack::upload_dataset(dataset_dir, url, &[BUILD_RECORD], &mut |_| {})
+        .with_context(|| format!("build: upload to {url} failed"))?;
+    write_json(&record_path, &record)?;
+    out.summary(
+        &format!("build: uploaded {:.1} MB to {url}", bytes as f64 / 1e6),
+        &serde_json::json!({"event": "build-stage", "stage": "upload", "url": url, "bytes": bytes}),
     );
     Ok(())
 }

@@ -78,7 +78,7 @@ pub fn run(args: &PackArgs, options: &imglish_pack::RemoteOptions, out: &Output)
     bar.finish_and_clear();
     if let Some(u) = &url {
         let bar = out.progress(summary.bytes, "uploading");
-        imglish_pack::upload_dataset(&dir, u, &mut |n| bar.set_position(n))
+        imglish_pack::upload_dataset(&dir, u, &[], &mut |n| bar.set_position(n))
             .with_context(|| format!("cannot upload {} to {u}", dir.display()))?;
         bar.finish_and_clear();
     }

@@ -1,0 +1,98 @@
+"""Remote streaming vs local disk (scripts/bench-remote): the same packed dataset read by `imglish.StreamingDataset`
+(one epoch of the train split, batches of 64, BEiT batches, no DataLoader workers) from a folder on local disk and
+from a moto S3 server on 127.0.0.1 (started here), with an empty shard cache (cold) and with the cache the cold run
+left (warm: a new process, so cached shards are hashed again before use). Each read runs in a process of its own;
+rounds alternate. Prints a table of samples/s and MB/s.
+
+usage: python bench_remote.py IMGLISH TOKENS MANIFEST WORK ROUNDS
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+import boto3
+
+# Small shards, so that a small corpus makes many objects (the per-object cost is what remote reading adds).
+SHARD_BYTES = 256 << 10
+
+READ = """
+import json, sys, time
+import imglish
+path, cache = sys.argv[1], sys.argv[2]
+imglish.set_cache(cache_dir=cache, cache_limit=64 << 30, prefetch=2)
+t = time.perf_counter()
+ds = imglish.StreamingDataset(path, 64, model="beit", split="train")
+n = sum(len(b["sample_ids"]) for b in ds)
+print(json.dumps({"samples": n, "seconds": time.perf_counter() - t}))
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    imglish, tokens, manifest, work, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(400):
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
+                   AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true")
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket="bench")
+        local, url = os.path.join(work, "local"), "s3://bench/dataset"
+        for out in (local, url):
+            subprocess.run([imglish, "-q", "pack", "--tokens", tokens, "--manifest", manifest, "--include-pixels",
+                            "--target-shard-bytes", str(SHARD_BYTES), "--batch-rows", "16", "--out", out, "--cache-dir",
+                            os.path.join(work, "staging")], env=env, check=True)
+        with open(os.path.join(local, "index.json")) as f:
+            index = json.load(f)
+        train_bytes = sum(s["bytes"] for s in index["shards"] if s["split"] == "train")
+
+        def read(path, cache):
+            r = subprocess.run([sys.executable, "-W", "ignore", "-c", READ, path, cache], env=env, check=True,
+                               capture_output=True, text=True)
+            return json.loads(r.stdout.strip().splitlines()[-1])
+
+        results = {"local disk": [], "S3 (moto), cold cache": [], "S3 (moto), warm cache": []}
+        for _ in range(rounds):
+            cache = os.path.join(work, "cache")
+            shutil.rmtree(cache, ignore_errors=True)
+            results["local disk"].append(read(local, cache))
+            results["S3 (moto), cold cache"].append(read(url, cache))
+            results["S3 (moto), warm cache"].append(read(url, cache))
+        n = results["local disk"][0]["samples"]
+        print(f"streaming one epoch of the train split: {n} samples, {len(index['shards'])} shards, "
+              f"{train_bytes / 1e6:.1f} MB of train shards, {rounds} rounds (median)")
+        print("| source | seconds | samples/s | MB/s | vs local |")
+        print("|---|---:|---:|---:|---:|")
+        base = statistics.median(r["seconds"] for r in results["local disk"])
+        for name, runs in results.items():
+            assert all(r["samples"] == n for r in runs), (name, runs)
+            s = statistics.median(r["seconds"] for r in runs)
+            print(f"| {name} | {s:.2f} | {n / s:.0f} | {train_bytes / 1e6 / s:.1f} | {base / s:.2f}x |")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
