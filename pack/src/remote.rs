@@ -229,13 +229,22 @@ impl Store {
 }
 
 /// The index of the dataset at `url`.
+///
+/// Datasets opened more than once in a process (same URL, same `index.json`) share one cache.
 pub(crate) fn read_remote_index(url: &str) -> Result<(DatasetIndex, Arc<Remote>)> {
+    static OPEN: Mutex<Vec<(String, std::sync::Weak<Remote>)>> = Mutex::new(Vec::new());
     let store = Store::open(url)?;
     let bytes = store.get(INDEX_FILE)?;
     let index = DatasetIndex::parse(&bytes, Path::new(&store.object_url(INDEX_FILE)))?;
-    let options = options();
-    let remote = Remote::new(store, &index, &options)?;
-    Ok((index, Arc::new(remote)))
+    let key = format!("{}\0{}", store.url, util::sha256_hex(&bytes));
+    let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
+    open.retain(|(_, r)| r.strong_count() > 0);
+    if let Some(remote) = open.iter().find(|(k, _)| *k == key).and_then(|(_, r)| r.upgrade()) {
+        return Ok((index, remote));
+    }
+    let remote = Arc::new(Remote::new(store, &index, &options())?);
+    open.push((key, Arc::downgrade(&remote)));
+    Ok((index, remote))
 }
 
 /// Uploads the packed dataset in `dir` to `url`: the old `index.json` there is removed first, then every shard is
@@ -264,6 +273,8 @@ pub fn upload_dataset(dir: &Path, url: &str, extra: &[&str], progress: &mut dyn 
 pub(crate) struct Remote {
     store: Store,
     dir: PathBuf,
+    /// The `flock` that makes `dir` this process's (released when the process ends, however it ends).
+    _lock: File,
     limit: u64,
     prefetch: usize,
     state: Mutex<CacheState>,
@@ -301,9 +312,7 @@ const ROOM_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Remote {
     fn new(store: Store, index: &DatasetIndex, options: &RemoteOptions) -> Result<Remote> {
-        let key = util::sha256_hex(store.url.as_bytes());
-        let dir = options.cache_dir.join(&key[..16]);
-        fs::create_dir_all(&dir).map_err(crate::error::io_err(&dir))?;
+        let (dir, lock) = Self::claim(&options.cache_dir, &store.url)?;
         let largest = index.shards.iter().map(|s| s.bytes).max().unwrap_or(0);
         if options.cache_limit < largest {
             return Err(remote_err(
@@ -318,6 +327,7 @@ impl Remote {
         let remote = Remote {
             store,
             dir,
+            _lock: lock,
             limit: options.cache_limit,
             prefetch: options.prefetch,
             state: Mutex::new(CacheState::default()),
@@ -325,6 +335,33 @@ impl Remote {
         };
         remote.adopt(index)?;
         Ok(remote)
+    }
+
+    /// The cache folder of `url` under `root` that no other process holds: `root/HASH`, or while another process
+    /// reads the same dataset, `root/HASH-1`, `-2`, ... (a process evicts and deletes files in its own folder only,
+    /// so concurrent readers on one machine, e.g. the ranks of a node, never remove each other's shards).
+    fn claim(root: &Path, url: &str) -> Result<(PathBuf, File)> {
+        let key = util::sha256_hex(url.as_bytes());
+        for n in 0..256 {
+            let dir = match n {
+                0 => root.join(&key[..16]),
+                n => root.join(format!("{}-{n}", &key[..16])),
+            };
+            fs::create_dir_all(&dir).map_err(crate::error::io_err(&dir))?;
+            let lock = File::open(&dir).map_err(crate::error::io_err(&dir))?;
+            match lock.try_lock() {
+                Ok(()) => return Ok((dir, lock)),
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(e)) => return Err(crate::error::io_err(&dir)(e)),
+            }
+        }
+        Err(remote_err(
+            url,
+            format!(
+                "256 processes hold shard caches of this dataset under {}",
+                root.display()
+            ),
+        ))
     }
 
     /// Drops every cached shard nobody is reading, so that the next reads fetch (and check) the objects again

@@ -4,6 +4,8 @@ dataset from the URL through the shard cache; a training run killed (SIGKILL) an
 equals an uninterrupted run on the local copy; the cache never holds more than its limit; a damaged object is named by
 `verify`."""
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -154,6 +156,10 @@ class RemoteTest(unittest.TestCase):
             watcher.join()
         self.assertGreater(peak[0], 0)
         self.assertLessEqual(peak[0], limit)
+        r = self.imglish(["probe", "--checkpoint", os.path.join(d, "remote"), "--dataset", self.url, "--cache-dir",
+                          cache])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("probe", r.stdout)
         last = os.path.join("checkpoints", "step-00000030", "model.safetensors")
         a, b = (load_file(os.path.join(d, x, last)) for x in ("local", "remote"))
         self.assertEqual(sorted(a), sorted(b))
@@ -217,6 +223,23 @@ class RemoteTest(unittest.TestCase):
         r = self.imglish(["build", os.path.join(d, "b.toml"), "--out", os.path.join(d, "out")])
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn(f"build: upload to {url} up to date (skipped)", r.stdout)
+
+    def test_a_second_process_gets_a_cache_folder_of_its_own(self):
+        cache = tmpdir(self)
+        key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        os.makedirs(os.path.join(cache, key))
+        with open(os.path.join(cache, key, "keep"), "w") as f:
+            f.write("another process's file")
+        fd = os.open(os.path.join(cache, key), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            r = self.imglish(["verify", self.url, "--cache-dir", cache])
+            self.assertEqual(r.returncode, 0, r.stderr)
+        finally:
+            os.close(fd)
+        # The held folder is untouched (a reader cleans only its own); the verify used the next one.
+        self.assertEqual(os.listdir(os.path.join(cache, key)), ["keep"])
+        self.assertEqual(sorted(os.listdir(cache)), [key, f"{key}-1"])
 
     def test_refusals(self):
         r = self.imglish(["verify", f"s3://{BUCKET}/nothing-here", "--cache-dir", tmpdir(self)])
