@@ -1,12 +1,16 @@
 """The fault-injection suite behind scripts/fault-check: every stage that writes a folder (download, ingest,
 tokenizer fit, tokenize, pack, train, build) is killed with SIGKILL at several points, run on a full disk, pointed at an output
 that is a file or a read-only folder, has an input deleted while it runs, is given a second writer, and every
-reading stage is fed truncated and bit-flipped inputs. One table row per case: expected and observed outcome.
-Exit status 1 when any row fails. Standard library only (runs with the system python3).
+reading stage is fed truncated and bit-flipped inputs. With --moto, the upload to object storage (`pack --out
+s3://...`) is killed at several points too (the bucket must never show a half-written dataset, and a rerun must
+leave the clean pack's shards there) and given a second writer. One table row per case: expected and observed
+outcome. Exit status 1 when any row fails. Standard library only (runs with the system python3).
 
-    python3 scripts/fault_check.py --bin IMGLISH --serve SERVE [--short] [--work DIR] [--timeout S] [--only STAGE]
+    python3 scripts/fault_check.py --bin IMGLISH --serve SERVE [--moto PYTHON] [--short] [--work DIR]
+                                   [--timeout S] [--only STAGE]
 
 SERVE is the download tests' loopback HTTP server (download/examples/serve.rs); the download stage fetches from it.
+PYTHON is an interpreter with moto installed (the project's torch venv): its S3 server runs on 127.0.0.1.
 """
 
 import argparse
@@ -351,6 +355,96 @@ def case_two_writers(ctx, s, clean):
         f"{'identical' if got == ref else 'DIFFERENT'}", ok)
 
 
+BUCKET = "fault"
+
+
+def start_moto(python, work):
+    """moto's S3 server on a free 127.0.0.1 port, with a bucket; sets the AWS_* variables imglish reads."""
+    import socket
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT"), timeout=10)
+    os.environ.update(AWS_ACCESS_KEY_ID="fault", AWS_SECRET_ACCESS_KEY="fault", AWS_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true")
+    return server
+
+
+def upload_argv(tag):
+    return ["-q", "pack", "--tokens", "t", "--manifest", "m", "--batch-rows", "8", "--target-shard-bytes", "4000",
+            "--out", f"s3://{BUCKET}/{tag}", "--cache-dir", f"up-{tag}"]
+
+
+def remote_shards(ctx, tag, check):
+    """verify of s3://BUCKET/TAG into a fresh cache: (exit code, stderr, {shard file: sha256} of what it fetched)."""
+    code, err, _ = ctx.run(["-q", "verify", f"s3://{BUCKET}/{tag}", "--cache-dir", check])
+    dirs = [d for d in (ctx.work / check).iterdir() if d.is_dir()] if (ctx.work / check).is_dir() else []
+    return code, err, {k: v for d in dirs for k, v in tree(d).items() if k.startswith("shard-")}
+
+
+def case_upload(ctx, clean_secs, fraction, tag):
+    ref = {k: v for k, v in tree(ctx.work / "d").items() if k.startswith("shard-")}
+    p = ctx.spawn(upload_argv(tag))
+    time.sleep(max(0.02, clean_secs * fraction))
+    killed = p.poll() is None
+    if killed:
+        p.kill()
+    p.wait()
+    # Never half-visible: right after the kill the URL holds no dataset (no index.json) or a complete one.
+    code, err, got = remote_shards(ctx, tag, f"seen-{tag}")
+    visible = "complete" if code == 0 and got == ref else ("absent" if code == 1 and "index.json" in err
+                                                           else "HALF-WRITTEN")
+    rerun, rerr, _ = ctx.run(upload_argv(tag))
+    code, err, got = remote_shards(ctx, tag, f"check-{tag}")
+    ok = visible != "HALF-WRITTEN" and rerun == 0 and code == 0 and got == ref
+    row("upload", f"kill -9 at {int(fraction * 100)}% then rerun", "never half-visible; then the clean shards",
+        f"{'killed' if killed else 'finished before the kill'}; dataset {visible} after the kill; rerun exit "
+        f"{rerun}, verify exit {code}, {'identical' if got == ref else 'DIFFERENT'}"
+        + ("" if rerun == 0 else f": {one_line(rerr)}"), ok)
+
+
+def case_upload_two_writers(ctx):
+    tag = "two-upload"
+    ref = {k: v for k, v in tree(ctx.work / "d").items() if k.startswith("shard-")}
+    first = ctx.spawn(upload_argv(tag))
+    deadline = time.monotonic() + ctx.timeout
+    while not holds_lock(first.pid) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if first.poll() is not None:
+        row("upload", "second writer", "refused at once", "the first finished before it could be paused", False)
+        return
+    first.send_signal(signal.SIGSTOP)
+    try:
+        code, err, secs = ctx.run(upload_argv(tag), timeout=30)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first.wait(timeout=ctx.timeout)
+    vcode, _, got = remote_shards(ctx, tag, f"check-{tag}")
+    ok = code == 1 and f"another imglish process (pid {first.pid}) is writing" in err and secs < 10 \
+        and first.returncode == 0 and vcode == 0 and got == ref
+    row("upload", "second writer", "refused at once; first unharmed",
+        f"second exit {code} in {secs:.1f}s; first exit {first.returncode}, verify exit {vcode}, "
+        f"{'identical' if got == ref else 'DIFFERENT'}", ok)
+
+
+def case_remote(ctx, fractions):
+    code, err, secs = ctx.run(upload_argv("clean-upload"))
+    assert code == 0, f"clean upload: {err}"
+    for i, f in enumerate(fractions):
+        case_upload(ctx, secs, f, f"k-{i}")
+    case_upload_two_writers(ctx)
+
+
 def corrupt_copy(ctx, src, dst, target, how):
     shutil.rmtree(ctx.work / dst, ignore_errors=True)
     shutil.copytree(ctx.work / src, ctx.work / dst)
@@ -392,6 +486,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True)
     ap.add_argument("--serve", required=True, help="the loopback HTTP server binary (download/examples/serve.rs)")
+    ap.add_argument("--moto", help="a Python with moto installed: adds the upload (pack --out s3://) cases")
     ap.add_argument("--only", action="append", help="run only this stage's cases (repeatable)")
     ap.add_argument("--short", action="store_true", help="one kill point per stage, no build cases (CI)")
     ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
@@ -432,6 +527,13 @@ def main():
             case_input_deleted(ctx, by_name["train"], clean, "d", "shard-*.arrow")
         if not a.only:
             case_corrupt_inputs(ctx)
+        if a.moto and "pack" in by_name:
+            moto = start_moto(a.moto, work)
+            try:
+                case_remote(ctx, fractions)
+            finally:
+                os.killpg(moto.pid, signal.SIGKILL)
+                moto.wait()
     finally:
         server.stdin.close()
         server.wait()
