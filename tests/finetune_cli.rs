@@ -314,3 +314,55 @@ fn finetune_refuses_misfits_before_any_step() {
     let o = finetune(&run, &ds, &w.path("x5"), &["--random-init", "--init", "w.safetensors"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
 }
+
+#[test]
+fn train_refuses_another_runs_folder_and_names_the_changed_setting() {
+    let w = Work::new();
+    let ds = w.dataset("tokens", 40, true, 512);
+    let out = w.path("r");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--dataset",
+            &ds,
+            "--out",
+            &out,
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--dim",
+            "32",
+            "--depth",
+            "2",
+            "--heads",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        imglish(&args)
+    };
+    let last_line = |o: &std::process::Output| text(&o.stderr).trim().lines().last().unwrap_or("").to_string();
+    let o = train(&["-q", "--stop-at", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let o = train(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        last_line(&o),
+        format!(
+            "error: training on {ds} failed: invalid configuration: {out} already holds checkpoints: pass --resume \
+             to continue that run, or choose another --out"
+        )
+    );
+    // Nested settings are named leaf by leaf.
+    let o = train(&["--resume", "--lr", "1e-3"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        last_line(&o),
+        format!(
+            "error: training on {ds} failed: checkpoint {out}/checkpoints/step-00000002: written by a run with \
+             other settings: optim.lr: checkpoint 0.0015, now 0.001"
+        )
+    );
+    let o = train(&["-q", "--resume"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+}

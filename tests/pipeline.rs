@@ -146,6 +146,32 @@ fn demo_corpus_to_verified_dataset() {
         "the workers' claims go once the run is complete"
     );
 
+    // A token folder made with other settings is refused, not silently overwritten.
+    let o = run(
+        d,
+        &[
+            "-q",
+            "tokenize",
+            "--manifest",
+            "m1",
+            "--tokenizer",
+            "tok/v.onnx",
+            "--text-tokenizer",
+            "tok/t.json",
+            "--views",
+            "3",
+            "--out",
+            "tokens",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "error: tokens: holds tokens of another run (part-00000.done.json: another manifest, tokenizer, imglish \
+         version or settings); pass --overwrite to replace them, or choose another --out\n"
+    );
+
     // Workers of one folder started with other tokenizers: the second one fails at once, naming both.
     tokenize(&["--part-samples", "16", "--worker", "1/2"], "mixed");
     let o = run(

@@ -591,17 +591,29 @@ pub(crate) fn config_diff(a: &impl Serialize, b: &impl Serialize) -> String {
         serde_json::to_value(b).unwrap_or_default(),
     );
     let mut diffs = Vec::new();
-    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
-        for (k, va) in a {
-            if b.get(k) != Some(va) {
-                diffs.push(format!(
-                    "{k}: checkpoint {va}, now {}",
-                    b.get(k).cloned().unwrap_or_default()
-                ));
+    diff_values("", &a, &b, &mut diffs);
+    diffs.join("; ")
+}
+
+/// The leaves that differ between `a` and `b`, as `path.to.key: checkpoint A, now B` (objects are compared key
+/// by key, so a changed learning rate reads `optim.lr: ...`, not the whole `optim` object twice).
+fn diff_values(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    match (a.as_object(), b.as_object()) {
+        (Some(oa), Some(ob)) => {
+            let keys: std::collections::BTreeSet<&String> = oa.keys().chain(ob.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                let null = serde_json::Value::Null;
+                diff_values(&p, oa.get(k).unwrap_or(&null), ob.get(k).unwrap_or(&null), out);
             }
         }
+        _ if a != b => out.push(format!("{path}: checkpoint {a}, now {b}")),
+        _ => {}
     }
-    diffs.join("; ")
 }
 
 fn check_dataset(dataset: &Dataset, model: &ModelConfig) -> Result<()> {

@@ -236,7 +236,13 @@ fn a_resumed_run_reproduces_the_uninterrupted_one_exactly() {
     other.optim.lr = 1e-3;
     let err = train(&dataset, &split, &other, &resume, &mut |_| {}).expect_err("other settings");
     let msg = err.to_string();
-    assert!(msg.contains("written by a run with other settings: optim:"), "{msg}");
+    assert!(
+        msg.ends_with(&format!(
+            "written by a run with other settings: optim.lr: checkpoint {}, now 0.001",
+            config.optim.lr
+        )),
+        "{msg}"
+    );
 }
 
 #[test]
