@@ -211,6 +211,16 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
         .current_dir(d)
         .args(["ingest", "--images", "subset", "--out", "m2", "--allow-empty"]));
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    // The stage after an accepted empty manifest does not succeed on nothing.
+    let empty =
+        run(imglish()
+            .current_dir(d)
+            .args(["tokenize", "--manifest", "m2", "--tokenizer", "v.onnx", "--out", "t2"]));
+    assert_eq!(empty.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&empty.stderr),
+        "error: --manifest m2 holds no samples (its ingest accepted nothing of 4 items seen): nothing to tokenize\n"
+    );
 
     // --labels from-folders on a flat folder: no classes is an error.
     std::fs::create_dir_all(d.join("flat")).expect("mkdir");

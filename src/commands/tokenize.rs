@@ -81,6 +81,25 @@ fn parse_worker(s: &str) -> Result<(u32, u32), String> {
     Ok((i, n))
 }
 
+/// A manifest whose ingest accepted nothing (made with `--allow-empty`) has nothing to tokenize: a run that
+/// would produce nothing is a failure, not a success.
+fn refuse_empty(manifest: &std::path::Path) -> anyhow::Result<()> {
+    let record: serde_json::Value = std::fs::read(manifest.join("ingest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let counts = &record["counts"];
+    let (accepted, texts) = (counts["accepted"].as_u64(), counts["texts"].as_u64().unwrap_or(0));
+    if accepted == Some(0) && texts == 0 {
+        anyhow::bail!(
+            "--manifest {} holds no samples (its ingest accepted nothing of {} items seen): nothing to tokenize",
+            manifest.display(),
+            counts["seen"].as_u64().unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
     // Workers of one run (`--worker I/N`) share the folder by design (each writes its own parts).
     let _lock = if args.worker.1 == 1 {
@@ -89,6 +108,7 @@ pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<
         None
     };
     expect(&args.manifest, Folder::Manifest, "--manifest")?;
+    refuse_empty(&args.manifest)?;
     let options = SessionOptions::default()
         .with_device(args.device)
         .try_with_threads(threads)?;
