@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import s3_server
+
 ROWS = []
 
 
@@ -358,28 +360,6 @@ def case_two_writers(ctx, s, clean):
 BUCKET = "fault"
 
 
-def start_moto(python, work):
-    """moto's S3 server on a free 127.0.0.1 port, with a bucket; sets the AWS_* variables imglish reads."""
-    import socket
-    import urllib.request
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT"), timeout=10)
-    os.environ.update(AWS_ACCESS_KEY_ID="fault", AWS_SECRET_ACCESS_KEY="fault", AWS_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true")
-    return server
-
-
 def upload_argv(tag):
     return ["-q", "pack", "--tokens", "t", "--manifest", "m", "--batch-rows", "8", "--target-shard-bytes", "4000",
             "--out", f"s3://{BUCKET}/{tag}", "--cache-dir", f"up-{tag}"]
@@ -528,12 +508,12 @@ def main():
         if not a.only:
             case_corrupt_inputs(ctx)
         if a.moto and "pack" in by_name:
-            moto = start_moto(a.moto, work)
+            moto, env = s3_server.start(a.moto, BUCKET)
+            os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
             try:
                 case_remote(ctx, fractions)
             finally:
-                os.killpg(moto.pid, signal.SIGKILL)
-                moto.wait()
+                s3_server.stop(moto)
     finally:
         server.stdin.close()
         server.wait()

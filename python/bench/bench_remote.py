@@ -10,15 +10,12 @@ usage: python bench_remote.py IMGLISH TOKENS MANIFEST WORK ROUNDS
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
-import urllib.request
 
-import boto3
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+import s3_server  # noqa: E402
 
 # Small shards, so that a small corpus makes many objects (the per-object cost is what remote reading adds).
 SHARD_BYTES = 256 << 10
@@ -35,29 +32,10 @@ print(json.dumps({"samples": n, "seconds": time.perf_counter() - t}))
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
     imglish, tokens, manifest, work, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server, env = s3_server.start(sys.executable, "bench")
     try:
-        endpoint = f"http://127.0.0.1:{port}"
-        for _ in range(400):
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
-        env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
-                   AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true")
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                     aws_secret_access_key="bench").create_bucket(Bucket="bench")
         local, url = os.path.join(work, "local"), "s3://bench/dataset"
         for out in (local, url):
             subprocess.run([imglish, "-q", "pack", "--tokens", tokens, "--manifest", manifest, "--include-pixels",
@@ -90,8 +68,7 @@ def main():
             s = statistics.median(r["seconds"] for r in runs)
             print(f"| {name} | {s:.2f} | {n / s:.0f} | {train_bytes / 1e6 / s:.1f} | {base / s:.2f}x |")
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        s3_server.stop(server)
 
 
 if __name__ == "__main__":

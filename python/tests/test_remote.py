@@ -25,6 +25,9 @@ from safetensors.torch import load_file
 import imglish
 from common import dataset, imglish_bin, tmpdir
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+import s3_server  # noqa: E402
+
 BUCKET = "imglish-test"
 
 
@@ -50,26 +53,12 @@ class RemoteTest(unittest.TestCase):
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix="imglish-py-")
         cls.addClassCleanup(shutil.rmtree, cls.dir, True)
-        port = free_port()
-        cls.server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        cls.addClassCleanup(cls.stop_server)
-        endpoint = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
-        cls.env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1",
-                       AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true")
-        os.environ.update({k: cls.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-                                                   "AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP")})
+        cls.server, cls.env = s3_server.start(sys.executable, BUCKET)
+        cls.addClassCleanup(s3_server.stop, cls.server)
+        endpoint = cls.env["AWS_ENDPOINT_URL"]
+        os.environ.update({k: v for k, v in cls.env.items() if k.startswith("AWS_")})
         cls.s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
                               aws_secret_access_key="test")
-        cls.s3.create_bucket(Bucket=BUCKET)
         # The quickstart dataset's tokens, packed into small shards both locally and to the bucket.
         qs = os.path.dirname(dataset())
         cls.local = os.path.join(cls.dir, "local")
@@ -83,11 +72,6 @@ class RemoteTest(unittest.TestCase):
         with open(os.path.join(cls.local, "index.json")) as f:
             cls.index = json.load(f)
         assert len(cls.index["shards"]) >= 4, len(cls.index["shards"])
-
-    @classmethod
-    def stop_server(cls):
-        os.killpg(cls.server.pid, signal.SIGKILL)
-        cls.server.wait()
 
     @classmethod
     def imglish(cls, args, timeout=600):
