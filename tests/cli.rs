@@ -222,6 +222,72 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
         "error: --manifest m2 holds no samples (its ingest accepted nothing of 4 items seen): nothing to tokenize\n"
     );
 
+    // One source mostly rejected while the run as a whole looks fine: a warning names the source and the fix.
+    std::fs::create_dir_all(d.join("good")).expect("mkdir");
+    std::fs::create_dir_all(d.join("mixed")).expect("mkdir");
+    for (i, dir) in ["good/a.png", "good/b.png", "mixed/c.png"].iter().enumerate() {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 4) as u8, (i * 60) as u8, (y * 4) as u8])
+        });
+        img.save(d.join(dir)).expect("png");
+    }
+    for n in ["x", "y", "z"] {
+        std::fs::write(d.join(format!("mixed/{n}.parquet")), b"PAR1").expect("write");
+    }
+    let warned = run(imglish()
+        .current_dir(d)
+        .args(["ingest", "--images", "good", "mixed", "--out", "m4"]));
+    assert_eq!(
+        warned.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&warned.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&warned.stderr);
+    assert!(
+        stderr.contains(
+            "3 of 4 items of source mixed were rejected as unsupported-format (a folder source reads image files, \
+             or the .tar shards of a folder that holds shards and no images; pass other .tar or .parquet files to \
+             --images themselves)"
+        ),
+        "{stderr}"
+    );
+
+    // Nothing accepted because of unsupported files: the hint says what to do.
+    std::fs::create_dir_all(d.join("tables")).expect("mkdir");
+    std::fs::write(d.join("tables/t.parquet"), b"PAR1").expect("write");
+    let tables = run(imglish()
+        .current_dir(d)
+        .args(["ingest", "--images", "tables", "--out", "m5"]));
+    assert_eq!(tables.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&tables.stderr)
+            .trim()
+            .lines()
+            .last()
+            .expect("a line"),
+        "error: ingest accepted nothing: 1 seen, 1 rejected; most rejects: unsupported-format (1) (a folder source \
+         reads image files, or the .tar shards of a folder that holds shards and no images; pass other .tar or \
+         .parquet files to --images themselves). The manifest in m5 is empty; pass --allow-empty to accept that"
+    );
+
+    // A JSONL text corpus whose lines lack --text-field: every line a bad-record, and the hint names the flag.
+    std::fs::write(d.join("t.jsonl"), "{\"body\": \"a\"}\n{\"body\": \"b\"}\n").expect("write");
+    let texts = run(imglish()
+        .current_dir(d)
+        .args(["ingest", "--texts", "t.jsonl", "--out", "m6"]));
+    assert_eq!(texts.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&texts.stderr)
+            .trim()
+            .lines()
+            .last()
+            .expect("a line"),
+        "error: ingest accepted nothing: 2 seen, 2 rejected; most rejects: bad-record (2) (check the field names: \
+         --text-field, or the caption file's columns). The manifest in m6 is empty; pass --allow-empty to accept \
+         that"
+    );
+
     // --labels from-folders on a flat folder: no classes is an error.
     std::fs::create_dir_all(d.join("flat")).expect("mkdir");
     let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));

@@ -293,6 +293,35 @@ fn hint(reason: &str) -> &'static str {
     }
 }
 
+/// A source most of whose items were rejected for one reason (the run as a whole may look fine: other sources
+/// were read) gets a warning naming it, with the reason's hint.
+fn warn_per_source(out: &std::path::Path) {
+    let record: serde_json::Value = std::fs::read(out.join("ingest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let Ok(rejects) = imglish_ingest::Manifest::rejects(out) else {
+        return;
+    };
+    for source in record["sources"].as_array().into_iter().flatten() {
+        let (Some(path), Some(items)) = (source["path"].as_str(), source["items"].as_u64()) else {
+            continue;
+        };
+        let mut by_reason: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+        for r in rejects.iter().filter(|r| r.source == path) {
+            *by_reason.entry(r.reason.as_str()).or_default() += 1;
+        }
+        if let Some((reason, n)) = by_reason.into_iter().max_by_key(|(_, n)| *n) {
+            if n * 2 > items {
+                tracing::warn!(
+                    "{n} of {items} items of source {path} were rejected as {reason}{}",
+                    hint(reason)
+                );
+            }
+        }
+    }
+}
+
 /// An ingest that accepted nothing is a failure unless `--allow-empty`; `--labels from-folders` that found no
 /// class is one too; a reason that rejects most of what was seen gets a warning.
 fn check_outcome(args: &IngestArgs, c: &imglish_ingest::IngestCounts) -> anyhow::Result<()> {
@@ -312,10 +341,15 @@ fn check_outcome(args: &IngestArgs, c: &imglish_ingest::IngestCounts) -> anyhow:
             "--labels from-folders found no class folders: images must sit in SRC/CLASS/..., one folder per class"
         );
     }
+    let mut warned = false;
     if let Some((r, n)) = top {
         if *n * 2 > c.seen && c.accepted > 0 {
             tracing::warn!("{n} of {} items were rejected as {r}{}", c.seen, hint(r));
+            warned = true;
         }
+    }
+    if !warned && c.accepted > 0 {
+        warn_per_source(&args.out);
     }
     if !args.captions.is_empty() && c.accepted > 0 && c.images_without_captions == c.accepted {
         tracing::warn!(
