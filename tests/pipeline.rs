@@ -237,6 +237,77 @@ fn demo_corpus_to_verified_dataset() {
         "no ANSI codes when stderr is not a terminal: {err}"
     );
 
+    // The other long stages too: ingest per source with its item count, tokenizer fit by named phases with
+    // totals (reading training patches of N images, Lloyd iterations i/n), and JSON records with --log-format json.
+    let o = run(
+        d,
+        &["ingest", "--images", "demo/images", "--out", "m-progress"],
+        &[("IMGLISH_PROGRESS_SECS", "0.001")],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("progress: ingesting demo/images: ") && l.contains('/')),
+        "{err}"
+    );
+    let o = run(
+        d,
+        &[
+            "tokenizer",
+            "fit",
+            "--manifest",
+            "m1",
+            "--patch",
+            "8",
+            "--input-size",
+            "32",
+            "--codebook",
+            "16",
+            "--iterations",
+            "3",
+            "--out",
+            "progress-fit/v.onnx",
+        ],
+        &[("IMGLISH_PROGRESS_SECS", "0.001")],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for phase in [
+        "progress: reading training patches (images): ",
+        "progress: Lloyd iterations: ",
+    ] {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(phase))
+            .unwrap_or_else(|| panic!("no '{phase}' line: {err}"));
+        let count = line[phase.len()..].split(' ').next().expect("count");
+        let (_, total) = count.split_once('/').unwrap_or_else(|| panic!("no total: {line}"));
+        assert!(total.parse::<u64>().expect("total") > 0, "{line}");
+    }
+    assert!(err.contains("progress: Lloyd iterations: 2/3"), "{err}");
+    let o = run(
+        d,
+        &[
+            "--log-format",
+            "json",
+            "ingest",
+            "--images",
+            "demo/images",
+            "--out",
+            "m-progress-json",
+        ],
+        &[("IMGLISH_PROGRESS_SECS", "0.001")],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let record: serde_json::Value = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["progress"] == "ingesting demo/images")
+        .expect("a JSON progress record");
+    assert!(record["len"].as_u64().expect("len") > 0, "{record}");
+    assert!(record["pos"].is_u64() && record["elapsed_s"].is_f64(), "{record}");
+
     // From another directory: the manifest's relative source paths are found through its base directory.
     let elsewhere = tempfile::tempdir().expect("tmp");
     let abs = |p: &str| d.join(p).display().to_string();
