@@ -14,6 +14,17 @@ fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output 
         .expect("spawn")
 }
 
+/// The total of the first periodic progress line of `phase` in `err` (`PHASE: done/total (...)`).
+fn progress_total(err: &str, phase: &str) -> u64 {
+    let line = err
+        .lines()
+        .find(|l| l.starts_with(phase))
+        .unwrap_or_else(|| panic!("no '{phase}' line: {err}"));
+    let count = line[phase.len()..].split(' ').next().expect("count");
+    let (_, total) = count.split_once('/').unwrap_or_else(|| panic!("no total: {line}"));
+    total.parse().unwrap_or_else(|_| panic!("total of {line}"))
+}
+
 /// Runs imglish in `dir`; it must succeed.
 fn imglish(dir: &Path, args: &[&str]) -> std::process::Output {
     let out = run(dir, args, &[]);
@@ -222,16 +233,7 @@ fn demo_corpus_to_verified_dataset() {
     );
     assert_eq!(o.status.code(), Some(0));
     let err = String::from_utf8_lossy(&o.stderr);
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("progress: tokenizing images: "))
-        .unwrap_or_else(|| panic!("no progress line: {err}"));
-    let count = line["progress: tokenizing images: ".len()..]
-        .split(' ')
-        .next()
-        .expect("count");
-    let (_, total) = count.split_once('/').unwrap_or_else(|| panic!("no total: {line}"));
-    assert!(total.parse::<u64>().expect("total") > 0, "{line}");
+    assert!(progress_total(&err, "progress: tokenizing images: ") > 0);
     assert!(
         !err.contains('\x1b'),
         "no ANSI codes when stderr is not a terminal: {err}"
@@ -273,18 +275,8 @@ fn demo_corpus_to_verified_dataset() {
     );
     assert_eq!(o.status.code(), Some(0));
     let err = String::from_utf8_lossy(&o.stderr);
-    for phase in [
-        "progress: reading training patches (images): ",
-        "progress: Lloyd iterations: ",
-    ] {
-        let line = err
-            .lines()
-            .find(|l| l.starts_with(phase))
-            .unwrap_or_else(|| panic!("no '{phase}' line: {err}"));
-        let count = line[phase.len()..].split(' ').next().expect("count");
-        let (_, total) = count.split_once('/').unwrap_or_else(|| panic!("no total: {line}"));
-        assert!(total.parse::<u64>().expect("total") > 0, "{line}");
-    }
+    assert!(progress_total(&err, "progress: reading training patches (images): ") > 0);
+    assert_eq!(progress_total(&err, "progress: Lloyd iterations: "), 3);
     assert!(err.contains("progress: Lloyd iterations: 2/3"), "{err}");
     let o = run(
         d,
