@@ -170,7 +170,10 @@ fn a_url_streams_like_the_local_copy_with_prefetch_and_checked_shards() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
     server.replace.lock().expect("swap").insert(bad.file.clone(), bytes);
-    let report = Dataset::open(&url).expect("open").verify();
+    // Opened again in this process: the same cache (another process would get a folder of its own).
+    let again = Dataset::open(&url).expect("open");
+    assert_eq!(again.cache_dir(), Some(dir.as_path()));
+    let report = again.verify();
     assert_eq!(report.bad.len(), 1, "{report:?}");
     assert_eq!(report.bad[0].0, bad.file);
     assert!(
