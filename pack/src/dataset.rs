@@ -705,8 +705,8 @@ impl Worker {
 }
 
 /// Asks a remote dataset for the shards that the positions `next` will read, in reading order, beyond those
-/// `current` reads (up to 8 shards, looking at most `window` positions ahead; the cache fetches as many as its
-/// prefetch depth allows).
+/// `current` reads: as many as its prefetch depth, looking at most `window` positions ahead. A no-op for a local
+/// dataset.
 fn prefetch_after(
     dataset: &Dataset,
     order: &EpochOrder,
@@ -715,8 +715,8 @@ fn prefetch_after(
     next: impl Iterator<Item = u64>,
     window: usize,
 ) {
-    const SHARDS: usize = 8;
-    if dataset.inner.remote.is_none() {
+    let depth = dataset.inner.remote.as_ref().map_or(0, |r| r.prefetch_depth());
+    if depth == 0 {
         return;
     }
     let shard_of = |p: u64| plan.locate(order.sample_at(p)).0;
@@ -725,7 +725,7 @@ fn prefetch_after(
     for s in next.take(window).map(shard_of) {
         if !current.contains(&s) && !upcoming.contains(&s) {
             upcoming.push(s);
-            if upcoming.len() == SHARDS {
+            if upcoming.len() == depth {
                 break;
             }
         }

@@ -77,15 +77,22 @@ pub fn set_remote_options(options: RemoteOptions) {
     let _ = OPTIONS.set(options);
 }
 
-fn options() -> RemoteOptions {
-    RemoteOptions::current()
-}
-
 impl RemoteOptions {
     /// The options set with [`set_remote_options`], else the defaults.
     pub fn current() -> RemoteOptions {
         OPTIONS.get().cloned().unwrap_or_default()
     }
+
+    /// The local folder `pack --out URL` packs into before uploading (kept, so a rerun of the same pack reuses
+    /// it): `upload-HASH` under the cache directory, next to the dataset caches (`HASH`).
+    pub fn staging_dir(&self, url: &str) -> PathBuf {
+        self.cache_dir.join(format!("upload-{}", url_key(url)))
+    }
+}
+
+/// The first 16 hex digits of the sha256 of `url`: the name of its folders under the cache directory.
+fn url_key(url: &str) -> String {
+    util::sha256_hex(url.as_bytes())[..16].to_string()
 }
 
 fn remote_err(url: &str, reason: impl std::fmt::Display) -> PackError {
@@ -242,7 +249,7 @@ pub(crate) fn read_remote_index(url: &str) -> Result<(DatasetIndex, Arc<Remote>)
     if let Some(remote) = open.iter().find(|(k, _)| *k == key).and_then(|(_, r)| r.upgrade()) {
         return Ok((index, remote));
     }
-    let remote = Arc::new(Remote::new(store, &index, &options())?);
+    let remote = Arc::new(Remote::new(store, &index, &RemoteOptions::current())?);
     open.push((key, Arc::downgrade(&remote)));
     Ok((index, remote))
 }
@@ -341,11 +348,11 @@ impl Remote {
     /// reads the same dataset, `root/HASH-1`, `-2`, ... (a process evicts and deletes files in its own folder only,
     /// so concurrent readers on one machine, e.g. the ranks of a node, never remove each other's shards).
     fn claim(root: &Path, url: &str) -> Result<(PathBuf, File)> {
-        let key = util::sha256_hex(url.as_bytes());
+        let key = url_key(url);
         for n in 0..256 {
             let dir = match n {
-                0 => root.join(&key[..16]),
-                n => root.join(format!("{}-{n}", &key[..16])),
+                0 => root.join(&key),
+                n => root.join(format!("{key}-{n}")),
             };
             fs::create_dir_all(&dir).map_err(crate::error::io_err(&dir))?;
             let lock = File::open(&dir).map_err(crate::error::io_err(&dir))?;
@@ -381,6 +388,11 @@ impl Remote {
         for i in idle {
             self.forget(&mut state, i);
         }
+    }
+
+    /// How many shards are fetched ahead of the reader.
+    pub(crate) fn prefetch_depth(&self) -> usize {
+        self.prefetch
     }
 
     /// The cache folder of this dataset.

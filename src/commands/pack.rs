@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use imglish_pack::{pack_dataset, PackConfig, TokensManifest};
-use sha2::Digest;
 
 use super::folders::{expect, Folder};
 use crate::output::Output;
@@ -51,10 +50,7 @@ pub fn run(args: &PackArgs, options: &imglish_pack::RemoteOptions, out: &Output)
     let url = imglish_pack::remote_url(&args.out).map(str::to_string);
     // A remote dataset is packed into a local staging folder first (kept: a rerun of the same pack reuses it).
     let dir = match &url {
-        Some(u) => {
-            let key = format!("{:x}", sha2::Sha256::digest(u.as_bytes()));
-            options.cache_dir.join(format!("upload-{}", &key[..16]))
-        }
+        Some(u) => options.staging_dir(u),
         None => args.out.clone(),
     };
     let _lock = super::lock::lock_dir(&dir)?;

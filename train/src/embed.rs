@@ -185,7 +185,8 @@ pub fn embed(
 /// The encoder of `checkpoint` and what it reads, checked against the dataset (stored pixels are not needed
 /// when the original images are given).
 fn load_encoder(checkpoint: &Path, dataset: &Dataset, originals: bool, device: Device) -> Result<(Model, InputKind)> {
-    let needs = |input: InputKind| if originals { InputKind::Tokens } else { input };
+    // A pixel-input encoder reads the stored working images unless the originals are given.
+    let stored = |input: InputKind| input == InputKind::Pixels && !originals;
     Ok(match checkpoint_architecture(checkpoint)?.as_str() {
         "beit3" => {
             let (m, run) = load_beit3(checkpoint, device)?;
@@ -193,7 +194,7 @@ fn load_encoder(checkpoint: &Path, dataset: &Dataset, originals: bool, device: D
             check_probe_fit(
                 checkpoint,
                 dataset,
-                check_fit(dataset, c.grid, c.vocab_size, Some(c.text_vocab_size), needs(c.input)),
+                check_fit(dataset, c.grid, c.vocab_size, Some(c.text_vocab_size), stored(c.input)),
             )?;
             (Model::Beit3(m), c.input)
         }
@@ -203,7 +204,7 @@ fn load_encoder(checkpoint: &Path, dataset: &Dataset, originals: bool, device: D
             check_probe_fit(
                 checkpoint,
                 dataset,
-                check_fit(dataset, c.grid, c.vocab_size, None, needs(c.input)),
+                check_fit(dataset, c.grid, c.vocab_size, None, stored(c.input)),
             )?;
             (Model::Beit(m), c.input)
         }

@@ -90,7 +90,13 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
             check_probe_fit(
                 checkpoint,
                 &dataset,
-                check_fit(&dataset, m.grid, m.vocab_size, Some(m.text_vocab_size), m.input),
+                check_fit(
+                    &dataset,
+                    m.grid,
+                    m.vocab_size,
+                    Some(m.text_vocab_size),
+                    m.input == crate::InputKind::Pixels,
+                ),
             )?;
             let builder = Builder::new(run.model.data_config(), run.objective.image_masking.clone(), run.seed);
             (
@@ -105,7 +111,13 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
             check_probe_fit(
                 checkpoint,
                 &dataset,
-                check_fit(&dataset, m.grid, m.vocab_size, None, m.input),
+                check_fit(
+                    &dataset,
+                    m.grid,
+                    m.vocab_size,
+                    None,
+                    m.input == crate::InputKind::Pixels,
+                ),
             )?;
             let builder = Builder::new(run.model.clone(), run.masking.clone(), run.seed);
             (

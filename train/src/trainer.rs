@@ -617,18 +617,24 @@ fn diff_values(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &m
 }
 
 fn check_dataset(dataset: &Dataset, model: &ModelConfig) -> Result<()> {
-    check_fit(dataset, model.grid, model.vocab_size, None, model.input)
+    check_fit(
+        dataset,
+        model.grid,
+        model.vocab_size,
+        None,
+        model.input == crate::config::InputKind::Pixels,
+    )
 }
 
 /// Checks that a model fits a dataset before any compute: token grid, visual vocabulary, text vocabulary (when
-/// the model has one and the dataset has texts) and, for pixel input, stored pixels. The error names the dataset
-/// and the mismatch.
+/// the model has one and the dataset has texts) and, when the model reads them (`stored_pixels`), the stored
+/// working images. The error names the dataset and the mismatch.
 pub(crate) fn check_fit(
     dataset: &Dataset,
     grid: [i64; 2],
     vocab_size: i64,
     text_vocab_size: Option<i64>,
-    input: crate::config::InputKind,
+    stored_pixels: bool,
 ) -> Result<()> {
     let info = dataset.tokenizer();
     let bad = |reason: String| TrainError::Dataset {
@@ -650,7 +656,7 @@ pub(crate) fn check_fit(
             return Err(bad(format!("text vocabulary of {v}, the model expects {m}")));
         }
     }
-    if input == crate::config::InputKind::Pixels && !dataset.index().config.include_pixels {
+    if stored_pixels && !dataset.index().config.include_pixels {
         return Err(bad("--input pixels needs a dataset packed with --include-pixels".into()));
     }
     Ok(())

@@ -346,7 +346,13 @@ pub fn probe_retrieval(
     crate::trainer::check_probe_fit(
         checkpoint,
         &dataset,
-        crate::trainer::check_fit(&dataset, m.grid, m.vocab_size, Some(m.text_vocab_size), m.input),
+        crate::trainer::check_fit(
+            &dataset,
+            m.grid,
+            m.vocab_size,
+            Some(m.text_vocab_size),
+            m.input == crate::InputKind::Pixels,
+        ),
     )?;
     let train = load_pairs(&dataset, Split::Train, m, config.batch_size, config.max_samples)?;
     let val = load_pairs(&dataset, Split::Val, m, config.batch_size, config.max_samples)?;

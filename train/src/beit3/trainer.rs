@@ -288,7 +288,13 @@ pub fn load_beit3(checkpoint: &Path, device: Device) -> Result<(Beit3, Beit3Trai
 
 fn check_dataset(dataset: &Dataset, config: &Beit3TrainConfig) -> Result<()> {
     let m = &config.model;
-    crate::trainer::check_fit(dataset, m.grid, m.vocab_size, Some(m.text_vocab_size), m.input)?;
+    crate::trainer::check_fit(
+        dataset,
+        m.grid,
+        m.vocab_size,
+        Some(m.text_vocab_size),
+        m.input == crate::InputKind::Pixels,
+    )?;
     if dataset.tokenizer().text_vocab_size.is_none() && config.objective.mix[0] <= 0.0 {
         return Err(TrainError::Dataset {
             path: dataset.dir().to_path_buf(),

@@ -281,7 +281,8 @@ fn check_data(checkpoint: Option<&Path>, dataset: &Dataset, backbone: &Backbone,
         Backbone::Beit3(c) => Some(c.text_vocab_size),
         Backbone::Beit(_) => None,
     };
-    let fit = check_fit(dataset, data.grid, data.vocab_size, text_vocab, data.input);
+    // Token input (pixel input returned above): no stored pixels needed.
+    let fit = check_fit(dataset, data.grid, data.vocab_size, text_vocab, false);
     match checkpoint {
         Some(c) => check_probe_fit(c, dataset, fit),
         None => fit,
