@@ -4,6 +4,7 @@ pub mod build;
 pub mod demo;
 mod doctor;
 pub mod download;
+mod dvae;
 pub mod embed;
 pub mod finetune;
 mod folders;
@@ -46,7 +47,7 @@ pub fn dispatch(command: Command, threads: usize, out: &Output) -> anyhow::Resul
         Command::Doctor => doctor::run(threads, out),
         Command::Download(args) => download::run(&args, threads, out),
         Command::Ingest(args) => ingest::run(&args, out),
-        Command::Tokenizer(args) => tokenizer::run(&args, out),
+        Command::Tokenizer(args) => tokenizer::run(&args, threads, out),
         Command::Tokenize(args) => tokenize::run(&args, threads, out),
         Command::Pack(args) => pack::run(&args, &imglish_pack::RemoteOptions::current(), out),
         Command::Verify(args) => verify::run(&args, out),

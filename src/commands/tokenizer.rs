@@ -19,6 +19,12 @@ pub enum TokenizerCommand {
     Fit(FitArgs),
     /// Train a text tokenizer (tokenizer.json) on the manifest's captions.
     FitText(FitTextArgs),
+    /// Train a discrete VAE tokenizer (DALL-E's Gumbel-softmax recipe) on a manifest's images with libtorch, and
+    /// export its encoder (the tokenizer) and decoder as ONNX with the card.
+    TrainDvae(super::dvae::TrainDvaeArgs),
+    /// Measure a visual tokenizer on a manifest's held-out images: code usage, perplexity and, when it has a
+    /// decoder, the reconstruction's PSNR.
+    Eval(super::dvae::EvalArgs),
     /// Write the card of a third-party ONNX visual tokenizer (grid, vocabulary and output kind read from a
     /// probe batch; the sha256 of the model and of every external data file), then load it back.
     Card(CardArgs),
@@ -157,8 +163,10 @@ pub struct FitTextArgs {
     pub out: PathBuf,
 }
 
-pub fn run(args: &TokenizerArgs, out: &Output) -> anyhow::Result<()> {
+pub fn run(args: &TokenizerArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
     match &args.command {
+        TokenizerCommand::TrainDvae(a) => super::dvae::train(a, threads, out),
+        TokenizerCommand::Eval(a) => super::dvae::eval(a, out),
         TokenizerCommand::Fit(a) => fit(a, out),
         TokenizerCommand::FitText(a) => fit_text(a, out),
         TokenizerCommand::Card(a) => card(a, out),
@@ -245,9 +253,21 @@ fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
     let (codebook, report) = fit_codebook(&a.manifest, &config, &BarProgress(&bar))?;
     bar.finish_and_clear();
     let bytes = codebook.to_onnx();
-    let card = codebook.card(&bytes, &report);
+    let mut card = codebook.card(&bytes, &report);
     if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // RGB codebooks can draw their codes back (each patch as its centroid): a decoder beside the model.
+    if let Some(decoder) = codebook.decoder_onnx() {
+        let path = a.out.with_extension("decoder.onnx");
+        imglish_ingest::write_atomic(&path, &decoder)?;
+        card.decoder = Some(imglish_tokenizer::DecoderRef {
+            file: path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256: imglish_tokenizer::sha256_hex(&decoder),
+        });
     }
     imglish_ingest::write_atomic(&a.out, &bytes)?;
     let card_path = Card::path_for(&a.out);

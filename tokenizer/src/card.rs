@@ -80,6 +80,10 @@ pub struct Card {
     /// folder → hex digest); empty for self-contained models.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub external_data: std::collections::BTreeMap<String, String>,
+    /// The tokenizer's decoder (tokens → pixels), for tokenizers that have one: `imglish inspect --png` draws
+    /// its reconstructions and `imglish tokenizer eval` measures them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<DecoderRef>,
     /// Fit statistics (for tokenizers fitted by imglish): codebook usage, perplexity, quantisation error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<serde_json::Value>,
@@ -100,6 +104,7 @@ impl Card {
             vocab_size: 8192,
             onnx_sha256: onnx_sha256.into(),
             external_data: Default::default(),
+            decoder: None,
             stats: None,
         }
     }
@@ -123,6 +128,7 @@ impl Card {
             vocab_size: 8192,
             onnx_sha256: onnx_sha256.into(),
             external_data: Default::default(),
+            decoder: None,
             stats: None,
         }
     }
@@ -229,6 +235,7 @@ pub fn card_for_model(model_path: &Path, spec: &CardSpec, options: &SessionOptio
         vocab_size: to_u32(vocab_size),
         onnx_sha256: sha256_hex(&bytes),
         external_data,
+        decoder: None,
         stats: None,
     })
 }
@@ -291,6 +298,73 @@ fn check_external_data(name: &Path, bytes: &[u8], card: &Card) -> Result<bool> {
         ));
     }
     Ok(!found.is_empty())
+}
+
+/// A tokenizer's decoder as its card names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecoderRef {
+    /// The decoder's ONNX file, relative to the tokenizer's folder.
+    pub file: String,
+    /// Its sha256, hex.
+    pub sha256: String,
+}
+
+/// A tokenizer's decoder: token grids `[B, h, w]` → pixels `[B, 3, S, S]` in [0, 1].
+#[derive(Debug)]
+pub struct TokenDecoder {
+    model: Model,
+    grid: [u32; 2],
+    input_size: u32,
+}
+
+impl TokenDecoder {
+    /// The decoder of the tokenizer `model_path` with card `card`, checked against the card's hash; `None` when
+    /// the tokenizer has none.
+    pub fn load(model_path: &Path, card: &Card, options: &SessionOptions) -> Result<Option<TokenDecoder>> {
+        let Some(d) = &card.decoder else {
+            return Ok(None);
+        };
+        let path = model_path.parent().unwrap_or(Path::new("")).join(&d.file);
+        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let hash = sha256_hex(&bytes);
+        if hash != d.sha256 {
+            return Err(mismatch(
+                &path,
+                format!(
+                    "sha256 {hash} does not match the tokenizer card's decoder sha256 {}",
+                    d.sha256
+                ),
+            ));
+        }
+        Ok(Some(TokenDecoder {
+            model: Model::from_bytes(&path.display().to_string(), &bytes, options)?,
+            grid: card.grid,
+            input_size: card.input_size,
+        }))
+    }
+
+    /// Pixels `[B, 3, S, S]` in [0, 1] of `tokens` (each `h·w` codes).
+    pub fn decode(&mut self, tokens: &[&[u16]]) -> Result<Vec<f32>> {
+        let [h, w] = self.grid.map(|g| g as usize);
+        let ids: Vec<i64> = tokens.iter().flat_map(|t| t.iter().map(|&v| i64::from(v))).collect();
+        let s = self.input_size as usize;
+        match self.model.run_i64(&[tokens.len(), h, w], &ids)? {
+            Output::F32 { shape, data } if shape == [tokens.len(), 3, s, s] => Ok(data),
+            other => Err(Error::Model {
+                model: "tokenizer decoder".into(),
+                reason: format!(
+                    "output {:?}, expected f32 [{}, 3, {s}, {s}]",
+                    match &other {
+                        Output::F32 { shape, .. } | Output::I64 { shape, .. } => shape,
+                    },
+                    tokens.len()
+                ),
+            }),
+        }
+    }
 }
 
 /// A loaded visual tokenizer: the model, its card, and a fingerprint of both.

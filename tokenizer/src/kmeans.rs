@@ -314,6 +314,50 @@ impl Codebook {
         onnx::encode(&gb.finish())
     }
 
+    /// The decoder of an RGB codebook: tokens `[B, G, G]` int64 → pixels `[B, 3, S, S]` in [0, 1], each patch
+    /// drawn as its code's centroid. `None` for centred and structure codebooks, whose codes drop the patch mean.
+    pub fn decoder_onnx(&self) -> Option<Vec<u8>> {
+        if self.features != PatchFeatures::Rgb {
+            return None;
+        }
+        let (k, p, s) = (self.len() as i64, i64::from(self.patch), i64::from(self.input_size));
+        let g = s / p;
+        let table: Vec<f32> = self.centroids.iter().copied().collect();
+        let mut gb = GraphBuilder::new("imglish_kmeans_decoder");
+        gb.input(
+            "tokens",
+            data_type::INT64,
+            &[Dim::from("batch"), Dim::from(g), Dim::from(g)],
+        )
+        .output(
+            "pixels",
+            data_type::FLOAT,
+            &[Dim::from("batch"), Dim::from(3), Dim::from(s), Dim::from(s)],
+        )
+        .initializer_f32("codes", &[k, 3 * p * p], &table)
+        .initializer_i64("patch_shape", &[6], &[-1, g, g, 3, p, p])
+        .initializer_i64("image_shape", &[4], &[-1, 3, s, s])
+        .initializer_f32("half", &[], &[0.5])
+        .initializer_f32("zero", &[], &[0.0])
+        .initializer_f32("one", &[], &[1.0])
+        .node("Gather", &["codes", "tokens"], &["patches"], &[("axis", Attr::Int(0))])
+        .node("Reshape", &["patches", "patch_shape"], &["grid"], &[])
+        // [B, gy, gx, c, py, px] → [B, c, gy, py, gx, px]
+        .node(
+            "Transpose",
+            &["grid"],
+            &["planes"],
+            &[("perm", Attr::Ints(vec![0, 3, 1, 4, 2, 5]))],
+        )
+        .node("Reshape", &["planes", "image_shape"], &["normalised"], &[])
+        // x = (x' + 1) / 2 for the minus-one-one normalisation.
+        .node("Mul", &["normalised", "half"], &["scaled"], &[])
+        .node("Add", &["scaled", "half"], &["shifted"], &[])
+        .node("Clip", &["shifted", "zero", "one"], &["pixels"], &[])
+        .metadata("imglish.decoder", "kmeans");
+        Some(onnx::encode(&gb.finish()))
+    }
+
     /// The card for [`Codebook::to_onnx`]'s bytes.
     pub fn card(&self, onnx_bytes: &[u8], report: &FitReport) -> Card {
         let g = self.input_size / self.patch;
@@ -339,6 +383,7 @@ impl Codebook {
             vocab_size: self.len() as u32,
             onnx_sha256: sha256_hex(onnx_bytes),
             external_data: Default::default(),
+            decoder: None,
             stats: Some(serde_json::to_value(report).unwrap_or_default()),
         }
     }

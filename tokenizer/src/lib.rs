@@ -30,10 +30,12 @@
 //! ```
 
 mod card;
+pub mod dvae;
 mod error;
 mod kmeans;
 pub mod onnx;
 mod ordered;
+pub mod quality;
 mod runtime;
 mod session;
 mod text;
@@ -41,8 +43,8 @@ mod tokenize;
 mod views;
 
 pub use card::{
-    card_for_model, external_data_hashes, sha256_hex, Card, CardSpec, Normalization, OutputKind, VisualTokenizer,
-    CARD_VERSION,
+    card_for_model, external_data_hashes, sha256_hex, Card, CardSpec, DecoderRef, Normalization, OutputKind,
+    TokenDecoder, VisualTokenizer, CARD_VERSION,
 };
 pub use error::{Error, Result};
 pub use kmeans::{fit_codebook, Codebook, FitConfig, FitReport, PatchFeatures};

@@ -382,18 +382,7 @@ impl Model {
 
     /// Runs the model on one float32 input of the given shape and returns a copy of its first output.
     pub fn run_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<Output> {
-        self.run_f32_with(shape, data, |out| {
-            Ok(match out {
-                OutputView::F32 { shape, data } => Output::F32 {
-                    shape,
-                    data: data.to_vec(),
-                },
-                OutputView::I64 { shape, data } => Output::I64 {
-                    shape,
-                    data: data.to_vec(),
-                },
-            })
-        })
+        self.run_f32_with(shape, data, |out| Ok(out.to_owned()))
     }
 
     /// Runs the model on one float32 input of the given shape and hands its first output, still in ONNX
@@ -417,36 +406,83 @@ impl Model {
         }
         let input = TensorRef::from_array_view((shape.to_vec(), data)).map_err(|e| err(&e))?;
         let outputs = self.session.run(ort::inputs![input]).map_err(|e| err(&e))?;
-        let value = &outputs[0];
-        let elem = match value.dtype() {
-            ValueType::Tensor { ty, .. } => *ty,
-            other => {
-                return Err(Error::Model {
-                    model: self.name.clone(),
-                    reason: format!("output 0 is {other}, expected a tensor"),
-                })
-            }
+        read_first(&self.name, &outputs, read)
+    }
+
+    /// Runs the model on one int64 input of the given shape (token ids, for a tokenizer's decoder) and returns
+    /// a copy of its first output.
+    pub fn run_i64(&mut self, shape: &[usize], data: &[i64]) -> Result<Output> {
+        let err = |e: &dyn fmt::Display| Error::Session {
+            model: self.name.clone(),
+            reason: e.to_string(),
         };
-        let to_usize = |s: &ort::value::Shape| s.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>();
-        match elem {
-            TensorElementType::Float32 => {
-                let (s, d) = value.try_extract_tensor::<f32>().map_err(|e| err(&e))?;
-                read(OutputView::F32 {
-                    shape: to_usize(s),
-                    data: d,
-                })
-            }
-            TensorElementType::Int64 => {
-                let (s, d) = value.try_extract_tensor::<i64>().map_err(|e| err(&e))?;
-                read(OutputView::I64 {
-                    shape: to_usize(s),
-                    data: d,
-                })
-            }
-            other => Err(Error::Model {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(Error::Model {
                 model: self.name.clone(),
-                reason: format!("output 0 has element type {other}, expected f32 or i64"),
-            }),
+                reason: format!("input shape {shape:?} does not match {} values", data.len()),
+            });
+        }
+        let input = TensorRef::from_array_view((shape.to_vec(), data)).map_err(|e| err(&e))?;
+        let outputs = self.session.run(ort::inputs![input]).map_err(|e| err(&e))?;
+        read_first(&self.name, &outputs, |out| Ok(out.to_owned()))
+    }
+}
+
+/// Hands a run's first output, still in ONNX Runtime's buffer, to `read`.
+fn read_first<R>(
+    name: &str,
+    outputs: &ort::session::SessionOutputs<'_>,
+    read: impl FnOnce(OutputView<'_>) -> Result<R>,
+) -> Result<R> {
+    let err = |e: &dyn fmt::Display| Error::Session {
+        model: name.to_string(),
+        reason: e.to_string(),
+    };
+    let value = &outputs[0];
+    let elem = match value.dtype() {
+        ValueType::Tensor { ty, .. } => *ty,
+        other => {
+            return Err(Error::Model {
+                model: name.to_string(),
+                reason: format!("output 0 is {other}, expected a tensor"),
+            })
+        }
+    };
+    let to_usize = |s: &ort::value::Shape| s.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>();
+    match elem {
+        TensorElementType::Float32 => {
+            let (s, d) = value.try_extract_tensor::<f32>().map_err(|e| err(&e))?;
+            read(OutputView::F32 {
+                shape: to_usize(s),
+                data: d,
+            })
+        }
+        TensorElementType::Int64 => {
+            let (s, d) = value.try_extract_tensor::<i64>().map_err(|e| err(&e))?;
+            read(OutputView::I64 {
+                shape: to_usize(s),
+                data: d,
+            })
+        }
+        other => Err(Error::Model {
+            model: name.to_string(),
+            reason: format!("output 0 has element type {other}, expected f32 or i64"),
+        }),
+    }
+}
+
+impl OutputView<'_> {
+    /// A copy of the values.
+    pub fn to_owned(&self) -> Output {
+        match self {
+            OutputView::F32 { shape, data } => Output::F32 {
+                shape: shape.clone(),
+                data: data.to_vec(),
+            },
+            OutputView::I64 { shape, data } => Output::I64 {
+                shape: shape.clone(),
+                data: data.to_vec(),
+            },
         }
     }
 }

@@ -13,6 +13,8 @@
 //!   `loss.png`.
 //! - [`finetune`]: image classification fine-tuning (BEiT's recipe: layer decay, mixup/CutMix, best checkpoint).
 //! - [`probe`]: a linear probe of a checkpoint's frozen encoder against a random encoder.
+//! - [`dvae`]: a learned discrete VAE tokenizer (DALL-E's Gumbel-softmax recipe), exported to ONNX by
+//!   `imglish_tokenizer::dvae`.
 //!
 //! libtorch comes from the PyPI `torch==2.13.0` wheel (`scripts/setup-libtorch`).
 //!
@@ -41,6 +43,7 @@ mod beit3;
 mod config;
 mod data;
 mod device;
+pub mod dvae;
 mod embed;
 mod error;
 mod finetune;

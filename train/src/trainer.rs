@@ -391,7 +391,7 @@ pub fn train(
     let (mut step, mut stream_state, mut samples) = restore(
         out,
         config,
-        &dataset,
+        &dataset.index().build_fingerprint,
         "beit",
         &mut |p| model.load(p),
         &mut opt,
@@ -702,12 +702,13 @@ fn short(fingerprint: &str) -> &str {
 }
 
 /// Restores model (through `load_model`), optimiser and stream from the newest checkpoint under `out` when
-/// `resume` (refusing one written with other settings, naming the fields, or for another dataset), or refuses an
+/// `resume` (refusing one written with other settings, naming the fields, or for another dataset: its build
+/// fingerprint, or for a dVAE its manifest's), or refuses an
 /// output folder that already holds checkpoints. Returns `(step, stream state, samples)`.
 pub(crate) fn restore<C: PartialEq + Serialize + serde::de::DeserializeOwned>(
     out: &Path,
     config: &C,
-    dataset: &Dataset,
+    dataset_fingerprint: &str,
     architecture: &str,
     load_model: &mut dyn FnMut(&Path) -> Result<()>,
     opt: &mut AdamW,
@@ -734,7 +735,7 @@ pub(crate) fn restore<C: PartialEq + Serialize + serde::de::DeserializeOwned>(
             ),
         });
     }
-    if state.dataset_fingerprint != dataset.index().build_fingerprint {
+    if state.dataset_fingerprint != dataset_fingerprint {
         return Err(TrainError::Checkpoint {
             path: ckpt,
             reason: "written for another dataset (build fingerprints differ)".into(),

@@ -337,7 +337,7 @@ pub fn train_beit3(
     let (mut step, mut stream_state, mut samples) = restore(
         out,
         config,
-        &dataset,
+        &dataset.index().build_fingerprint,
         "beit3",
         &mut |p| model.load(p),
         &mut opt,

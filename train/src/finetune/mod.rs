@@ -390,7 +390,7 @@ pub fn finetune(
     let (mut step, mut stream_state, mut samples) = restore(
         out,
         config,
-        &dataset,
+        &dataset.index().build_fingerprint,
         &architecture,
         &mut |p| model.load(p),
         &mut opt,

@@ -1,0 +1,141 @@
+"""The PyTorch twin of imglish's dVAE (`imglish tokenizer train-dvae`): the same layers under the same parameter
+names (a checkpoint's model.safetensors loads with strict=True), and the same training step (Gumbel-softmax
+relaxation, KL to the uniform prior, MSE or logit-Laplace reconstruction, AdamW with clipping).
+
+usage:
+  python torch_dvae.py bench RUN_CONFIG.json STEPS THREADS
+      the peer loop of scripts/bench-dvae: STEPS steps of the run's batch size on pre-made tensors (no image
+      decoding: the peer pays no data cost), one JSON line with the seconds
+"""
+
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c // 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(c // 2, c, 1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class Dvae(nn.Module):
+    """`model` is the `model` object of the run's config.json."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.cfg = model
+        levels = int(math.log2(model["input_size"] // model["grid"]))
+        w = lambda level: model["width"] << min(level, 2)  # noqa: E731
+        k = model["codebook"]
+        blocks = lambda level: nn.ModuleDict(  # noqa: E731
+            {f"block{b}": ResBlock(w(level)) for b in range(model["blocks"])}
+        )
+        enc, dec = nn.Module(), nn.Module()
+        enc.stem = nn.Conv2d(3, w(0), 3, padding=1)
+        for level in range(1, levels + 1):
+            setattr(enc, f"down{level}", nn.Conv2d(w(level - 1), w(level), 2, stride=2))
+            setattr(enc, f"level{level}", blocks(level))
+            setattr(dec, f"level{level}", blocks(level))
+            setattr(dec, f"up{level}", nn.ConvTranspose2d(w(level), w(level - 1), 2, stride=2))
+        enc.logits = nn.Conv2d(w(levels), k, 1)
+        dec.embed = nn.Conv2d(k, w(levels), 1)
+        out = 6 if model["recon"]["kind"] == "logit-laplace" else 3
+        dec.out = nn.Conv2d(w(0), out, 3, padding=1)
+        self.enc, self.dec, self.levels = enc, dec, levels
+
+    def encode(self, x):
+        h = self.enc.stem(x)
+        for level in range(1, self.levels + 1):
+            h = getattr(self.enc, f"down{level}")(F.relu(h))
+            for b in getattr(self.enc, f"level{level}").values():
+                h = b(h)
+        return self.enc.logits(F.relu(h))
+
+    def decode(self, z):
+        h = self.dec.embed(z)
+        for level in range(self.levels, 0, -1):
+            for b in getattr(self.dec, f"level{level}").values():
+                h = b(h)
+            h = getattr(self.dec, f"up{level}")(F.relu(h))
+        return self.dec.out(F.relu(h))
+
+    def recon_loss(self, out, x):
+        r = self.cfg["recon"]
+        if r["kind"] == "mse":
+            return F.mse_loss(out, x)
+        eps = r["eps"]
+        mapped = x * (1 - 2 * eps) + eps
+        target = torch.log(mapped / (1 - mapped))
+        mu, log_b = out[:, :3], out[:, 3:]
+        return ((target - mu).abs() * torch.exp(-log_b) + log_b).mean()
+
+    def pixels(self, out):
+        r = self.cfg["recon"]
+        if r["kind"] == "mse":
+            return out.clamp(0, 1)
+        eps = r["eps"]
+        return ((torch.sigmoid(out[:, :3]) - eps) / (1 - 2 * eps)).clamp(0, 1)
+
+
+def step_loss(model, x, target, tau, kl_weight, straight_through):
+    logits = model.encode(x)
+    k = logits.shape[1]
+    u = torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)
+    soft = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=1)
+    if straight_through:
+        hard = F.one_hot(soft.argmax(1), k).permute(0, 3, 1, 2).float()
+        soft = hard - soft.detach() + soft
+    recon = model.recon_loss(model.decode(soft), target)
+    log_q = F.log_softmax(logits, dim=1)
+    kl = (log_q.exp() * (log_q + math.log(k))).sum(1).mean()
+    return recon + kl_weight * kl
+
+
+def bench(config_path, steps, threads):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = json.load(open(config_path))
+    model = Dvae(cfg["model"])
+    o = cfg["optim"]
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o["lr"],
+        betas=tuple(o["betas"]),
+        eps=o["eps"],
+    )
+    b, s = cfg["batch_size"], cfg["model"]["input_size"]
+    x = torch.rand(b, 3, s, s) * 2 - 1
+    target = (x + 1) / 2
+    t0, t1 = cfg["temperature"]
+    span = max(cfg["steps"] * cfg["anneal_fraction"], 1.0)
+    start = time.perf_counter()
+    for step in range(steps):
+        tau = t0 * (t1 / t0) ** min(step / span, 1.0)
+        loss = step_loss(model, x, target, tau, cfg["kl_weight"], cfg["straight_through"])
+        opt.zero_grad()
+        loss.backward()
+        if o["clip_grad"] is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_grad"])
+        opt.step()
+        loss.item()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "steps": steps, "batch": b, "threads": threads}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "bench":
+        bench(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,325 @@
+//! The discrete VAE: a convolutional encoder with residual blocks producing logits over K codes per grid cell,
+//! and a convolutional decoder from (relaxed) one-hot codes back to pixels.
+//!
+//! Layout for an input of S pixels and a grid of G cells (S/G = 2^L):
+//! - encoder: `enc.stem` (3x3, 3 → w) at full resolution; for each level l = 1..=L a 2x2 stride-2 convolution
+//!   `enc.down{l}` (halving the resolution) then `blocks` residual blocks `enc.level{l}.block{b}`
+//!   (x + conv1x1(relu(conv3x3(relu(x)))), the 3x3 convolution halving the channels); `enc.logits` (1x1 → K)
+//!   after a ReLU.
+//! - decoder: `dec.embed` (1x1, K → width at level L: on one-hot codes, a table lookup); for l = L..=1 the
+//!   residual blocks `dec.level{l}.block{b}` then a 2x2 stride-2 transposed convolution `dec.up{l}` after a ReLU;
+//!   `dec.out` (3x3 → 3 pixel channels for MSE, 6 for logit-Laplace: means then log-scales) after a ReLU.
+//!
+//! Widths: w at full resolution, doubling per level up to 4w. The ONNX export (`imglish_tokenizer::dvae`) builds
+//! the same graph from these parameter names.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+use crate::error::{Result, TrainError};
+use crate::model::{param_key, uniform_};
+use crate::tensors;
+
+/// What the decoder's pixels are scored with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Recon {
+    /// Mean squared error on pixels in [0, 1].
+    #[default]
+    Mse,
+    /// DALL-E's logit-Laplace likelihood on pixels mapped to [eps, 1 - eps] (the decoder predicts a location and
+    /// a log-scale per channel).
+    LogitLaplace {
+        /// The pixel mapping's margin (DALL-E: 0.1).
+        eps: f32,
+    },
+}
+
+/// The architecture of a dVAE.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DvaeConfig {
+    /// Square input size S in pixels.
+    pub input_size: u32,
+    /// Grid side G (S / G must be a power of two, 2 to 32).
+    pub grid: u32,
+    /// Codes K (at most 65536).
+    pub codebook: u32,
+    /// Channels at full resolution (doubling per level up to four times this).
+    pub width: u32,
+    /// Residual blocks per level.
+    pub blocks: u32,
+    /// The reconstruction loss.
+    pub recon: Recon,
+}
+
+impl Default for DvaeConfig {
+    fn default() -> Self {
+        DvaeConfig {
+            input_size: 112,
+            grid: 14,
+            codebook: 8192,
+            width: 64,
+            blocks: 1,
+            recon: Recon::Mse,
+        }
+    }
+}
+
+impl DvaeConfig {
+    /// Checks the sizes; returns the number of levels L (S = G · 2^L).
+    pub fn validate(&self) -> Result<u32> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.grid == 0 || self.input_size == 0 || !self.input_size.is_multiple_of(self.grid) {
+            return bad(format!(
+                "--input-size {} must be a multiple of --grid {}",
+                self.input_size, self.grid
+            ));
+        }
+        let factor = self.input_size / self.grid;
+        if !factor.is_power_of_two() || !(2..=32).contains(&factor) {
+            return bad(format!(
+                "--input-size / --grid = {factor} must be a power of two from 2 to 32 (e.g. 112 / 14 = 8)"
+            ));
+        }
+        if !(2..=65536).contains(&self.codebook) {
+            return bad(format!("--codebook {} is out of range 2..=65536", self.codebook));
+        }
+        if self.width < 2 || !self.width.is_multiple_of(2) {
+            return bad(format!("--width {} must be an even number >= 2", self.width));
+        }
+        if let Recon::LogitLaplace { eps } = self.recon {
+            if !(eps > 0.0 && eps < 0.5) {
+                return bad(format!("the logit-Laplace eps {eps} must be in (0, 0.5)"));
+            }
+        }
+        Ok(factor.trailing_zeros())
+    }
+
+    /// Channels at level `l` (0: full resolution).
+    pub fn width_at(&self, l: u32) -> i64 {
+        i64::from(self.width) << l.min(2)
+    }
+
+    fn out_channels(&self) -> i64 {
+        match self.recon {
+            Recon::Mse => 3,
+            Recon::LogitLaplace { .. } => 6,
+        }
+    }
+}
+
+struct ResBlock {
+    conv1: nn::Conv2D,
+    conv2: nn::Conv2D,
+}
+
+impl ResBlock {
+    fn new(p: nn::Path<'_>, c: i64) -> ResBlock {
+        let pad = nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        ResBlock {
+            conv1: nn::conv2d(&p / "conv1", c, c / 2, 3, pad),
+            conv2: nn::conv2d(&p / "conv2", c / 2, c, 1, Default::default()),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x + self.conv2.forward(&self.conv1.forward(&x.relu()).relu())
+    }
+}
+
+/// A dVAE and the variables it owns.
+pub struct Dvae {
+    config: DvaeConfig,
+    vs: nn::VarStore,
+    stem: nn::Conv2D,
+    down: Vec<nn::Conv2D>,
+    enc_blocks: Vec<Vec<ResBlock>>,
+    logits: nn::Conv2D,
+    embed: nn::Conv2D,
+    dec_blocks: Vec<Vec<ResBlock>>,
+    up: Vec<nn::ConvTranspose2D>,
+    out: nn::Conv2D,
+}
+
+impl std::fmt::Debug for Dvae {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dvae").field("config", &self.config).finish()
+    }
+}
+
+impl Dvae {
+    /// Builds the model on `device`, every tensor drawn from `(seed, name)` with PyTorch's default convolution
+    /// initialisation (U(±1/sqrt(fan_in)) for weights and biases).
+    pub fn new(config: &DvaeConfig, device: Device, seed: u64) -> Result<Dvae> {
+        let levels = config.validate()?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let (enc, dec) = (&root / "enc", &root / "dec");
+        let pad = nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let halve = nn::ConvConfig {
+            stride: 2,
+            ..Default::default()
+        };
+        let double = nn::ConvTransposeConfig {
+            stride: 2,
+            ..Default::default()
+        };
+        let k = i64::from(config.codebook);
+        let w = |l| config.width_at(l);
+        let blocks = |p: &nn::Path<'_>, l: u32| -> Vec<ResBlock> {
+            (0..config.blocks)
+                .map(|b| ResBlock::new(p / format!("level{l}") / format!("block{b}"), w(l)))
+                .collect()
+        };
+        let model = Dvae {
+            stem: nn::conv2d(&enc / "stem", 3, w(0), 3, pad),
+            down: (1..=levels)
+                .map(|l| nn::conv2d(&enc / format!("down{l}"), w(l - 1), w(l), 2, halve))
+                .collect(),
+            enc_blocks: (1..=levels).map(|l| blocks(&enc, l)).collect(),
+            logits: nn::conv2d(&enc / "logits", w(levels), k, 1, Default::default()),
+            embed: nn::conv2d(&dec / "embed", k, w(levels), 1, Default::default()),
+            dec_blocks: (1..=levels).map(|l| blocks(&dec, l)).collect(),
+            up: (1..=levels)
+                .map(|l| nn::conv_transpose2d(&dec / format!("up{l}"), w(l), w(l - 1), 2, double))
+                .collect(),
+            out: nn::conv2d(&dec / "out", w(0), config.out_channels(), 3, pad),
+            config: config.clone(),
+            vs,
+        };
+        model.initialise(seed);
+        Ok(model)
+    }
+
+    fn initialise(&self, seed: u64) {
+        tch::no_grad(|| {
+            let params = self.named_parameters();
+            for (name, t) in &params {
+                let mut t = t.shallow_clone();
+                // fan_in from the layer's weight: [out, in, kh, kw] (convolution) or [in, out, kh, kw]
+                // (transposed convolution: PyTorch takes dim 1 as fan_in there too).
+                let weight = params
+                    .get(&name.replace(".bias", ".weight"))
+                    .map(Tensor::size)
+                    .unwrap_or_default();
+                let fan_in = weight.get(1).copied().unwrap_or(1) * weight.iter().skip(2).product::<i64>();
+                uniform_(&mut t, 1.0 / (fan_in.max(1) as f64).sqrt(), param_key(seed, name));
+            }
+        });
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &DvaeConfig {
+        &self.config
+    }
+
+    /// The device the variables live on.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Every parameter by name.
+    pub fn named_parameters(&self) -> BTreeMap<String, Tensor> {
+        self.vs.variables().into_iter().collect()
+    }
+
+    /// The number of parameters.
+    pub fn num_parameters(&self) -> i64 {
+        self.vs.variables().values().map(|t| t.numel() as i64).sum()
+    }
+
+    /// Logits `[B, K, G, G]` of pixels `[B, 3, S, S]` normalised to [-1, 1] (x = 2·u8/255 - 1).
+    pub fn encode(&self, pixels: &Tensor) -> Tensor {
+        let mut h = self.stem.forward(pixels);
+        for (down, blocks) in self.down.iter().zip(&self.enc_blocks) {
+            h = down.forward(&h.relu());
+            for b in blocks {
+                h = b.forward(&h);
+            }
+        }
+        self.logits.forward(&h.relu())
+    }
+
+    /// The decoder's raw output `[B, 3 or 6, S, S]` for codes `[B, K, G, G]` (one-hot or relaxed).
+    pub fn decode(&self, codes: &Tensor) -> Tensor {
+        let mut h = self.embed.forward(codes);
+        for (up, blocks) in self.up.iter().zip(&self.dec_blocks).rev() {
+            for b in blocks {
+                h = b.forward(&h);
+            }
+            h = up.forward(&h.relu());
+        }
+        self.out.forward(&h.relu())
+    }
+
+    /// Reconstructed pixels in [0, 1] from the decoder's raw output.
+    pub fn pixels_from(&self, out: &Tensor) -> Tensor {
+        match self.config.recon {
+            Recon::Mse => out.clamp(0.0, 1.0),
+            Recon::LogitLaplace { eps } => {
+                let eps = f64::from(eps);
+                ((out.narrow(1, 0, 3).sigmoid() - eps) / (1.0 - 2.0 * eps)).clamp(0.0, 1.0)
+            }
+        }
+    }
+
+    /// The reconstruction loss (mean per pixel channel) of the decoder's raw output against pixels `x` in
+    /// [0, 1]. Logit-Laplace: the negative log-likelihood without its constant terms (ln 2 + ln x' + ln(1 - x')).
+    pub fn recon_loss(&self, out: &Tensor, x: &Tensor) -> Tensor {
+        match self.config.recon {
+            Recon::Mse => out.mse_loss(x, tch::Reduction::Mean),
+            Recon::LogitLaplace { eps } => {
+                let eps = f64::from(eps);
+                let mapped = x * (1.0 - 2.0 * eps) + eps;
+                let target = (&mapped / (-&mapped + 1.0)).log();
+                let mu = out.narrow(1, 0, 3);
+                let log_b = out.narrow(1, 3, 3);
+                ((target - mu).abs() * (-&log_b).exp() + log_b).mean(Kind::Float)
+            }
+        }
+    }
+
+    /// Hard codes `[B, G, G]` (argmax of the logits, first maximum on ties) of normalised pixels.
+    pub fn tokens(&self, pixels: &Tensor) -> Tensor {
+        tch::no_grad(|| self.encode(pixels).argmax(1, false))
+    }
+
+    /// One-hot `[B, K, G, G]` codes of tokens `[B, G, G]`.
+    pub fn one_hot(&self, tokens: &Tensor) -> Tensor {
+        tokens
+            .one_hot(i64::from(self.config.codebook))
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+    }
+
+    /// Writes every parameter to a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        tensors::save_params(self.named_parameters(), path)
+    }
+
+    /// Loads every parameter from a safetensors file written by [`Dvae::save`].
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        tensors::load_params(self.named_parameters(), path)
+    }
+
+    /// Every parameter as (shape, float32 values), for the ONNX export.
+    pub fn export(&self) -> BTreeMap<String, (Vec<i64>, Vec<f32>)> {
+        self.named_parameters()
+            .into_iter()
+            .map(|(name, t)| {
+                let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+                let values = Vec::<f32>::try_from(t.flatten(0, -1)).unwrap_or_default();
+                (name, (t.size(), values))
+            })
+            .collect()
+    }
+}
