@@ -10,7 +10,7 @@ use imglish_tokenizer::dvae::DvaeWeights;
 use imglish_tokenizer::quality::{centre, evaluate_tokenizer, heldout_rows};
 use imglish_tokenizer::{Card, SessionOptions, VisualTokenizer};
 use imglish_train::dvae::{
-    codes_with_margins, load_dvae, train_dvae, DvaeConfig, DvaeEvent, DvaeRunOptions, DvaeTrainConfig, Recon,
+    codes_with_margins, load_dvae, train_dvae, DvaeConfig, DvaeEvent, DvaeRunOptions, DvaeTrainConfig, Quantizer, Recon,
 };
 use imglish_train::OptimConfig;
 
@@ -23,6 +23,14 @@ pub enum ReconArg {
     Mse,
     /// DALL-E's logit-Laplace likelihood (pixels mapped to [0.1, 0.9]).
     LogitLaplace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizerArg {
+    /// DALL-E: logits over the codes, Gumbel-softmax relaxation with temperature annealing and a KL term.
+    Gumbel,
+    /// VQ-VAE: nearest of K code vectors (--vq-dim wide), EMA codebook with restarts of unused codes.
+    Vq,
 }
 
 #[derive(Debug, Args)]
@@ -55,6 +63,18 @@ pub struct TrainDvaeArgs {
     /// Reconstruction loss.
     #[arg(long, value_enum, default_value_t = ReconArg::Mse)]
     pub recon: ReconArg,
+    /// How a cell becomes a code.
+    #[arg(long, value_enum, default_value_t = QuantizerArg::Gumbel)]
+    pub quantizer: QuantizerArg,
+    /// With --quantizer vq: width of the code vectors.
+    #[arg(long, default_value_t = 64)]
+    pub vq_dim: u32,
+    /// With --quantizer vq: decay of the codebook's moving averages.
+    #[arg(long, default_value_t = 0.99)]
+    pub ema_decay: f64,
+    /// With --quantizer vq: weight of the commitment loss.
+    #[arg(long, default_value_t = 0.25)]
+    pub commitment: f64,
     /// Training steps.
     #[arg(long, default_value_t = 2000)]
     pub steps: u64,
@@ -122,6 +142,10 @@ impl TrainDvaeArgs {
                     ReconArg::Mse => Recon::Mse,
                     ReconArg::LogitLaplace => Recon::LogitLaplace { eps: 0.1 },
                 },
+                quantizer: match self.quantizer {
+                    QuantizerArg::Gumbel => Quantizer::Gumbel,
+                    QuantizerArg::Vq => Quantizer::Vq { dim: self.vq_dim },
+                },
             },
             optim: OptimConfig {
                 lr: self.lr,
@@ -135,6 +159,8 @@ impl TrainDvaeArgs {
             anneal_fraction: self.anneal_fraction,
             kl_weight: self.kl_weight,
             straight_through: self.straight_through,
+            ema_decay: self.ema_decay,
+            commitment: self.commitment,
         }
     }
 

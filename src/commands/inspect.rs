@@ -26,6 +26,12 @@ pub struct InspectArgs {
     #[arg(long, value_name = "OUT.png", requires = "one_sample")]
     pub png: Option<PathBuf>,
 
+    /// With --png: the visual tokenizer the dataset was tokenized with (ONNX with its card). When it has a
+    /// decoder (`tokenizer train-dvae`, k-means RGB codebooks), a last row draws each view as the decoder
+    /// reconstructs it from the view's tokens.
+    #[arg(long, value_name = "FILE", requires = "png")]
+    pub tokenizer: Option<PathBuf>,
+
     /// The manifest the dataset was made from (`imglish ingest --out`): class names in the label histogram and
     /// the sample, and --key.
     #[arg(long, value_name = "DIR")]
@@ -190,7 +196,11 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
         }
         if let Some(png) = &args.png {
             let info = dataset.tokenizer();
-            let sheet = super::sheet::render(&record, info.grid)
+            let reconstructions = match &args.tokenizer {
+                Some(t) => reconstruct(t, &dataset, &record)?,
+                None => Vec::new(),
+            };
+            let sheet = super::sheet::render(&record, info.grid, &reconstructions)
                 .map_err(|e| anyhow::anyhow!("cannot draw sample {id} of {}: {e}", args.dataset.display()))?;
             let mut bytes = Vec::new();
             sheet
@@ -208,7 +218,11 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
                     ", token grids only: the dataset has no pixels (pack with --include-pixels)"
                 }
             ));
+            if !reconstructions.is_empty() {
+                text.push_str(", with the tokenizer decoder's reconstructions");
+            }
             json["png"] = serde_json::json!(png);
+            json["png_reconstructions"] = serde_json::json!(!reconstructions.is_empty());
             json["png_has_pixels"] = serde_json::json!(sheet.has_pixels);
         }
         json["sample"] = serde_json::json!({
@@ -221,4 +235,43 @@ pub fn run(args: &InspectArgs, out: &Output) -> anyhow::Result<()> {
     }
     out.summary(&text, &json);
     Ok(())
+}
+
+/// Each view of `record` as the decoder of `tokenizer` draws it from the view's tokens; the tokenizer must be the
+/// one the dataset was tokenized with and have a decoder.
+fn reconstruct(
+    tokenizer: &std::path::Path,
+    dataset: &Dataset,
+    record: &imglish_pack::TokenRecord,
+) -> anyhow::Result<Vec<image::RgbImage>> {
+    let options = imglish_tokenizer::SessionOptions::default();
+    let tok = imglish_tokenizer::VisualTokenizer::load(tokenizer, &options)
+        .with_context(|| format!("cannot load the visual tokenizer {}", tokenizer.display()))?;
+    let want = &dataset.tokenizer().fingerprint;
+    anyhow::ensure!(
+        tok.fingerprint() == want,
+        "--tokenizer {} is not the tokenizer the dataset was made with (fingerprint {}, the dataset's {})",
+        tokenizer.display(),
+        &tok.fingerprint()[..12],
+        &want[..want.len().min(12)]
+    );
+    let Some(mut decoder) = imglish_tokenizer::TokenDecoder::load(tokenizer, tok.card(), &options)? else {
+        anyhow::bail!(
+            "--tokenizer {} has no decoder to draw reconstructions with (tokenizer train-dvae and k-means RGB              codebooks have one)",
+            tokenizer.display()
+        );
+    };
+    let views: Vec<&[u16]> = record.views.iter().map(|v| v.tokens.as_slice()).collect();
+    let pixels = decoder.decode(&views)?;
+    let s = tok.card().input_size;
+    let plane = (s * s) as usize;
+    Ok(pixels
+        .chunks_exact(3 * plane)
+        .map(|p| {
+            image::RgbImage::from_fn(s, s, |x, y| {
+                let i = (y * s + x) as usize;
+                image::Rgb([0, 1, 2].map(|c| (p[c * plane + i] * 255.0).round().clamp(0.0, 255.0) as u8))
+            })
+        })
+        .collect())
 }

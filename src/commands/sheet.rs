@@ -1,6 +1,7 @@
 //! `imglish inspect --sample ID --png OUT`: one sample drawn as an image, a column per stored view: the view
-//! rendered from the stored working image (when the dataset keeps pixels), and its token grid below it, one
-//! flat colour per code (the same code is the same colour in every view and every sample).
+//! rendered from the stored working image (when the dataset keeps pixels), its token grid below it, one flat
+//! colour per code (the same code is the same colour in every view and every sample), and, when the tokenizer has
+//! a decoder, the decoder's reconstruction of the view from its tokens at the bottom.
 
 use image::{Rgb, RgbImage};
 use imglish_ingest::{decode_rgb, mix64, render_view, DecodeOptions, Filter, Resizer, ViewParams};
@@ -29,8 +30,9 @@ pub struct Sheet {
 
 /// Draws `record`'s views (`grid` = [rows, columns] of tokens per view). A view panel is `cell * columns`
 /// pixels wide with `cell` chosen so the panel is about 224 pixels; the stored pixels, if any, are decoded once
-/// and each view is cut from them with its crop box and flip, exactly as the trainer does.
-pub fn render(record: &TokenRecord, grid: [u32; 2]) -> Result<Sheet, String> {
+/// and each view is cut from them with its crop box and flip, exactly as the trainer does. `reconstructions`
+/// (one per view, or none) are drawn in a last row, scaled to the panel.
+pub fn render(record: &TokenRecord, grid: [u32; 2], reconstructions: &[RgbImage]) -> Result<Sheet, String> {
     let [gh, gw] = grid;
     if gh == 0 || gw == 0 {
         return Err(format!("the dataset's token grid {gh}x{gw} is empty"));
@@ -45,7 +47,14 @@ pub fn render(record: &TokenRecord, grid: [u32; 2]) -> Result<Sheet, String> {
         None => None,
     };
     let views = record.views.len() as u32;
-    let rows = if decoded.is_some() { 2 } else { 1 };
+    if !reconstructions.is_empty() && reconstructions.len() != record.views.len() {
+        return Err(format!(
+            "{} reconstructions for {} views",
+            reconstructions.len(),
+            record.views.len()
+        ));
+    }
+    let rows = 1 + u32::from(decoded.is_some()) + u32::from(!reconstructions.is_empty());
     let width = GAP + views * (pw + GAP);
     let height = GAP + rows * (ph + GAP);
     let mut image = RgbImage::from_pixel(width.max(1), height, BACKGROUND);
@@ -83,6 +92,10 @@ pub fn render(record: &TokenRecord, grid: [u32; 2]) -> Result<Sheet, String> {
                 }
             }
         }
+        if let Some(rec) = reconstructions.get(i) {
+            let scaled = image::imageops::resize(rec, pw, ph, image::imageops::FilterType::Triangle);
+            image::imageops::replace(&mut image, &scaled, i64::from(x0), i64::from(y0 + ph + GAP));
+        }
     }
     Ok(Sheet {
         image,
@@ -119,7 +132,7 @@ mod tests {
 
     #[test]
     fn token_panels_and_pixel_panels() {
-        let sheet = render(&record(None), [2, 2]).expect("render");
+        let sheet = render(&record(None), [2, 2], &[]).expect("render");
         assert!(!sheet.has_pixels);
         // 2x2 grid: cells of 112, panels of 224, two views side by side.
         assert_eq!(sheet.image.dimensions(), (8 + 2 * (224 + 8), 8 + 224 + 8));
@@ -135,7 +148,7 @@ mod tests {
         let mut png = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .expect("encode");
-        let sheet = render(&record(Some(png)), [2, 2]).expect("render");
+        let sheet = render(&record(Some(png)), [2, 2], &[]).expect("render");
         assert!(sheet.has_pixels);
         assert_eq!(sheet.image.dimensions(), (8 + 2 * (224 + 8), 8 + 2 * (224 + 8)));
         let at = |x: u32, y: u32| *sheet.image.get_pixel(x, y);
@@ -143,13 +156,23 @@ mod tests {
         assert_eq!(at(8 + 214, 8 + 100), Rgb([0, 0, 255]));
         assert_eq!(at(8 + 232 + 10, 8 + 100), Rgb([0, 0, 255]));
         assert_eq!(at(8 + 50, 8 + 232 + 50), code_colour(1));
+
+        // Reconstructions: a third row, each scaled to its panel.
+        let green = RgbImage::from_pixel(16, 16, Rgb([0, 200, 0]));
+        let grey = RgbImage::from_pixel(16, 16, Rgb([90, 90, 90]));
+        let sheet = render(&record(None), [2, 2], &[green.clone(), grey]).expect("render");
+        assert_eq!(sheet.image.dimensions(), (8 + 2 * (224 + 8), 8 + 2 * (224 + 8)));
+        assert_eq!(*sheet.image.get_pixel(8 + 100, 8 + 232 + 100), Rgb([0, 200, 0]));
+        assert_eq!(*sheet.image.get_pixel(8 + 232 + 100, 8 + 232 + 100), Rgb([90, 90, 90]));
+        let err = render(&record(None), [2, 2], &[green]).err().expect("error");
+        assert_eq!(err, "1 reconstructions for 2 views");
     }
 
     #[test]
     fn a_wrong_token_count_is_an_error() {
-        let err = render(&record(None), [3, 3]).err().expect("error");
+        let err = render(&record(None), [3, 3], &[]).err().expect("error");
         assert_eq!(err, "view 0 has 4 tokens, the grid is 3x3");
-        let err = render(&record(Some(b"not an image".to_vec())), [2, 2])
+        let err = render(&record(Some(b"not an image".to_vec())), [2, 2], &[])
             .err()
             .expect("error");
         assert!(err.starts_with("its stored pixels do not decode: "), "{err}");

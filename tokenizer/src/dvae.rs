@@ -109,6 +109,20 @@ impl DvaeWeights {
         Ok(factor.trailing_zeros())
     }
 
+    /// `(K, D, values)` of a VQ model's codebook (`quant.codebook`), `None` for a Gumbel model.
+    fn vq_codebook(&self) -> Result<Option<(i64, i64, &[f32])>> {
+        let Some((shape, values)) = self.tensors.get("quant.codebook") else {
+            return Ok(None);
+        };
+        match shape[..] {
+            [k, d] if k == i64::from(self.codebook) => Ok(Some((k, d, values))),
+            _ => Err(Error::Model {
+                model: "dvae export".into(),
+                reason: format!("quant.codebook has shape {shape:?}, expected [{}, D]", self.codebook),
+            }),
+        }
+    }
+
     fn writer(&self, name: &str) -> Writer<'_> {
         Writer {
             w: self,
@@ -140,7 +154,27 @@ impl DvaeWeights {
             h = w.blocks("enc", l, h)?;
         }
         let r = w.unary("Relu", &h);
-        let logits = w.conv("Conv", "enc.logits", &r, 1, 0)?;
+        let logits = match self.vq_codebook()? {
+            None => w.conv("Conv", "enc.logits", &r, 1, 0)?,
+            Some((k, d, codebook)) => {
+                // The nearest code vector: argmax_k 2 z·c_k - |c_k|², one 1x1 convolution over the cell's vector.
+                let z = w.conv("Conv", "enc.proj", &r, 1, 0)?;
+                let weight: Vec<f32> = codebook.iter().map(|v| 2.0 * v).collect();
+                let bias: Vec<f32> = codebook
+                    .chunks_exact(d as usize)
+                    .map(|c| -c.iter().map(|v| v * v).sum::<f32>())
+                    .collect();
+                w.g.initializer_f32("quant.scores.weight", &[k, d, 1, 1], &weight)
+                    .initializer_f32("quant.scores.bias", &[k], &bias)
+                    .node(
+                        "Conv",
+                        &[&z, "quant.scores.weight", "quant.scores.bias"],
+                        &["scores"],
+                        &[("kernel_shape", Attr::Ints(vec![1, 1]))],
+                    );
+                "scores".to_string()
+            }
+        };
         w.g.node(
             "ArgMax",
             &[&logits],
@@ -170,19 +204,34 @@ impl DvaeWeights {
             data_type::FLOAT,
             &[Dim::from("batch"), Dim::Fixed(3), Dim::Fixed(s), Dim::Fixed(s)],
         );
-        // The 1x1 convolution on one-hot codes is a lookup of its weight's columns: table [K, C] plus the bias.
+        // The decoder's 1x1 input convolution of a code's one-hot (Gumbel) or vector (VQ) is a lookup in a table
+        // [K, C] (plus the bias): its weight's columns, or the code vectors times its weight.
         let (ws, wv) = w.tensor("dec.embed.weight")?;
         let (_, bv) = w.tensor("dec.embed.bias")?;
-        let c = ws[0];
-        if ws[1] != k {
+        let (c, inputs) = (ws[0] as usize, ws[1] as usize);
+        let vq = self.vq_codebook()?;
+        let want = vq.map_or(k, |(_, d, _)| d) as usize;
+        if inputs != want {
             return Err(Error::Model {
                 model: "dvae export".into(),
-                reason: format!("dec.embed.weight has shape {ws:?}, expected [C, {k}, 1, 1]"),
+                reason: format!("dec.embed.weight has shape {ws:?}, expected [C, {want}, 1, 1]"),
             });
         }
-        let table: Vec<f32> = (0..k as usize)
-            .flat_map(|code| (0..c as usize).map(move |ch| wv[ch * k as usize + code]))
-            .collect();
+        let table: Vec<f32> = match vq {
+            None => (0..k as usize)
+                .flat_map(|code| (0..c).map(move |ch| wv[ch * inputs + code]))
+                .collect(),
+            Some((_, _, codebook)) => codebook
+                .chunks_exact(inputs)
+                .flat_map(|vector| {
+                    (0..c).map(move |ch| {
+                        let row = &wv[ch * inputs..(ch + 1) * inputs];
+                        row.iter().zip(vector).map(|(a, b)| a * b).sum::<f32>()
+                    })
+                })
+                .collect(),
+        };
+        let c = c as i64;
         w.g.initializer_f32("dec.embed.table", &[k, c], &table)
             .initializer_f32("dec.embed.bias", &[c], bv)
             .node(

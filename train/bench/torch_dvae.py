@@ -1,6 +1,7 @@
 """The PyTorch twin of imglish's dVAE (`imglish tokenizer train-dvae`): the same layers under the same parameter
 names (a checkpoint's model.safetensors loads with strict=True), and the same training step (Gumbel-softmax
-relaxation, KL to the uniform prior, MSE or logit-Laplace reconstruction, AdamW with clipping).
+relaxation and KL to the uniform prior, or a VQ codebook with moving averages and restarts; MSE or logit-Laplace
+reconstruction; AdamW with clipping).
 
 usage:
   python torch_dvae.py bench RUN_CONFIG.json STEPS THREADS
@@ -47,8 +48,18 @@ class Dvae(nn.Module):
             setattr(enc, f"level{level}", blocks(level))
             setattr(dec, f"level{level}", blocks(level))
             setattr(dec, f"up{level}", nn.ConvTranspose2d(w(level), w(level - 1), 2, stride=2))
-        enc.logits = nn.Conv2d(w(levels), k, 1)
-        dec.embed = nn.Conv2d(k, w(levels), 1)
+        q = model.get("quantizer", {"kind": "gumbel"})
+        if q["kind"] == "vq":
+            d = q["dim"]
+            enc.proj = nn.Conv2d(w(levels), d, 1)
+            self.quant = nn.Module()
+            for name, shape in (("codebook", (k, d)), ("cluster_size", (k,)), ("embed_sum", (k, d))):
+                self.quant.register_buffer(name, torch.zeros(shape))
+            dec.embed = nn.Conv2d(d, w(levels), 1)
+        else:
+            enc.logits = nn.Conv2d(w(levels), k, 1)
+            dec.embed = nn.Conv2d(k, w(levels), 1)
+        self.vq = q["kind"] == "vq"
         out = 6 if model["recon"]["kind"] == "logit-laplace" else 3
         dec.out = nn.Conv2d(w(0), out, 3, padding=1)
         self.enc, self.dec, self.levels = enc, dec, levels
@@ -59,7 +70,7 @@ class Dvae(nn.Module):
             h = getattr(self.enc, f"down{level}")(F.relu(h))
             for b in getattr(self.enc, f"level{level}").values():
                 h = b(h)
-        return self.enc.logits(F.relu(h))
+        return (self.enc.proj if self.vq else self.enc.logits)(F.relu(h))
 
     def decode(self, z):
         h = self.dec.embed(z)
@@ -87,6 +98,29 @@ class Dvae(nn.Module):
         return ((torch.sigmoid(out[:, :3]) - eps) / (1 - 2 * eps)).clamp(0, 1)
 
 
+def vq_step_loss(model, x, target, decay, commitment):
+    z = model.encode(x)
+    b, d, g, _ = z.shape
+    cb, cs, es = model.quant.codebook, model.quant.cluster_size, model.quant.embed_sum
+    flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+    codes = (flat.detach() @ cb.t() * 2 - cb.square().sum(1)[None]).argmax(1)
+    zq = cb[codes].view(b, g, g, d).permute(0, 3, 1, 2)
+    recon = model.recon_loss(model.decode(z + (zq - z).detach()), target)
+    loss = recon + commitment * (z - zq.detach()).square().mean()
+    with torch.no_grad():
+        k = cb.shape[0]
+        one_hot = F.one_hot(codes, k).float()
+        cs.mul_(decay).add_(one_hot.sum(0) * (1 - decay))
+        es.mul_(decay).add_(one_hot.t() @ flat.detach() * (1 - decay))
+        n = cs.sum()
+        cb.copy_(es / ((cs + 1e-5) / (n + 1e-5 * k) * n)[:, None])
+        dead = cs < 1.0
+        if dead.any():
+            fresh = flat.detach()[torch.randint(flat.shape[0], (int(dead.sum()),))]
+            cb[dead], es[dead], cs[dead] = fresh, fresh, 1.0
+    return loss
+
+
 def step_loss(model, x, target, tau, kl_weight, straight_through):
     logits = model.encode(x)
     k = logits.shape[1]
@@ -107,7 +141,7 @@ def bench(config_path, steps, threads):
     cfg = json.load(open(config_path))
     model = Dvae(cfg["model"])
     o = cfg["optim"]
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]  # the VQ codebook is a buffer
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
@@ -123,7 +157,10 @@ def bench(config_path, steps, threads):
     start = time.perf_counter()
     for step in range(steps):
         tau = t0 * (t1 / t0) ** min(step / span, 1.0)
-        loss = step_loss(model, x, target, tau, cfg["kl_weight"], cfg["straight_through"])
+        if model.vq:
+            loss = vq_step_loss(model, x, target, cfg["ema_decay"], cfg["commitment"])
+        else:
+            loss = step_loss(model, x, target, tau, cfg["kl_weight"], cfg["straight_through"])
         opt.zero_grad()
         loss.backward()
         if o["clip_grad"] is not None:

@@ -18,7 +18,7 @@ use imglish_pack::StreamState;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-pub use model::{Dvae, DvaeConfig, Recon};
+pub use model::{Dvae, DvaeConfig, Quantizer, Recon};
 
 use crate::device::TorchDevice;
 use crate::error::{io_err, Result, TrainError};
@@ -28,6 +28,9 @@ use crate::trainer::{read_state, restore, write_checkpoint, write_json_line, Che
 use data::{centre_view, push_view, Images};
 
 const ARCHITECTURE: &str = "dvae";
+
+/// VQ: codes whose moving count of cells per batch is below this are restarted.
+const RESTART_BELOW: f64 = 1.0;
 
 /// Everything that determines a dVAE run's result (a resumed run must have the same).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +54,10 @@ pub struct DvaeTrainConfig {
     /// Straight-through Gumbel-softmax: the decoder sees the hard one-hot of the relaxed sample (what it sees
     /// after export) while the gradient flows through the relaxed one.
     pub straight_through: bool,
+    /// VQ: decay of the codebook's exponential moving averages.
+    pub ema_decay: f64,
+    /// VQ: weight of the commitment loss |z - sg(c)|².
+    pub commitment: f64,
 }
 
 impl Default for DvaeTrainConfig {
@@ -72,6 +79,8 @@ impl Default for DvaeTrainConfig {
             anneal_fraction: 0.8,
             kl_weight: 5e-4,
             straight_through: false,
+            ema_decay: 0.99,
+            commitment: 0.25,
         }
     }
 }
@@ -89,8 +98,11 @@ impl DvaeTrainConfig {
         if !(t0 > 0.0 && t1 > 0.0 && t0.is_finite() && t1.is_finite()) {
             return bad("the Gumbel temperatures must be positive");
         }
-        if !(0.0..=1.0).contains(&self.anneal_fraction) || !(self.kl_weight >= 0.0 && self.kl_weight.is_finite()) {
+        if !((0.0..=1.0).contains(&self.anneal_fraction) && self.kl_weight >= 0.0 && self.kl_weight.is_finite()) {
             return bad("--anneal-fraction must be in [0, 1] and --kl-weight >= 0");
+        }
+        if !((0.0..1.0).contains(&self.ema_decay) && self.commitment >= 0.0 && self.commitment.is_finite()) {
+            return bad("--ema-decay must be in [0, 1) and --commitment >= 0");
         }
         Ok(())
     }
@@ -150,7 +162,7 @@ pub struct DvaeStepMetrics {
     pub loss: f64,
     /// Mean reconstruction loss.
     pub recon: f64,
-    /// Mean KL to the uniform prior (nats per cell).
+    /// Mean KL to the uniform prior (nats per cell; Gumbel), or the commitment loss (VQ).
     pub kl: f64,
     /// Fraction of the codes chosen (argmax) at least once in the interval's batches.
     pub code_usage: f64,
@@ -343,8 +355,78 @@ pub fn train_dvae(
     })
 }
 
-/// Loss, mean reconstruction loss, mean KL and the argmax codes of one training batch.
+/// Loss, mean reconstruction loss, the quantizer's term (KL for Gumbel, commitment for VQ) and the codes of one
+/// training batch; a VQ codebook is updated (EMA, restarts) as a side effect.
 fn forward_loss(
+    model: &Dvae,
+    input: &Tensor,
+    target: &Tensor,
+    tau: f64,
+    config: &DvaeTrainConfig,
+) -> (Tensor, f64, f64, Tensor) {
+    match model.config().quantizer {
+        Quantizer::Gumbel => gumbel_loss(model, input, target, tau, config),
+        Quantizer::Vq { .. } => vq_loss(model, input, target, config),
+    }
+}
+
+/// VQ-VAE with an EMA codebook: nearest code vectors, straight-through to the encoder, a commitment loss; the
+/// codebook follows the moving averages of the vectors assigned to each code, and a code used by fewer than
+/// [`RESTART_BELOW`] cells per batch (moving count) is restarted at a random encoder output of the batch.
+fn vq_loss(model: &Dvae, input: &Tensor, target: &Tensor, config: &DvaeTrainConfig) -> (Tensor, f64, f64, Tensor) {
+    let z = model.encode(input);
+    let [b, d, g, _] = z.size()[..] else {
+        unreachable!("the encoder's output is 4-d")
+    };
+    let Some([codebook, cluster_size, embed_sum]) = model.vq_state() else {
+        unreachable!("a VQ model has a codebook")
+    };
+    let flat = z.permute([0, 2, 3, 1]).reshape([-1, d]);
+    let scores = flat.detach().matmul(&codebook.tr()) * 2.0
+        - codebook.square().sum_dim_intlist(1, false, Kind::Float).unsqueeze(0);
+    let codes = scores.argmax(1, false);
+    let quantized = codebook.index_select(0, &codes);
+    let zq = quantized.view([b, g, g, d]).permute([0, 3, 1, 2]);
+    let out = model.decode(&(&z + (&zq - &z).detach()));
+    let recon = model.recon_loss(&out, target);
+    let commit = (&z - zq.detach()).square().mean(Kind::Float);
+    let loss = &recon + &commit * config.commitment;
+    tch::no_grad(|| {
+        let k = codebook.size()[0];
+        let one_hot = codes.one_hot(k).to_kind(Kind::Float);
+        let decay = config.ema_decay;
+        let mut cs = cluster_size.shallow_clone();
+        let mut es = embed_sum.shallow_clone();
+        let mut cb = codebook.shallow_clone();
+        let _ = cs
+            .g_mul_scalar_(decay)
+            .g_add_(&(one_hot.sum_dim_intlist(0, false, Kind::Float) * (1.0 - decay)));
+        let _ = es
+            .g_mul_scalar_(decay)
+            .g_add_(&(one_hot.tr().matmul(&flat.detach()) * (1.0 - decay)));
+        // Laplace-smoothed cluster sizes, then the means.
+        let n = cs.sum(Kind::Float);
+        let smoothed = (&cs + 1e-5) / (&n + 1e-5 * k as f64) * &n;
+        cb.copy_(&(&es / smoothed.unsqueeze(1)));
+        // Restart every code whose moving count is below one cell per batch at a random encoder output of
+        // this batch (as Jukebox's VQ-VAE does): it stays if the next batch gives it a cell, else moves again.
+        let dead = cs.lt(RESTART_BELOW);
+        let n_dead = dead.sum(Kind::Int64).int64_value(&[]);
+        if n_dead > 0 {
+            let rows = Tensor::randint(flat.size()[0], [n_dead], (Kind::Int64, flat.device()));
+            let fresh = flat.detach().index_select(0, &rows);
+            let idx = dead.nonzero().squeeze_dim(1);
+            let _ = cb.index_copy_(0, &idx, &fresh);
+            let _ = es.index_copy_(0, &idx, &fresh);
+            let _ = cs.index_fill_(0, &idx, RESTART_BELOW);
+        }
+    });
+    let commit_value = commit.double_value(&[]);
+    (loss, recon.double_value(&[]), commit_value, codes.view([b, g, g]))
+}
+
+/// Gumbel-softmax (DALL-E): loss, mean reconstruction loss, mean KL and the argmax codes of one training batch.
+fn gumbel_loss(
     model: &Dvae,
     input: &Tensor,
     target: &Tensor,
@@ -443,7 +525,7 @@ impl HeldOut {
                 let x = Tensor::from_slice(inp).view(shape).to_device(model.device());
                 let t = Tensor::from_slice(tgt).view(shape).to_device(model.device());
                 let tokens = model.tokens(&x);
-                let rec = model.pixels_from(&model.decode(&model.one_hot(&tokens)));
+                let rec = model.pixels_from(&model.decode(&model.code_input(&tokens)));
                 sq += (rec - t).square().sum(Kind::Double).double_value(&[]);
                 for v in Vec::<i64>::try_from(tokens.flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default() {
                     hist[v as usize] += 1;
@@ -548,7 +630,7 @@ pub fn codes_with_margins(model: &Dvae, views: &[&[u8]]) -> (Vec<i64>, Vec<f32>)
         let x = Tensor::from_slice(&input)
             .view([views.len() as i64, 3, s, s])
             .to_device(model.device());
-        let logits = model.encode(&x);
+        let logits = model.code_scores(&x);
         let codes = logits.argmax(1, false);
         let (top, _) = logits.topk(2, 1, true, true);
         let margin = top.narrow(1, 0, 1) - top.narrow(1, 1, 1);

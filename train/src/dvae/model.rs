@@ -38,6 +38,23 @@ pub enum Recon {
     },
 }
 
+/// How the encoder's output becomes a code.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Quantizer {
+    /// DALL-E: logits over the K codes (`enc.logits`), relaxed with Gumbel-softmax in training; the code is the
+    /// argmax.
+    #[default]
+    Gumbel,
+    /// VQ-VAE with an EMA codebook: a `dim`-wide vector per cell (`enc.proj`), the code is the nearest of the K
+    /// vectors of `quant.codebook` (updated by exponential moving averages, unused codes restarted from encoder
+    /// outputs); the decoder reads the code's vector.
+    Vq {
+        /// Width of the code vectors.
+        dim: u32,
+    },
+}
+
 /// The architecture of a dVAE.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DvaeConfig {
@@ -53,6 +70,9 @@ pub struct DvaeConfig {
     pub blocks: u32,
     /// The reconstruction loss.
     pub recon: Recon,
+    /// Gumbel-softmax (DALL-E) or a VQ codebook.
+    #[serde(default)]
+    pub quantizer: Quantizer,
 }
 
 impl Default for DvaeConfig {
@@ -64,6 +84,7 @@ impl Default for DvaeConfig {
             width: 64,
             blocks: 1,
             recon: Recon::Mse,
+            quantizer: Quantizer::Gumbel,
         }
     }
 }
@@ -89,6 +110,11 @@ impl DvaeConfig {
         }
         if self.width < 2 || !self.width.is_multiple_of(2) {
             return bad(format!("--width {} must be an even number >= 2", self.width));
+        }
+        if let Quantizer::Vq { dim } = self.quantizer {
+            if dim == 0 {
+                return bad("--vq-dim must be positive".into());
+            }
         }
         if let Recon::LogitLaplace { eps } = self.recon {
             if !(eps > 0.0 && eps < 0.5) {
@@ -140,7 +166,10 @@ pub struct Dvae {
     stem: nn::Conv2D,
     down: Vec<nn::Conv2D>,
     enc_blocks: Vec<Vec<ResBlock>>,
-    logits: nn::Conv2D,
+    /// `enc.logits` (Gumbel) or `enc.proj` (VQ).
+    head: nn::Conv2D,
+    /// `quant.codebook`, `quant.cluster_size`, `quant.embed_sum` (VQ only; not trained by the optimiser).
+    codebook: Option<[Tensor; 3]>,
     embed: nn::Conv2D,
     dec_blocks: Vec<Vec<ResBlock>>,
     up: Vec<nn::ConvTranspose2D>,
@@ -154,8 +183,7 @@ impl std::fmt::Debug for Dvae {
 }
 
 impl Dvae {
-    /// Builds the model on `device`, every tensor drawn from `(seed, name)` with PyTorch's default convolution
-    /// initialisation (U(±1/sqrt(fan_in)) for weights and biases).
+    /// Builds the model on `device`, every tensor drawn from `(seed, name)` (see `initialise`).
     pub fn new(config: &DvaeConfig, device: Device, seed: u64) -> Result<Dvae> {
         let levels = config.validate()?;
         let vs = nn::VarStore::new(device);
@@ -175,6 +203,26 @@ impl Dvae {
         };
         let k = i64::from(config.codebook);
         let w = |l| config.width_at(l);
+        let (head, code_width, codebook) = match config.quantizer {
+            Quantizer::Gumbel => (
+                nn::conv2d(&enc / "logits", w(levels), k, 1, Default::default()),
+                k,
+                None,
+            ),
+            Quantizer::Vq { dim } => {
+                let d = i64::from(dim);
+                let q = &root / "quant";
+                (
+                    nn::conv2d(&enc / "proj", w(levels), d, 1, Default::default()),
+                    d,
+                    Some([
+                        q.zeros_no_train("codebook", &[k, d]),
+                        q.zeros_no_train("cluster_size", &[k]),
+                        q.zeros_no_train("embed_sum", &[k, d]),
+                    ]),
+                )
+            }
+        };
         let blocks = |p: &nn::Path<'_>, l: u32| -> Vec<ResBlock> {
             (0..config.blocks)
                 .map(|b| ResBlock::new(p / format!("level{l}") / format!("block{b}"), w(l)))
@@ -186,8 +234,9 @@ impl Dvae {
                 .map(|l| nn::conv2d(&enc / format!("down{l}"), w(l - 1), w(l), 2, halve))
                 .collect(),
             enc_blocks: (1..=levels).map(|l| blocks(&enc, l)).collect(),
-            logits: nn::conv2d(&enc / "logits", w(levels), k, 1, Default::default()),
-            embed: nn::conv2d(&dec / "embed", k, w(levels), 1, Default::default()),
+            head,
+            codebook,
+            embed: nn::conv2d(&dec / "embed", code_width, w(levels), 1, Default::default()),
             dec_blocks: (1..=levels).map(|l| blocks(&dec, l)).collect(),
             up: (1..=levels)
                 .map(|l| nn::conv_transpose2d(&dec / format!("up{l}"), w(l), w(l - 1), 2, double))
@@ -200,19 +249,27 @@ impl Dvae {
         Ok(model)
     }
 
+    /// He (Kaiming) uniform weights for the ReLU network, U(±sqrt(6 / fan_in)) with the fan-in a position
+    /// actually receives (in·k² for a convolution, in for the 2x2 stride-2 transposed ones), zero biases, and the
+    /// last convolution of every residual branch zero, so each block starts as the identity: the signal keeps
+    /// its scale through the ~20 layers from pixels to pixels, which plain U(±1/sqrt(fan_in)) shrinks by orders of
+    /// magnitude (training then stalls for hundreds of steps).
     fn initialise(&self, seed: u64) {
         tch::no_grad(|| {
-            let params = self.named_parameters();
-            for (name, t) in &params {
+            for (name, t) in self.named_parameters() {
                 let mut t = t.shallow_clone();
-                // fan_in from the layer's weight: [out, in, kh, kw] (convolution) or [in, out, kh, kw]
-                // (transposed convolution: PyTorch takes dim 1 as fan_in there too).
-                let weight = params
-                    .get(&name.replace(".bias", ".weight"))
-                    .map(Tensor::size)
-                    .unwrap_or_default();
-                let fan_in = weight.get(1).copied().unwrap_or(1) * weight.iter().skip(2).product::<i64>();
-                uniform_(&mut t, 1.0 / (fan_in.max(1) as f64).sqrt(), param_key(seed, name));
+                if name.starts_with("quant.") || name.ends_with(".bias") || name.ends_with(".conv2.weight") {
+                    let _ = t.zero_();
+                    continue;
+                }
+                let size = t.size();
+                let transposed = name.starts_with("dec.up");
+                let fan_in = if transposed {
+                    size[0]
+                } else {
+                    size[1] * size[2..].iter().product::<i64>()
+                };
+                uniform_(&mut t, (6.0 / fan_in.max(1) as f64).sqrt(), param_key(seed, &name));
             }
         });
     }
@@ -237,7 +294,8 @@ impl Dvae {
         self.vs.variables().values().map(|t| t.numel() as i64).sum()
     }
 
-    /// Logits `[B, K, G, G]` of pixels `[B, 3, S, S]` normalised to [-1, 1] (x = 2·u8/255 - 1).
+    /// The encoder's output for pixels `[B, 3, S, S]` normalised to [-1, 1] (x = 2·u8/255 - 1): logits
+    /// `[B, K, G, G]` (Gumbel) or vectors `[B, D, G, G]` (VQ).
     pub fn encode(&self, pixels: &Tensor) -> Tensor {
         let mut h = self.stem.forward(pixels);
         for (down, blocks) in self.down.iter().zip(&self.enc_blocks) {
@@ -246,10 +304,44 @@ impl Dvae {
                 h = b.forward(&h);
             }
         }
-        self.logits.forward(&h.relu())
+        self.head.forward(&h.relu())
     }
 
-    /// The decoder's raw output `[B, 3 or 6, S, S]` for codes `[B, K, G, G]` (one-hot or relaxed).
+    /// The VQ codebook `[K, D]`, its EMA cluster sizes `[K]` and sums `[K, D]` (`None` for Gumbel).
+    pub fn vq_state(&self) -> Option<&[Tensor; 3]> {
+        self.codebook.as_ref()
+    }
+
+    /// Scores `[B, K, G, G]` whose argmax is the code: the logits (Gumbel), or for VQ `2 z·c_k - |c_k|²`
+    /// (the nearest code vector: `|z - c_k|²` minus the per-cell constant `|z|²`).
+    pub fn code_scores(&self, pixels: &Tensor) -> Tensor {
+        let z = self.encode(pixels);
+        match &self.codebook {
+            None => z,
+            Some([codebook, _, _]) => {
+                let dots = z.permute([0, 2, 3, 1]).matmul(&codebook.tr()).permute([0, 3, 1, 2]);
+                let norms = codebook
+                    .square()
+                    .sum_dim_intlist(1, false, Kind::Float)
+                    .view([1, -1, 1, 1]);
+                dots * 2.0 - norms
+            }
+        }
+    }
+
+    /// The decoder's input `[B, K or D, G, G]` for codes `[B, G, G]`: one-hot (Gumbel) or the code vectors (VQ).
+    pub fn code_input(&self, tokens: &Tensor) -> Tensor {
+        match &self.codebook {
+            None => self.one_hot(tokens),
+            Some([codebook, _, _]) => codebook
+                .index_select(0, &tokens.flatten(0, -1))
+                .view([tokens.size()[0], tokens.size()[1], tokens.size()[2], -1])
+                .permute([0, 3, 1, 2]),
+        }
+    }
+
+    /// The decoder's raw output `[B, 3 or 6, S, S]` for its input: codes `[B, K, G, G]` (one-hot or relaxed,
+    /// Gumbel) or code vectors `[B, D, G, G]` (VQ).
     pub fn decode(&self, codes: &Tensor) -> Tensor {
         let mut h = self.embed.forward(codes);
         for (up, blocks) in self.up.iter().zip(&self.dec_blocks).rev() {
@@ -288,9 +380,9 @@ impl Dvae {
         }
     }
 
-    /// Hard codes `[B, G, G]` (argmax of the logits, first maximum on ties) of normalised pixels.
+    /// Hard codes `[B, G, G]` (argmax of the scores, first maximum on ties) of normalised pixels.
     pub fn tokens(&self, pixels: &Tensor) -> Tensor {
-        tch::no_grad(|| self.encode(pixels).argmax(1, false))
+        tch::no_grad(|| self.code_scores(pixels).argmax(1, false))
     }
 
     /// One-hot `[B, K, G, G]` codes of tokens `[B, G, G]`.
