@@ -202,6 +202,16 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
         "{}",
         String::from_utf8_lossy(&followed.stderr)
     );
+    let warning: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&followed.stderr).lines().next().expect("a warning"))
+            .expect("json");
+    assert_eq!(warning["level"], "WARN");
+    assert_eq!(
+        warning["message"],
+        "--follow-symlinks: files reached through symbolic links that leave the source folders are read; the \
+         manifest records the link, so later stages (tokenize, finetune --images) read whatever the link points to \
+         then: keep the targets in place and unchanged until the dataset is built"
+    );
     let summary: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&followed.stdout).lines().last().expect("json")).expect("json");
     assert_eq!(summary["counts"]["accepted"], 1, "{summary}");
@@ -211,6 +221,10 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
         .current_dir(d)
         .args(["ingest", "--images", "subset", "--out", "m2", "--allow-empty"]));
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    // Its warnings are plain text: no ANSI colour codes when stderr is not a terminal.
+    let warnings = String::from_utf8_lossy(&ok.stderr);
+    assert!(warnings.contains("WARN"), "{warnings}");
+    assert!(!warnings.contains('\u{1b}'), "{warnings:?}");
     // The stage after an accepted empty manifest does not succeed on nothing.
     let empty =
         run(imglish()

@@ -204,6 +204,43 @@ fn train_dvae_exports_a_tokenizer_equal_to_libtorch_and_resumes_exactly() {
 }
 
 #[test]
+fn the_vq_quantizer_exports_a_tokenizer_equal_to_libtorch() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path();
+    manifest(d);
+    let summary = last_json(&ok(&train(d, "vq/dvae.onnx", &["--quantizer", "vq", "--vq-dim", "8"])));
+    let parity = &summary["parity"];
+    assert_eq!(parity["codes"], 96);
+    assert!(parity["fraction"].as_f64().expect("fraction") >= 0.999, "{parity}");
+    assert!(parity["max_margin_of_differences"].as_f64().expect("margin") <= 1e-4, "{parity}");
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("vq/dvae.card.json")).expect("card")).expect("json");
+    assert_eq!(card["stats"]["config"]["model"]["quantizer"], serde_json::json!({"kind": "vq", "dim": 8}));
+    let eval = last_json(&ok(&imglish(
+        d,
+        &["--log-format", "json", "tokenizer", "eval", "--tokenizer", "vq/dvae.onnx", "--manifest", "m", "--images", "6"],
+    )));
+    let trained = summary["last"]["psnr"].as_f64().expect("psnr");
+    let measured = eval["psnr"].as_f64().expect("psnr");
+    assert!((trained - measured).abs() < 1e-3, "libtorch {trained} dB, ONNX Runtime {measured} dB");
+
+    // `quickstart --tokenizer` runs the demo with it instead of fitting a codebook.
+    let q = last_json(&ok(&imglish(
+        d,
+        &[
+            "--log-format", "json", "quickstart", "--images", "60", "--steps", "2", "--dim", "32", "--depth", "1",
+            "--heads", "2", "--batch-size", "8", "--tokenizer", "vq/dvae.onnx", "--out", "qs",
+        ],
+    )));
+    assert_eq!(q["event"], "quickstart");
+    assert!(!d.join("qs/tokenizers/visual.onnx").exists(), "no codebook was fitted");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("qs/dataset/index.json")).expect("index")).expect("json");
+    assert_eq!(index["tokenizer"]["card"]["name"], "dvae");
+    assert_eq!(index["tokenizer"]["grid"], serde_json::json!([4, 4]));
+}
+
+#[test]
 fn kmeans_rgb_codebooks_have_a_decoder_and_others_are_measured_without() {
     let tmp = tempfile::tempdir().expect("tmp");
     let d = tmp.path();

@@ -182,8 +182,9 @@ pub struct EvalArgs {
     pub images: usize,
 }
 
-/// Exported tokens must equal libtorch's on at least this fraction of the held-out codes.
-const MIN_PARITY: f64 = 0.999;
+/// Exported tokens may differ from libtorch's only where libtorch's best two scores are this close (relative to
+/// the best score's size): float rounding then decides, and either code is as good.
+const NEAR_TIE: f32 = 1e-4;
 
 pub fn train(a: &TrainDvaeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
     expect(&a.manifest, Folder::Manifest, "--manifest")?;
@@ -321,7 +322,8 @@ struct Parity {
     codes: usize,
     equal: usize,
     fraction: f64,
-    /// The largest top-2 logit margin (libtorch) among the codes that differ: small values are near-ties.
+    /// The largest relative top-2 score margin (libtorch) among the codes that differ: small values are
+    /// near-ties.
     max_margin_of_differences: f32,
 }
 
@@ -409,9 +411,10 @@ fn check_parity(
     }
     parity.fraction = parity.equal as f64 / parity.codes.max(1) as f64;
     anyhow::ensure!(
-        parity.fraction >= MIN_PARITY,
-        "the exported encoder's tokens equal libtorch's on only {}/{} held-out codes (largest logit margin among the \
-         differences {:.2e}); the export is wrong, nothing was written",
+        parity.max_margin_of_differences <= NEAR_TIE,
+        "the exported encoder's tokens equal libtorch's on {}/{} held-out codes, and differ where libtorch's best two \
+         scores are {:.2e} apart (relative; near-ties are below {NEAR_TIE:.0e}); the export is wrong, nothing was \
+         written",
         parity.equal,
         parity.codes,
         parity.max_margin_of_differences

@@ -157,6 +157,13 @@ pub enum Header {
 
 pub fn run(args: &IngestArgs, out: &Output) -> anyhow::Result<()> {
     let _lock = super::lock::lock_dir(&args.out)?;
+    if args.follow_symlinks {
+        tracing::warn!(
+            "--follow-symlinks: files reached through symbolic links that leave the source folders are read; the \
+             manifest records the link, so later stages (tokenize, finetune --images) read whatever the link points \
+             to then: keep the targets in place and unchanged until the dataset is built"
+        );
+    }
     let texts = TextOptions {
         field: args.text_field.clone(),
         column: args.text_column.clone(),

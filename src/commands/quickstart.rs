@@ -33,6 +33,11 @@ pub struct QuickstartArgs {
     /// random colours, which colour codes cannot see.
     #[arg(long, value_enum, default_value_t = Features::Structure)]
     pub features: Features,
+    /// Use this visual tokenizer (ONNX with its card, e.g. from `imglish tokenizer train-dvae`) instead of
+    /// fitting a k-means codebook (--codebook and --features then do not apply); the dataset and the model
+    /// take its grid and vocabulary.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
     /// Text tokenizer vocabulary.
     #[arg(long, default_value_t = 2000)]
     pub text_vocab: u32,
@@ -87,17 +92,22 @@ fn path(p: &Path) -> String {
 }
 
 pub fn run(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    // A given tokenizer is read from where the command was started, not from inside the output directory.
+    let tokenizer = match &args.tokenizer {
+        Some(t) => Some(std::fs::canonicalize(t).with_context(|| format!("--tokenizer {}", t.display()))?),
+        None => None,
+    };
     prepare_dir(&args.out)?;
     // The stages run inside the output directory with relative paths, so that what they record (ingest's source
     // paths, from which sample ids derive) and hence every result is the same wherever the directory lives.
     let home = std::env::current_dir().context("cannot read the working directory")?;
     std::env::set_current_dir(&args.out).with_context(|| format!("cannot enter {}", args.out.display()))?;
-    let result = run_in_place(args, threads, out);
+    let result = run_in_place(args, tokenizer.as_deref(), threads, out);
     std::env::set_current_dir(&home).context("cannot return to the working directory")?;
     result
 }
 
-fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+fn run_in_place(args: &QuickstartArgs, tokenizer: Option<&Path>, threads: usize, out: &Output) -> anyhow::Result<()> {
     let d = Path::new("");
     let (demo, manifest, tok, tokens, dataset, run_dir) = (
         d.join("demo"),
@@ -107,7 +117,10 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
         d.join("dataset"),
         d.join("run"),
     );
-    let (visual, text) = (tok.join("visual.onnx"), tok.join("text.json"));
+    let (visual, text) = (
+        tokenizer.map_or_else(|| tok.join("visual.onnx"), Path::to_path_buf),
+        tok.join("text.json"),
+    );
     let seed = args.seed.to_string();
     let mut train = vec![
         "train".to_string(),
@@ -148,6 +161,27 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
         ModelArg::Beit3 => train.extend(["--model".to_string(), "beit3".to_string()]),
     }
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let fit_stage = s(&[
+        "tokenizer",
+        "fit",
+        "--manifest",
+        &path(&manifest),
+        "--patch",
+        "8",
+        "--input-size",
+        "112",
+        "--codebook",
+        &args.codebook.to_string(),
+        "--features",
+        args.features
+            .to_possible_value()
+            .expect("no skipped variants")
+            .get_name(),
+        "--seed",
+        &seed,
+        "--out",
+        &path(&visual),
+    ]);
     let stages: Vec<Vec<String>> = vec![
         s(&[
             "demo-corpus",
@@ -172,27 +206,6 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
             &seed,
             "--out",
             &path(&manifest),
-        ]),
-        s(&[
-            "tokenizer",
-            "fit",
-            "--manifest",
-            &path(&manifest),
-            "--patch",
-            "8",
-            "--input-size",
-            "112",
-            "--codebook",
-            &args.codebook.to_string(),
-            "--features",
-            args.features
-                .to_possible_value()
-                .expect("no skipped variants")
-                .get_name(),
-            "--seed",
-            &seed,
-            "--out",
-            &path(&visual),
         ]),
         s(&[
             "tokenizer",
@@ -233,6 +246,12 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
         s(&["verify", &path(&dataset)]),
         train,
     ];
+    let mut stages = stages;
+    if tokenizer.is_none() {
+        stages.insert(2, fit_stage);
+    } else {
+        std::fs::create_dir_all(&tok).with_context(|| format!("cannot create {}", tok.display()))?;
+    }
     let started = std::time::Instant::now();
     for argv in stages {
         let stage = argv[..argv.len().min(2)].join(" ");
@@ -260,7 +279,7 @@ fn run_in_place(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::
     let text = format!(
         "quickstart done in {:.0}s. Artifacts under {}:\n  demo/        the generated corpus (images, captions, tar shards, bad inputs)\n  \
          manifest/    samples.parquet, rejects.parquet, classes.json, ingest.json\n  tokenizers/  visual.onnx + \
-         visual.card.json (k-means codebook), text.json\n  tokens/      token parts + tokenize.json\n  dataset/     \
+         visual.card.json (k-means codebook; not with --tokenizer), text.json\n  tokens/      token parts + tokenize.json\n  dataset/     \
          Arrow IPC shards + index.json\n  run/         checkpoints/, metrics.jsonl, config.json, loss.png\n{}\n\
          linear probe (val accuracy ± standard error): {:.3} ± {:.3} trained encoder vs {:.3} ± {:.3} random encoder \
          (majority class {:.3}, {} classes){}",

@@ -1,8 +1,9 @@
 //! The dVAE's images: views cut from an ingest manifest's original images. Training views are random-resized
-//! crops with flips; the batch of step `s` is a pure function of `(seed, s)` (a seeded permutation of the
-//! training images per epoch), so a resumed run sees the same batches. Held-out views are centre views of the
-//! validation images (or of every tenth image when there is no validation split, those then left out of
-//! training), as `imglish tokenizer fit` does.
+//! crops covering 60-100% of the image's area (close to the centre views the tokenizer meets, without the
+//! zoomed-in detail of BEiT's 8-100% crops) with flips; the batch of step `s` is a pure function of `(seed, s)`
+//! (a seeded permutation of the training images per epoch), so a resumed run sees the same batches. Held-out views
+//! are centre views of the validation images (or of every tenth image when there is no validation split, those
+//! then left out of training), as `imglish tokenizer fit` does.
 
 use std::path::Path;
 
@@ -64,7 +65,7 @@ impl Images {
             heldout,
             fingerprint: manifest.fingerprint,
             crop: CropSpec {
-                scale: (0.3, 1.0),
+                scale: (0.6, 1.0),
                 ..CropSpec::default()
             },
         })

@@ -617,7 +617,8 @@ impl Window {
 }
 
 /// The hard codes of RGB8 views (each `S·S·3` bytes, HWC) and, per code, the margin between the best and the
-/// second-best logit (what tells a near-tie): the reference the exported ONNX encoder is checked against.
+/// second-best score relative to the best score's size, `(s1 - s2) / max(1, |s1|)` (what tells a near-tie):
+/// the reference the exported ONNX encoder is checked against.
 pub fn codes_with_margins(model: &Dvae, views: &[&[u8]]) -> (Vec<i64>, Vec<f32>) {
     let s = i64::from(model.config().input_size);
     let mut input = Vec::with_capacity(views.len() * 3 * (s * s) as usize);
@@ -633,7 +634,8 @@ pub fn codes_with_margins(model: &Dvae, views: &[&[u8]]) -> (Vec<i64>, Vec<f32>)
         let logits = model.code_scores(&x);
         let codes = logits.argmax(1, false);
         let (top, _) = logits.topk(2, 1, true, true);
-        let margin = top.narrow(1, 0, 1) - top.narrow(1, 1, 1);
+        let best = top.narrow(1, 0, 1);
+        let margin = (&best - top.narrow(1, 1, 1)) / best.abs().clamp_min(1.0);
         let flat = |t: Tensor| t.flatten(0, -1).to_device(Device::Cpu);
         (
             Vec::<i64>::try_from(flat(codes)).unwrap_or_default(),
