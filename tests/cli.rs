@@ -202,9 +202,13 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
         "{}",
         String::from_utf8_lossy(&followed.stderr)
     );
-    let warning: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&followed.stderr).lines().next().expect("a warning"))
-            .expect("json");
+    let warning: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&followed.stderr)
+            .lines()
+            .next()
+            .expect("a warning"),
+    )
+    .expect("json");
     assert_eq!(warning["level"], "WARN");
     assert_eq!(
         warning["message"],

@@ -193,6 +193,15 @@ fn train_dvae_exports_a_tokenizer_equal_to_libtorch_and_resumes_exactly() {
         std::fs::read(d.join("tok2/dvae.onnx")).expect("onnx")
     );
 
+    // A finished run resumed again (say, after a crash while exporting) exports from its last checkpoint.
+    std::fs::remove_file(d.join("tok2/dvae.onnx")).expect("rm");
+    let again = last_json(&ok(&train(d, "tok2/dvae.onnx", &["--resume"])));
+    assert_eq!(again["steps_this_run"], 0);
+    assert_eq!(
+        std::fs::read(d.join("tok/dvae.onnx")).expect("onnx"),
+        std::fs::read(d.join("tok2/dvae.onnx")).expect("onnx")
+    );
+
     // Resuming with other settings is refused, naming the setting.
     let o = train(d, "tok2/dvae.onnx", &["--resume", "--kl-weight", "0.1"]);
     assert_eq!(o.status.code(), Some(1));
@@ -212,24 +221,61 @@ fn the_vq_quantizer_exports_a_tokenizer_equal_to_libtorch() {
     let parity = &summary["parity"];
     assert_eq!(parity["codes"], 96);
     assert!(parity["fraction"].as_f64().expect("fraction") >= 0.999, "{parity}");
-    assert!(parity["max_margin_of_differences"].as_f64().expect("margin") <= 1e-4, "{parity}");
+    assert!(
+        parity["max_margin_of_differences"].as_f64().expect("margin") <= 1e-4,
+        "{parity}"
+    );
     let card: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("vq/dvae.card.json")).expect("card")).expect("json");
-    assert_eq!(card["stats"]["config"]["model"]["quantizer"], serde_json::json!({"kind": "vq", "dim": 8}));
+    assert_eq!(
+        card["stats"]["config"]["model"]["quantizer"],
+        serde_json::json!({"kind": "vq", "dim": 8})
+    );
     let eval = last_json(&ok(&imglish(
         d,
-        &["--log-format", "json", "tokenizer", "eval", "--tokenizer", "vq/dvae.onnx", "--manifest", "m", "--images", "6"],
+        &[
+            "--log-format",
+            "json",
+            "tokenizer",
+            "eval",
+            "--tokenizer",
+            "vq/dvae.onnx",
+            "--manifest",
+            "m",
+            "--images",
+            "6",
+        ],
     )));
     let trained = summary["last"]["psnr"].as_f64().expect("psnr");
     let measured = eval["psnr"].as_f64().expect("psnr");
-    assert!((trained - measured).abs() < 1e-3, "libtorch {trained} dB, ONNX Runtime {measured} dB");
+    assert!(
+        (trained - measured).abs() < 1e-3,
+        "libtorch {trained} dB, ONNX Runtime {measured} dB"
+    );
 
     // `quickstart --tokenizer` runs the demo with it instead of fitting a codebook.
     let q = last_json(&ok(&imglish(
         d,
         &[
-            "--log-format", "json", "quickstart", "--images", "60", "--steps", "2", "--dim", "32", "--depth", "1",
-            "--heads", "2", "--batch-size", "8", "--tokenizer", "vq/dvae.onnx", "--out", "qs",
+            "--log-format",
+            "json",
+            "quickstart",
+            "--images",
+            "60",
+            "--steps",
+            "2",
+            "--dim",
+            "32",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--batch-size",
+            "8",
+            "--tokenizer",
+            "vq/dvae.onnx",
+            "--out",
+            "qs",
         ],
     )));
     assert_eq!(q["event"], "quickstart");

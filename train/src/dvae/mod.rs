@@ -344,11 +344,22 @@ pub fn train_dvae(
     }
     let plot = out.join("loss.png");
     plot_losses(&metrics_path, &plot)?;
+    // A run resumed after its last step (say, killed while exporting) reports what its history holds.
+    let history = || -> Option<DvaeEvalMetrics> {
+        let text = fs::read_to_string(&metrics_path).ok()?;
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<DvaeEvalMetrics>(l).ok())
+            .rfind(|m| m.kind == "val")
+    };
+    let checkpoint = match checkpoint {
+        Some(c) => Some(c),
+        None => crate::trainer::latest_checkpoint(out)?,
+    };
     Ok(DvaeSummary {
         steps: step,
         steps_this_run: step - first,
         initial,
-        last,
+        last: last.or_else(history),
         train_seconds: started.elapsed().as_secs_f64(),
         checkpoint,
         plot,
