@@ -257,7 +257,8 @@ fn reconstruct(
     );
     let Some(mut decoder) = imglish_tokenizer::TokenDecoder::load(tokenizer, tok.card(), &options)? else {
         anyhow::bail!(
-            "--tokenizer {} has no decoder to draw reconstructions with (tokenizer train-dvae and k-means RGB              codebooks have one)",
+            "--tokenizer {} has no decoder to draw reconstructions with (tokenizer train-dvae and k-means RGB \
+             codebooks have one)",
             tokenizer.display()
         );
     };

@@ -29,6 +29,13 @@ pub struct DvaeWeights {
     pub tensors: BTreeMap<String, (Vec<i64>, Vec<f32>)>,
 }
 
+fn bad(reason: String) -> Error {
+    Error::Model {
+        model: "dvae export".into(),
+        reason,
+    }
+}
+
 /// Builds a graph from the weights, adding each used tensor as an initializer once.
 struct Writer<'a> {
     w: &'a DvaeWeights,
@@ -38,10 +45,34 @@ struct Writer<'a> {
 
 impl<'a> Writer<'a> {
     fn tensor(&self, name: &str) -> Result<&'a (Vec<i64>, Vec<f32>)> {
-        self.w.tensors.get(name).ok_or_else(|| Error::Model {
-            model: "dvae export".into(),
-            reason: format!("tensor '{name}' is missing from the checkpoint"),
-        })
+        let t = self
+            .w
+            .tensors
+            .get(name)
+            .ok_or_else(|| bad(format!("tensor '{name}' is missing from the checkpoint")))?;
+        if t.0.iter().any(|&d| d <= 0) || t.0.iter().product::<i64>() as usize != t.1.len() {
+            return Err(bad(format!(
+                "tensor '{name}' has shape {:?} and {} values",
+                t.0,
+                t.1.len()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// A square convolution's weight `[out, in, k, k]` (transposed: `[in, out, k, k]`) and its bias `[out]`,
+    /// checked.
+    fn conv_weights(&self, layer: &str, transposed: bool) -> Result<(&'a [i64], &'a [f32], &'a [f32])> {
+        let (ws, wv) = self.tensor(&format!("{layer}.weight"))?;
+        let (bs, bv) = self.tensor(&format!("{layer}.bias"))?;
+        let outputs = if transposed { ws.get(1) } else { ws.first() };
+        if ws.len() != 4 || ws[2] != ws[3] || bs.len() != 1 || outputs != Some(&bs[0]) {
+            return Err(bad(format!(
+                "{layer}: weight {ws:?} and bias {bs:?} are not a square {} convolution's",
+                if transposed { "transposed" } else { "2-d" }
+            )));
+        }
+        Ok((ws, wv, bv))
     }
 
     fn fresh(&mut self, what: &str) -> String {
@@ -51,10 +82,11 @@ impl<'a> Writer<'a> {
 
     /// `x` through the convolution (or transposed convolution) `layer` with `kernel`, `stride` and `pad`.
     fn conv(&mut self, op: &str, layer: &str, x: &str, stride: i64, pad: i64) -> Result<String> {
-        let (ws, wv) = self.tensor(&format!("{layer}.weight"))?;
-        let (bs, bv) = self.tensor(&format!("{layer}.bias"))?;
+        let (ws, wv, bv) = self.conv_weights(layer, op == "ConvTranspose")?;
         let (wn, bn) = (format!("{layer}.weight"), format!("{layer}.bias"));
-        self.g.initializer_f32(&wn, ws, wv).initializer_f32(&bn, bs, bv);
+        self.g
+            .initializer_f32(&wn, ws, wv)
+            .initializer_f32(&bn, &[bv.len() as i64], bv);
         let y = self.fresh(layer);
         let k = ws[2];
         self.g.node(
@@ -115,11 +147,14 @@ impl DvaeWeights {
             return Ok(None);
         };
         match shape[..] {
-            [k, d] if k == i64::from(self.codebook) => Ok(Some((k, d, values))),
-            _ => Err(Error::Model {
-                model: "dvae export".into(),
-                reason: format!("quant.codebook has shape {shape:?}, expected [{}, D]", self.codebook),
-            }),
+            [k, d] if k == i64::from(self.codebook) && d > 0 && values.len() == (k * d) as usize => {
+                Ok(Some((k, d, values)))
+            }
+            _ => Err(bad(format!(
+                "quant.codebook has shape {shape:?} and {} values, expected [{}, D]",
+                values.len(),
+                self.codebook
+            ))),
         }
     }
 
@@ -206,16 +241,14 @@ impl DvaeWeights {
         );
         // The decoder's 1x1 input convolution of a code's one-hot (Gumbel) or vector (VQ) is a lookup in a table
         // [K, C] (plus the bias): its weight's columns, or the code vectors times its weight.
-        let (ws, wv) = w.tensor("dec.embed.weight")?;
-        let (_, bv) = w.tensor("dec.embed.bias")?;
+        let (ws, wv, bv) = w.conv_weights("dec.embed", false)?;
         let (c, inputs) = (ws[0] as usize, ws[1] as usize);
         let vq = self.vq_codebook()?;
         let want = vq.map_or(k, |(_, d, _)| d) as usize;
-        if inputs != want {
-            return Err(Error::Model {
-                model: "dvae export".into(),
-                reason: format!("dec.embed.weight has shape {ws:?}, expected [C, {want}, 1, 1]"),
-            });
+        if inputs != want || ws[2] != 1 {
+            return Err(bad(format!(
+                "dec.embed.weight has shape {ws:?}, expected [C, {want}, 1, 1]"
+            )));
         }
         let table: Vec<f32> = match vq {
             None => (0..k as usize)
@@ -255,8 +288,12 @@ impl DvaeWeights {
         }
         let r = w.unary("Relu", &h);
         // Only the first three output channels are pixels (logit-Laplace locations, or the MSE means).
-        let (os, ov) = w.tensor("dec.out.weight")?;
-        let (_, ob) = w.tensor("dec.out.bias")?;
+        let (os, ov, ob) = w.conv_weights("dec.out", false)?;
+        if os[0] < 3 {
+            return Err(bad(format!(
+                "dec.out.weight has shape {os:?}: fewer than 3 output channels"
+            )));
+        }
         let per = (os[1] * os[2] * os[3]) as usize;
         w.g.initializer_f32("dec.out.weight3", &[3, os[1], os[2], os[3]], &ov[..3 * per])
             .initializer_f32("dec.out.bias3", &[3], &ob[..3])
@@ -314,5 +351,37 @@ impl DvaeWeights {
             }),
             stats: Some(stats),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(tensors: &[(&str, Vec<i64>, usize)]) -> DvaeWeights {
+        DvaeWeights {
+            input_size: 8,
+            grid: 4,
+            codebook: 4,
+            blocks: 0,
+            logit_laplace_eps: None,
+            tensors: tensors
+                .iter()
+                .map(|(n, s, len)| ((*n).to_string(), (s.clone(), vec![0.0; *len])))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn malformed_weights_are_errors_naming_the_tensor() {
+        let err = |w: DvaeWeights| w.encoder_onnx().err().expect("an error").to_string();
+        assert!(err(weights(&[])).contains("tensor 'enc.stem.weight' is missing from the checkpoint"));
+        let flat = weights(&[("enc.stem.weight", vec![2, 27], 54), ("enc.stem.bias", vec![2], 2)]);
+        assert!(err(flat).contains("enc.stem: weight [2, 27] and bias [2] are not a square 2-d convolution's"));
+        let short = weights(&[("enc.stem.weight", vec![2, 3, 3, 3], 5)]);
+        assert!(err(short).contains("tensor 'enc.stem.weight' has shape [2, 3, 3, 3] and 5 values"));
+        let mut odd = weights(&[]);
+        odd.input_size = 12;
+        assert!(err(odd).contains("input size 12 over grid 4 is not a power of two"));
     }
 }

@@ -114,10 +114,11 @@ def vq_step_loss(model, x, target, decay, commitment):
         es.mul_(decay).add_(one_hot.t() @ flat.detach() * (1 - decay))
         n = cs.sum()
         cb.copy_(es / ((cs + 1e-5) / (n + 1e-5 * k) * n)[:, None])
-        dead = cs < 1.0
+        threshold = min(1.0, 0.5 * flat.shape[0] / k)
+        dead = cs < threshold
         if dead.any():
             fresh = flat.detach()[torch.randint(flat.shape[0], (int(dead.sum()),))]
-            cb[dead], es[dead], cs[dead] = fresh, fresh, 1.0
+            cb[dead], es[dead], cs[dead] = fresh, fresh, threshold
     return loss
 
 

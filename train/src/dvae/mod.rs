@@ -29,8 +29,11 @@ use data::{centre_view, push_view, Images};
 
 const ARCHITECTURE: &str = "dvae";
 
-/// VQ: codes whose moving count of cells per batch is below this are restarted.
-const RESTART_BELOW: f64 = 1.0;
+/// VQ: codes whose moving count of cells per batch is below `min(1, RESTART_SHARE · cells / K)` are restarted:
+/// one cell per batch when a batch has at least twice as many cells as there are codes, else half a code's fair
+/// share (so that with more codes than cells, K = 8192 against 16 x 196, codes are not restarted merely for
+/// being shared out thinly).
+const RESTART_SHARE: f64 = 0.5;
 
 /// Everything that determines a dVAE run's result (a resumed run must have the same).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,6 +252,11 @@ pub fn train_dvae(
     observer: &mut dyn FnMut(&DvaeEvent),
 ) -> Result<DvaeSummary> {
     config.validate()?;
+    if options.eval_images == 0 {
+        return Err(TrainError::Config(
+            "--eval-images must be positive (the held-out metrics and the export's check need images)".into(),
+        ));
+    }
     let device = options.device.resolve()?;
     let images = Images::open(manifest, options.eval_images)?;
     fs::create_dir_all(out.join("checkpoints")).map_err(io_err(out))?;
@@ -383,7 +391,8 @@ fn forward_loss(
 
 /// VQ-VAE with an EMA codebook: nearest code vectors, straight-through to the encoder, a commitment loss; the
 /// codebook follows the moving averages of the vectors assigned to each code, and a code used by fewer than
-/// [`RESTART_BELOW`] cells per batch (moving count) is restarted at a random encoder output of the batch.
+/// [`RESTART_SHARE`]'s threshold of cells per batch (moving count) is restarted at a random encoder output of the
+/// batch (drawn with replacement: a duplicate ties with its twin, loses, and is restarted again next step).
 fn vq_loss(model: &Dvae, input: &Tensor, target: &Tensor, config: &DvaeTrainConfig) -> (Tensor, f64, f64, Tensor) {
     let z = model.encode(input);
     let [b, d, g, _] = z.size()[..] else {
@@ -421,7 +430,8 @@ fn vq_loss(model: &Dvae, input: &Tensor, target: &Tensor, config: &DvaeTrainConf
         cb.copy_(&(&es / smoothed.unsqueeze(1)));
         // Restart every code whose moving count is below one cell per batch at a random encoder output of
         // this batch (as Jukebox's VQ-VAE does): it stays if the next batch gives it a cell, else moves again.
-        let dead = cs.lt(RESTART_BELOW);
+        let threshold = (RESTART_SHARE * flat.size()[0] as f64 / k as f64).min(1.0);
+        let dead = cs.lt(threshold);
         let n_dead = dead.sum(Kind::Int64).int64_value(&[]);
         if n_dead > 0 {
             let rows = Tensor::randint(flat.size()[0], [n_dead], (Kind::Int64, flat.device()));
@@ -429,7 +439,7 @@ fn vq_loss(model: &Dvae, input: &Tensor, target: &Tensor, config: &DvaeTrainConf
             let idx = dead.nonzero().squeeze_dim(1);
             let _ = cb.index_copy_(0, &idx, &fresh);
             let _ = es.index_copy_(0, &idx, &fresh);
-            let _ = cs.index_fill_(0, &idx, RESTART_BELOW);
+            let _ = cs.index_fill_(0, &idx, threshold);
         }
     });
     let commit_value = commit.double_value(&[]);
