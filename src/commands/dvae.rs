@@ -183,7 +183,9 @@ pub struct EvalArgs {
 }
 
 /// Exported tokens may differ from libtorch's only where libtorch's best two scores are this close (relative to
-/// the best score's size): float rounding then decides, and either code is as good.
+/// the best score's size): float rounding then decides, and either code is as good. (A VQ codebook can hold
+/// many such ties: cells of flat regions share one encoder output, and the moving averages pull the two codes
+/// that split it to nearly equal distances.)
 const NEAR_TIE: f32 = 1e-4;
 
 pub fn train(a: &TrainDvaeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
@@ -334,7 +336,8 @@ fn export(
     checkpoint: &Path,
     summary: &imglish_train::dvae::DvaeSummary,
 ) -> anyhow::Result<(Card, Parity)> {
-    let (model, config) = load_dvae(checkpoint, imglish_train::TorchDevice::Cpu.resolve()?)?;
+    let (mut model, config) = load_dvae(checkpoint, imglish_train::TorchDevice::Cpu.resolve()?)?;
+    let retired = model.retire_duplicate_codes();
     let weights = DvaeWeights {
         input_size: config.model.input_size,
         grid: config.model.grid,
@@ -363,6 +366,7 @@ fn export(
         "steps": summary.steps,
         "heldout": summary.last,
         "parity": parity,
+        "retired_duplicate_codes": retired,
         "config": config,
     });
     let card = weights.card(&name, &encoder, &decoder, &decoder_file, stats);

@@ -4,9 +4,11 @@ relaxation and KL to the uniform prior, or a VQ codebook with moving averages an
 reconstruction; AdamW with clipping).
 
 usage:
-  python torch_dvae.py bench RUN_CONFIG.json STEPS THREADS
-      the peer loop of scripts/bench-dvae: STEPS steps of the run's batch size on pre-made tensors (no image
-      decoding: the peer pays no data cost), one JSON line with the seconds
+  python torch_dvae.py bench RUN_CONFIG.json STEPS THREADS [MANIFEST]
+      the peer loop of scripts/bench-dvae: STEPS steps of the run's batch size, one JSON line with the seconds.
+      With MANIFEST (an imglish ingest output), as a user would write it: a DataLoader (1 worker) reads the train
+      split's image files with Pillow and cuts torchvision RandomResizedCrop(scale 0.6-1, bicubic) + flip views,
+      as imglish does; without, on pre-made tensors (no data cost at all: the peer's upper bound).
 """
 
 import json
@@ -136,7 +138,37 @@ def step_loss(model, x, target, tau, kl_weight, straight_through):
     return recon + kl_weight * kl
 
 
-def bench(config_path, steps, threads):
+class ManifestViews(torch.utils.data.IterableDataset):
+    """Random-resized views of the train split's image files of an imglish manifest (Pillow + torchvision)."""
+
+    def __init__(self, manifest, size):
+        import os
+
+        import pyarrow.parquet as pq
+
+        base = json.load(open(os.path.join(manifest, "ingest.json"))).get("base_dir") or ""
+        rows = pq.read_table(os.path.join(manifest, "samples.parquet"), columns=["kind", "path", "split"]).to_pylist()
+        self.paths = [os.path.join(base, r["path"]) for r in rows if r["split"] == "train" and r["kind"] == "file"]
+        self.size = size
+
+    def __iter__(self):
+        from PIL import Image
+        from torchvision import transforms
+
+        t = transforms.Compose([
+            transforms.RandomResizedCrop(self.size, scale=(0.6, 1.0),
+                                         interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ])
+        g = torch.Generator().manual_seed(0)
+        while True:
+            for i in torch.randperm(len(self.paths), generator=g).tolist():
+                with Image.open(self.paths[i]) as im:
+                    yield t(im.convert("RGB"))
+
+
+def bench(config_path, steps, threads, manifest=None):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = json.load(open(config_path))
@@ -153,11 +185,18 @@ def bench(config_path, steps, threads):
     b, s = cfg["batch_size"], cfg["model"]["input_size"]
     x = torch.rand(b, 3, s, s) * 2 - 1
     target = (x + 1) / 2
+    batches = None
+    if manifest is not None:
+        loader = torch.utils.data.DataLoader(ManifestViews(manifest, s), batch_size=b, num_workers=1)
+        batches = iter(loader)
     t0, t1 = cfg["temperature"]
     span = max(cfg["steps"] * cfg["anneal_fraction"], 1.0)
     start = time.perf_counter()
     for step in range(steps):
         tau = t0 * (t1 / t0) ** min(step / span, 1.0)
+        if batches is not None:
+            target = next(batches)
+            x = target * 2 - 1
         if model.vq:
             loss = vq_step_loss(model, x, target, cfg["ema_decay"], cfg["commitment"])
         else:
@@ -169,11 +208,12 @@ def bench(config_path, steps, threads):
         opt.step()
         loss.item()
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "steps": steps, "batch": b, "threads": threads}))
+    print(json.dumps({"seconds": seconds, "steps": steps, "batch": b, "threads": threads,
+                      "data": "manifest" if manifest else "pre-made tensors"}))
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "bench":
-        bench(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        bench(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)
     else:
         sys.exit(__doc__)

@@ -23,6 +23,10 @@ use crate::error::{Result, TrainError};
 use crate::model::{param_key, uniform_};
 use crate::tensors;
 
+/// The value of every component of a retired VQ code vector: its score `2 z·c - |c|²` is then about `-D·10⁸`,
+/// below any real code's.
+const RETIRED: f32 = 1e4;
+
 /// What the decoder's pixels are scored with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
@@ -310,6 +314,37 @@ impl Dvae {
     /// The VQ codebook `[K, D]`, its EMA cluster sizes `[K]` and sums `[K, D]` (`None` for Gumbel).
     pub fn vq_state(&self) -> Option<&[Tensor; 3]> {
         self.codebook.as_ref()
+    }
+
+    /// VQ: makes every code vector that exactly repeats an earlier code's unreachable (moved far from every
+    /// encoder output; its decoder row is never used) and returns how many there were. Restarts draw encoder
+    /// outputs with replacement, so a few codes can share a vector; two equal vectors tie exactly, and libtorch
+    /// and ONNX Runtime, summing in different orders, may break the tie differently. Retiring the later twin
+    /// before export keeps the tokens of both identical without changing any reconstruction (the twins decode
+    /// the same). Gumbel models have none.
+    pub fn retire_duplicate_codes(&mut self) -> usize {
+        let Some([codebook, _, _]) = &self.codebook else {
+            return 0;
+        };
+        let (k, d) = (codebook.size()[0] as usize, codebook.size()[1] as usize);
+        let mut values = Vec::<f32>::try_from(codebook.to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        let mut retired = 0;
+        for row in values.chunks_exact_mut(d).take(k) {
+            let bits: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
+            if !seen.insert(bits) {
+                row.fill(RETIRED);
+                retired += 1;
+            }
+        }
+        if retired > 0 {
+            let mut cb = codebook.shallow_clone();
+            let new = Tensor::from_slice(&values)
+                .view([k as i64, d as i64])
+                .to_device(cb.device());
+            tch::no_grad(|| cb.copy_(&new));
+        }
+        retired
     }
 
     /// Scores `[B, K, G, G]` whose argmax is the code: the logits (Gumbel), or for VQ `2 z·c_k - |c_k|²`
