@@ -49,7 +49,7 @@ const TINY: [&str; 14] = [
 
 fn manifest(d: &Path) {
     ok(&imglish(d, &["-q", "demo-corpus", "--images", "40", "--out", "demo"]));
-    ok(&imglish(d, &["-q", "ingest", "--images", "demo/images", "--out", "m"]));
+    ok(&imglish(d, &["-q", "ingest", "--images", "demo/images", "--val-fraction", "0.2", "--out", "m"]));
 }
 
 fn train(d: &Path, out: &str, extra: &[&str]) -> Output {
@@ -343,21 +343,29 @@ fn train_dvae_misuse_is_one_line_and_exit_1() {
     let tmp = tempfile::tempdir().expect("tmp");
     let d = tmp.path();
     manifest(d);
-    let o = train(d, "tok/dvae.onnx", &["--grid", "5"]);
+    let o = imglish(
+        d,
+        &[
+            "--log-format", "json", "tokenizer", "train-dvae", "--manifest", "m", "--out", "tok/dvae.onnx",
+            "--input-size", "32", "--grid", "5",
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),
-        "{\"level\":\"ERROR\",\"error\":\"training the dVAE on m failed: invalid configuration: --input-size 32 must be a multiple of --grid 5\"}\n"
+        "{\"error\":\"training the dVAE on m failed: invalid configuration: --input-size 32 must be a multiple of --grid \
+         5\",\"level\":\"ERROR\"}\n"
     );
     let o = train(d, "tok/dvae.bin", &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr)
         .contains("--out tok/dvae.bin must name an .onnx file (the encoder; its card and decoder go beside it)"));
+    // A folder that is not an ingest output (here the demo corpus itself).
     let o = imglish(d, &["tokenizer", "train-dvae", "--manifest", "demo", "--out", "x.onnx"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).starts_with("error: --manifest demo"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "error: training the dVAE on demo failed: dataset demo: not an ingest manifest: demo/ingest.json: No such \
+         file or directory (os error 2)\n"
     );
 }
