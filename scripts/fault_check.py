@@ -1,5 +1,5 @@
 """The fault-injection suite behind scripts/fault-check: every stage that writes a folder (download, ingest,
-tokenizer fit, tokenize, pack, train, build) is killed with SIGKILL at several points, run on a full disk, pointed at an output
+tokenizer fit, tokenizer train-dvae, tokenize, pack, train, build) is killed with SIGKILL at several points, run on a full disk, pointed at an output
 that is a file or a read-only folder, has an input deleted while it runs, is given a second writer, and every
 reading stage is fed truncated and bit-flipped inputs. With --moto, the upload to object storage (`pack --out
 s3://...`) is killed at several points too (the bucket must never show a half-written dataset, and a rerun must
@@ -122,6 +122,8 @@ def stages(ctx):
     tok = ["--tokenizer", "tok/v.onnx", "--text-tokenizer", "tok/t.json", "--views", "2", "--part-samples", "8"]
     train = ["--steps", "40", "--batch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
              "--checkpoint-every", "10", "--threads", "1"]
+    dvae = ["--codebook", "16", "--input-size", "32", "--grid", "4", "--width", "8", "--steps", "24", "--batch-size",
+            "4", "--checkpoint-every", "4", "--eval-every", "12", "--eval-images", "4", "--quantizer", "vq"]
     return [
         Stage("download", lambda o: ["-q", "download", *urls, "--out", o], "download.json",
               lambda d: {k for k in tree(d) if k.startswith("shard-") or k == "status.parquet"}),
@@ -132,6 +134,9 @@ def stages(ctx):
         Stage("fit", lambda o: ["-q", "tokenizer", "fit", "--manifest", "m", "--patch", "8", "--input-size", "32",
                                 "--codebook", "32", "--iterations", "6", "--out", f"{o}/v.onnx"],
               "v.card.json", {"v.onnx", "v.card.json"}),
+        Stage("dvae", lambda o: ["-q", "--threads", "1", "tokenizer", "train-dvae", "--manifest", "m", "--out",
+                                 f"{o}/v.onnx", *dvae], "v.card.json", {"v.onnx", "v.decoder.onnx", "v.card.json"},
+              rerun_extra=["--resume"]),
         Stage("tokenize", lambda o: ["-q", "--threads", "1", "tokenize", "--manifest", "m", *tok, "--out", o],
               "tokenize.json", None),
         Stage("pack", lambda o: ["-q", "pack", "--tokens", "t", "--manifest", "m", "--batch-rows", "8",
@@ -151,7 +156,8 @@ def setup(ctx, all_stages):
     assert code == 0, err
     (ctx.work / "b.toml").write_text(BUILD_TOML.format(images=images))
     # The clean runs: each stage's reference output (and the inputs of the next).
-    inputs = {"download": "dl", "ingest": "m", "fit": "tok", "tokenize": "t", "pack": "d", "train": "clean-train",
+    inputs = {"download": "dl", "ingest": "m", "fit": "tok", "dvae": "clean-dvae", "tokenize": "t", "pack": "d",
+              "train": "clean-train",
               "build": "clean-build"}
     clean = {}
     for s in all_stages:

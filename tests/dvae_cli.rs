@@ -49,7 +49,19 @@ const TINY: [&str; 14] = [
 
 fn manifest(d: &Path) {
     ok(&imglish(d, &["-q", "demo-corpus", "--images", "40", "--out", "demo"]));
-    ok(&imglish(d, &["-q", "ingest", "--images", "demo/images", "--val-fraction", "0.2", "--out", "m"]));
+    ok(&imglish(
+        d,
+        &[
+            "-q",
+            "ingest",
+            "--images",
+            "demo/images",
+            "--val-fraction",
+            "0.2",
+            "--out",
+            "m",
+        ],
+    ));
 }
 
 fn train(d: &Path, out: &str, extra: &[&str]) -> Output {
@@ -346,8 +358,18 @@ fn train_dvae_misuse_is_one_line_and_exit_1() {
     let o = imglish(
         d,
         &[
-            "--log-format", "json", "tokenizer", "train-dvae", "--manifest", "m", "--out", "tok/dvae.onnx",
-            "--input-size", "32", "--grid", "5",
+            "--log-format",
+            "json",
+            "tokenizer",
+            "train-dvae",
+            "--manifest",
+            "m",
+            "--out",
+            "tok/dvae.onnx",
+            "--input-size",
+            "32",
+            "--grid",
+            "5",
         ],
     );
     assert_eq!(o.status.code(), Some(1));

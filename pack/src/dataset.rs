@@ -476,14 +476,6 @@ impl Dataset {
             lengths.extend(l);
         }
         let total: u64 = hist.iter().sum();
-        let entropy: f64 = hist
-            .iter()
-            .filter(|&&c| c > 0)
-            .map(|&c| {
-                let p = c as f64 / total as f64;
-                -p * p.ln()
-            })
-            .sum();
         let index = self.index();
         let bytes = index.bytes();
         let n = index.len();
@@ -502,7 +494,7 @@ impl Dataset {
             },
             vocab_size: info.vocab_size,
             codes_used: hist.iter().filter(|&&c| c > 0).count() as u64,
-            perplexity: if total == 0 { 0.0 } else { entropy.exp() },
+            perplexity: perplexity(&hist),
             captions_per_sample: LengthSummary::of(per_sample),
             kinds,
             caption_tokens: LengthSummary::of(lengths),
@@ -997,4 +989,21 @@ impl Drop for SampleStream {
             let _ = h.join();
         }
     }
+}
+
+/// The perplexity (exp of the entropy in nats) of a histogram of codes; 0 for an empty one.
+pub fn perplexity(hist: &[u64]) -> f64 {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let entropy: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / total as f64;
+            -p * p.ln()
+        })
+        .sum();
+    entropy.exp()
 }

@@ -71,7 +71,8 @@ mod util;
 
 pub use build::{manifest_fingerprint, pack_dataset, PackSummary, PROGRESS_FILE};
 pub use dataset::{
-    CorruptReport, Dataset, DatasetStats, EpochReader, LengthSummary, Sample, SampleStream, StreamOptions, VerifyReport,
+    perplexity, CorruptReport, Dataset, DatasetStats, EpochReader, LengthSummary, Sample, SampleStream, StreamOptions,
+    VerifyReport,
 };
 pub use error::{PackError, Result};
 pub use index::{DatasetIndex, PackConfig, ShardEntry, INDEX_FILE};

@@ -374,7 +374,7 @@ mod tests {
 
     #[test]
     fn malformed_weights_are_errors_naming_the_tensor() {
-        let err = |w: DvaeWeights| w.encoder_onnx().err().expect("an error").to_string();
+        let err = |w: DvaeWeights| w.encoder_onnx().expect_err("an error").to_string();
         assert!(err(weights(&[])).contains("tensor 'enc.stem.weight' is missing from the checkpoint"));
         let flat = weights(&[("enc.stem.weight", vec![2, 27], 54), ("enc.stem.bias", vec![2], 2)]);
         assert!(err(flat).contains("enc.stem: weight [2, 27] and bias [2] are not a square 2-d convolution's"));

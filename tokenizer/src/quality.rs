@@ -106,15 +106,6 @@ pub fn evaluate_tokenizer(
         }
         progress.inc(chunk.len() as u64);
     }
-    let total: u64 = hist.iter().sum();
-    let entropy: f64 = hist
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / total as f64;
-            -p * p.ln()
-        })
-        .sum();
     let mse = (values > 0).then(|| sq / values as f64);
     Ok(TokenizerQuality {
         name: card.name.clone(),
@@ -122,7 +113,7 @@ pub fn evaluate_tokenizer(
         grid: card.grid,
         images: rows.len(),
         usage: hist.iter().filter(|&&c| c > 0).count() as f64 / hist.len().max(1) as f64,
-        perplexity: entropy.exp(),
+        perplexity: imglish_pack::perplexity(&hist),
         mse,
         psnr: mse.map(|m| 10.0 * (1.0 / m.max(1e-12)).log10()),
     })

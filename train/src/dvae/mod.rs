@@ -574,17 +574,8 @@ pub fn psnr(mse: f64) -> f64 {
 
 /// The fraction of codes used and the perplexity (exp of the entropy) of a code histogram.
 pub fn usage_perplexity(hist: &[u64]) -> (f64, f64) {
-    let total: u64 = hist.iter().sum();
     let used = hist.iter().filter(|&&c| c > 0).count();
-    let entropy: f64 = hist
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / total as f64;
-            -p * p.ln()
-        })
-        .sum();
-    (used as f64 / hist.len().max(1) as f64, entropy.exp())
+    (used as f64 / hist.len().max(1) as f64, imglish_pack::perplexity(hist))
 }
 
 struct Window {
