@@ -57,6 +57,8 @@ impl Output {
             bar.enable_steady_tick(Duration::from_millis(200));
         } else if !self.quiet {
             spawn_progress_lines(&bar, self.format, progress_interval());
+            // Each phase of this bar then also announces itself once as it starts (see BarProgress::phase).
+            let _ = PHASE_LINES.set(self.format);
         }
         bar
     }
@@ -105,7 +107,12 @@ pub fn error_line(err: &anyhow::Error) -> String {
     line
 }
 
-/// A progress bar as a stage's [`imglish_ingest::Progress`]: each phase names the bar and sets its total.
+/// Set when progress goes to periodic lines (stderr not a terminal, not quiet): their format.
+static PHASE_LINES: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// A progress bar as a stage's [`imglish_ingest::Progress`]: each phase names the bar and sets its total; when
+/// progress goes to periodic lines, the phase's first record is written as it starts, so a log shows every phase
+/// however short.
 pub struct BarProgress<'a>(pub &'a ProgressBar);
 
 impl imglish_ingest::Progress for BarProgress<'_> {
@@ -120,6 +127,9 @@ impl imglish_ingest::Progress for BarProgress<'_> {
         self.0.set_position(0);
         self.0.reset_eta();
         self.0.reset_elapsed();
+        if let Some(format) = PHASE_LINES.get() {
+            eprintln!("{}", progress_line(self.0, *format));
+        }
     }
 
     fn message(&self, text: &str) {
@@ -180,7 +190,8 @@ fn spawn_progress_lines(bar: &ProgressBar, format: LogFormat, every: Duration) {
     }
 }
 
-/// One progress record: `what: pos/len (rate/s, elapsed, eta)` or its JSON object.
+/// One progress record: `what: pos/len (rate/s, elapsed, eta)` (`what (elapsed)` while a phase without a total
+/// has counted nothing) or its JSON object.
 fn progress_line(bar: &ProgressBar, format: LogFormat) -> String {
     let (pos, len) = (bar.position(), bar.length().unwrap_or(0));
     let elapsed = bar.elapsed().as_secs_f64();
@@ -192,6 +203,10 @@ fn progress_line(bar: &ProgressBar, format: LogFormat) -> String {
             "len": (len > 0).then_some(len), "per_sec": rate, "elapsed_s": elapsed, "eta_s": eta,
         })
         .to_string(),
+        // A phase that counts nothing (yet): its name and time only, never a bare "0".
+        LogFormat::Text if len == 0 && pos == 0 => {
+            format!("progress: {} ({elapsed:.0}s elapsed)", bar.message())
+        }
         LogFormat::Text => {
             let total = if len > 0 { format!("/{len}") } else { String::new() };
             let eta = eta.map(|s| format!(", eta {s:.0}s")).unwrap_or_default();

@@ -276,9 +276,27 @@ fn demo_corpus_to_verified_dataset() {
     assert_eq!(o.status.code(), Some(0));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(progress_total(&err, "progress: reading training patches (images): ") > 0);
-    assert_eq!(progress_total(&err, "progress: Lloyd iterations: "), 3);
-    // (Which counts appear depends on timing: the total is what is certain.)
-    assert!(err.contains("progress: Lloyd iterations: "), "{err}");
+    // Every phase announces itself as it starts, however short (later counts depend on timing).
+    assert!(err.contains("\nprogress: Lloyd iterations: 0/3 ("), "{err}");
+    // Before its first counted phase the fit names what it does, with no bare count ("reading patches: 0").
+    for l in err.lines().filter_map(|l| l.strip_prefix("progress: ")) {
+        let (head, _) = l.rsplit_once(" (").unwrap_or((l, ""));
+        match head.rsplit_once(": ") {
+            Some((_, count)) => assert!(
+                count.split_once('/').is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok()),
+                "a count without its total: {l}"
+            ),
+            None => assert!(l.ends_with("s elapsed)"), "{l}"),
+        }
+    }
+    assert!(!err.contains("progress: reading patches: 0"), "{err}");
+    // The summary says how many held-out patches the code usage was measured on.
+    let text = String::from_utf8_lossy(&o.stdout);
+    let held = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("held-out: "))
+        .unwrap_or_else(|| panic!("no held-out line: {text}"));
+    assert!(held.contains(" patches of ") && held.contains(" images, codes used "), "{held}");
     let o = run(
         d,
         &[
@@ -437,6 +455,38 @@ fn demo_corpus_to_verified_dataset() {
         summary["final_val"]["loss"].as_f64().expect("val loss")
             < summary["initial_val_loss"].as_f64().expect("initial")
     );
+    // In text mode each evaluation prints the majority-code baseline next to the masked-token accuracy.
+    let out = imglish(
+        d,
+        &[
+            "train",
+            "--dataset",
+            "dataset",
+            "--out",
+            "run-text",
+            "--preset",
+            "tiny",
+            "--dim",
+            "32",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--steps",
+            "1",
+            "--batch-size",
+            "8",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let val = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("step ") && l.contains(" val loss "))
+        .unwrap_or_else(|| panic!("no val line: {text}"));
+    assert!(
+        val.contains(" val acc ") && val.contains(" (always the most frequent code: ") && val.ends_with(" samples)"),
+        "{val}"
+    );
     for f in [
         "run/metrics.jsonl",
         "run/loss.png",
@@ -445,7 +495,7 @@ fn demo_corpus_to_verified_dataset() {
     ] {
         assert!(d.join(f).exists(), "{f}");
     }
-    let out = imglish(
+    let out = run(
         d,
         &[
             "--log-format",
@@ -458,7 +508,19 @@ fn demo_corpus_to_verified_dataset() {
             "--iterations",
             "50",
         ],
+        &[("IMGLISH_PROGRESS_SECS", "0.001")],
     );
+    assert_eq!(out.status.code(), Some(0));
+    // Named phases with their totals in the periodic progress records (stderr is not a terminal here).
+    let phases: Vec<(String, u64)> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["progress"].as_str()?.to_string(), v["len"].as_u64().unwrap_or(0))))
+        .collect();
+    for which in ["trained", "random"] {
+        let fit = format!("fitting the classifier on the {which} encoder's features (iterations)");
+        assert!(phases.iter().any(|(p, len)| *p == fit && *len == 50), "{phases:?}");
+    }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe json");
     assert_eq!(v["event"], "probe");
     assert_eq!(v["classes"], 6);

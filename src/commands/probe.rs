@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use imglish_train::{probe, probe_retrieval, ProbeConfig, Recall, RetrievalConfig, TorchDevice};
 
 use super::folders::{expect, Folder};
-use crate::output::Output;
+use crate::output::{BarProgress, Output};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TaskArg {
@@ -82,8 +82,8 @@ pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         ..ProbeConfig::default()
     };
     let started = std::time::Instant::now();
-    let bar = out.spinner("probe: features of the trained and a random encoder, then the classifiers");
-    let report = probe(&args.dataset, &checkpoint, &config, device)
+    let bar = out.spinner("probe");
+    let report = probe(&args.dataset, &checkpoint, &config, device, &BarProgress(&bar))
         .with_context(|| format!("probing {} on {} failed", checkpoint.display(), args.dataset.display()))?;
     bar.finish_and_clear();
     let text = format!(
@@ -129,12 +129,8 @@ fn run_retrieval(
         ..RetrievalConfig::default()
     };
     let started = std::time::Instant::now();
-    let bar = out.spinner(if config.finetune_steps > 0 {
-        "retrieval probe: fine-tuning the trained and a random encoder, then the projections"
-    } else {
-        "retrieval probe: features of the trained and a random encoder, then the projections"
-    });
-    let report = probe_retrieval(&args.dataset, checkpoint, &config, device)
+    let bar = out.spinner("retrieval probe");
+    let report = probe_retrieval(&args.dataset, checkpoint, &config, device, &BarProgress(&bar))
         .with_context(|| format!("probing {} on {} failed", checkpoint.display(), args.dataset.display()))?;
     bar.finish_and_clear();
     let text = format!(

@@ -12,7 +12,7 @@ use imglish_train::{probe, probe_retrieval, ProbeConfig, RetrievalConfig, Retrie
 use crate::cli::Cli;
 use crate::commands::tokenizer::Features;
 use crate::commands::train::{ModelArg, SizeArgs};
-use crate::output::Output;
+use crate::output::{BarProgress, Output};
 
 #[derive(Debug, Args)]
 pub struct QuickstartArgs {
@@ -260,15 +260,17 @@ fn run_in_place(args: &QuickstartArgs, tokenizer: Option<&Path>, threads: usize,
         super::dispatch(cli.command, threads, out).with_context(|| format!("quickstart: `{stage}` failed"))?;
     }
     let checkpoint = imglish_train::latest_checkpoint(&run_dir)?.context("quickstart: training wrote no checkpoint")?;
-    let report = probe(&dataset, &checkpoint, &ProbeConfig::default(), TorchDevice::Cpu)
+    let bar = out.spinner("probe");
+    let report = probe(&dataset, &checkpoint, &ProbeConfig::default(), TorchDevice::Cpu, &BarProgress(&bar))
         .with_context(|| format!("quickstart: probing {} failed", checkpoint.display()))?;
     let retrieval = match args.model {
         ModelArg::Beit3 => Some(
-            probe_retrieval(&dataset, &checkpoint, &RetrievalConfig::default(), TorchDevice::Cpu)
+            probe_retrieval(&dataset, &checkpoint, &RetrievalConfig::default(), TorchDevice::Cpu, &BarProgress(&bar))
                 .with_context(|| format!("quickstart: the retrieval probe of {} failed", checkpoint.display()))?,
         ),
         ModelArg::Beit => None,
     };
+    bar.finish_and_clear();
     let vals: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .unwrap_or_default()
         .lines()

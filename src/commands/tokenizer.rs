@@ -248,7 +248,7 @@ impl FitArgs {
 fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
     expect(&a.manifest, Folder::Manifest, "--manifest")?;
     let config = a.config();
-    let bar = out.spinner("reading patches");
+    let bar = out.spinner("opening the manifest");
     let started = std::time::Instant::now();
     let (codebook, report) = fit_codebook(&a.manifest, &config, &BarProgress(&bar))?;
     bar.finish_and_clear();

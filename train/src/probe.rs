@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use imglish_ingest::Progress;
 use imglish_pack::{Dataset, Split};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, OptimizerConfig};
@@ -74,8 +75,15 @@ pub struct ProbeReport {
     pub random_accuracy_se: f64,
 }
 
-/// Probes the encoder of `checkpoint` on `dataset_dir`.
-pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device: TorchDevice) -> Result<ProbeReport> {
+/// Probes the encoder of `checkpoint` on `dataset_dir`. `progress` gets the named phases (reading each split,
+/// features and classifier iterations of each encoder) with their totals.
+pub fn probe(
+    dataset_dir: &Path,
+    checkpoint: &Path,
+    config: &ProbeConfig,
+    device: TorchDevice,
+    progress: &dyn Progress,
+) -> Result<ProbeReport> {
     if config.iterations == 0 || config.batch_size == 0 || config.lr <= 0.0 {
         return Err(TrainError::Config(
             "probe: iterations, batch size and lr must be positive".into(),
@@ -127,6 +135,7 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
             )
         }
     };
+    progress.phase("reading the training split", 0);
     let train = FixedSet::load(
         &dataset,
         Split::Train,
@@ -135,6 +144,7 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
         config.max_samples,
         config.train_all_views,
     )?;
+    progress.phase("reading the validation split", 0);
     let val = FixedSet::load(
         &dataset,
         Split::Val,
@@ -169,13 +179,19 @@ pub fn probe(dataset_dir: &Path, checkpoint: &Path, config: &ProbeConfig, device
         .mean(Kind::Float)
         .double_value(&[]);
 
-    let score = |model: &Encoder| -> Result<f64> {
-        let ftr = features(model, &train, &builder)?.index(&[Some(keep_tr.shallow_clone())]);
-        let fva = features(model, &val, &builder)?.index(&[Some(keep_va.shallow_clone())]);
-        fit_and_score(&ftr, &ytr, &fva, &yva, classes, config)
+    let score = |model: &Encoder, which: &str| -> Result<f64> {
+        let batches = (train.batches.len() + val.batches.len()) as u64;
+        progress.phase(&format!("features of the {which} encoder (batches)"), batches);
+        let ftr = features(model, &train, &builder, progress)?.index(&[Some(keep_tr.shallow_clone())]);
+        let fva = features(model, &val, &builder, progress)?.index(&[Some(keep_va.shallow_clone())]);
+        progress.phase(
+            &format!("fitting the classifier on the {which} encoder's features (iterations)"),
+            config.iterations as u64,
+        );
+        fit_and_score(&ftr, &ytr, &fva, &yva, classes, config, progress)
     };
-    let accuracy = score(&trained)?;
-    let random_accuracy = score(&random)?;
+    let accuracy = score(&trained, "trained")?;
+    let random_accuracy = score(&random, "random")?;
     let se = |a: f64| (a * (1.0 - a) / nva as f64).sqrt();
     Ok(ProbeReport {
         classes,
@@ -204,19 +220,31 @@ impl Encoder {
     }
 }
 
-fn features(model: &Encoder, set: &FixedSet, builder: &Builder) -> Result<Tensor> {
+fn features(model: &Encoder, set: &FixedSet, builder: &Builder, progress: &dyn Progress) -> Result<Tensor> {
     tch::no_grad(|| {
         let parts: Vec<Tensor> = set
             .batches
             .iter()
-            .map(|b| model.pooled(b, builder).to_device(Device::Cpu))
+            .map(|b| {
+                let pooled = model.pooled(b, builder).to_device(Device::Cpu);
+                progress.inc(1);
+                pooled
+            })
             .collect();
         Tensor::f_cat(&parts, 0).map_err(torch_err("probe features"))
     })
 }
 
 /// Standardises with the training statistics, trains a softmax classifier, returns validation accuracy.
-fn fit_and_score(xtr: &Tensor, ytr: &Tensor, xva: &Tensor, yva: &Tensor, classes: i64, c: &ProbeConfig) -> Result<f64> {
+fn fit_and_score(
+    xtr: &Tensor,
+    ytr: &Tensor,
+    xva: &Tensor,
+    yva: &Tensor,
+    classes: i64,
+    c: &ProbeConfig,
+    progress: &dyn Progress,
+) -> Result<f64> {
     let mean = xtr.mean_dim(0, true, Kind::Float);
     let std = xtr.std_dim(0, false, true) + 1e-6;
     let (xtr, xva) = ((xtr - &mean) / &std, (xva - &mean) / &std);
@@ -235,6 +263,7 @@ fn fit_and_score(xtr: &Tensor, ytr: &Tensor, xva: &Tensor, yva: &Tensor, classes
         let loss =
             head.forward(&xtr).cross_entropy_for_logits(ytr) + head.ws.square().sum(Kind::Float) * c.weight_decay;
         opt.backward_step(&loss);
+        progress.inc(1);
     }
     let acc = tch::no_grad(|| head.forward(&xva).accuracy_for_logits(yva).double_value(&[]));
     Ok(acc)

@@ -272,7 +272,7 @@ fn training_lowers_the_validation_loss_and_the_probe_beats_a_random_encoder() {
     let last = summary.final_val.expect("final eval").loss;
     assert!(last < 0.9 * initial, "val loss {initial} -> {last}");
     let ckpt = summary.checkpoint.expect("checkpoint");
-    let report = probe(&dataset, &ckpt, &ProbeConfig::default(), TorchDevice::Cpu).expect("probe");
+    let report = probe(&dataset, &ckpt, &ProbeConfig::default(), TorchDevice::Cpu, &|_| {}).expect("probe");
     assert_eq!((report.classes, report.val_samples), (4, 40));
     assert!(report.accuracy >= report.random_accuracy, "{report:?}");
     assert!(report.accuracy > 0.5, "{report:?}");

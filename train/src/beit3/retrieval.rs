@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use imglish_ingest::Resizer;
+use imglish_ingest::{Progress, Resizer};
 use imglish_pack::{Dataset, Split};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, OptimizerConfig};
@@ -167,7 +167,7 @@ fn load_pairs(dataset: &Dataset, split: Split, config: &Beit3Config, batch: usiz
     Ok(Pairs { images, texts, count })
 }
 
-fn features(model: &Beit3, pairs: &Pairs) -> Result<(Tensor, Tensor)> {
+fn features(model: &Beit3, pairs: &Pairs, progress: &dyn Progress) -> Result<(Tensor, Tensor)> {
     let device = model.device();
     tch::no_grad(|| {
         let mut img = Vec::new();
@@ -180,6 +180,7 @@ fn features(model: &Beit3, pairs: &Pairs) -> Result<(Tensor, Tensor)> {
             let (ids, pad) = (ids.to_device(device), pad.to_device(device));
             img.push(model.image_pooled(&input).to_device(Device::Cpu));
             txt.push(model.text_pooled(&ids, Some(&pad)).to_device(Device::Cpu));
+            progress.inc(1);
         }
         let cat = |v: &[Tensor]| Tensor::f_cat(v, 0).map_err(torch_err("retrieval features"));
         Ok((cat(&img)?, cat(&txt)?))
@@ -200,7 +201,13 @@ fn recall(sim: &Tensor, k: i64) -> f64 {
 }
 
 /// Fits the projections on the training features and scores retrieval on the validation features.
-fn fit_and_score(train: &(Tensor, Tensor), val: &(Tensor, Tensor), c: &RetrievalConfig, seed: u64) -> Result<Recall> {
+fn fit_and_score(
+    train: &(Tensor, Tensor),
+    val: &(Tensor, Tensor),
+    c: &RetrievalConfig,
+    seed: u64,
+    progress: &dyn Progress,
+) -> Result<Recall> {
     let standardise = |x: &Tensor, ref_x: &Tensor| {
         let mean = ref_x.mean_dim(0, true, Kind::Float);
         let std = ref_x.std_dim(0, false, true) + 1e-6;
@@ -238,6 +245,7 @@ fn fit_and_score(train: &(Tensor, Tensor), val: &(Tensor, Tensor), c: &Retrieval
         let logits = embed(&pi, &ti).matmul(&embed(&pt, &tt).tr()) * logit_scale.exp().clamp(1.0, 100.0);
         let loss = (logits.cross_entropy_for_logits(&labels) + logits.tr().cross_entropy_for_logits(&labels)) / 2.0;
         opt.backward_step(&loss);
+        progress.inc(1);
     }
     tch::no_grad(|| {
         let sim = embed(&pi, &vi).matmul(&embed(&pt, &vt).tr());
@@ -253,7 +261,7 @@ fn fit_and_score(train: &(Tensor, Tensor), val: &(Tensor, Tensor), c: &Retrieval
 /// Fine-tunes the whole encoder (and two projections into a shared `c.dim` space) with the symmetric
 /// contrastive loss on the training pairs, batch by batch in a seeded order: the dual-encoder retrieval
 /// fine-tuning of BEiT-3 at a small scale. Returns the first and the last step's loss.
-fn finetune(model: &Beit3, train: &Pairs, c: &RetrievalConfig, seed: u64) -> Result<(f64, f64)> {
+fn finetune(model: &Beit3, train: &Pairs, c: &RetrievalConfig, seed: u64, progress: &dyn Progress) -> Result<(f64, f64)> {
     let device = model.device();
     let d = model.config().dim;
     let mut wi = Tensor::zeros([d, c.dim], (Kind::Float, device));
@@ -323,16 +331,19 @@ fn finetune(model: &Beit3, train: &Pairs, c: &RetrievalConfig, seed: u64) -> Res
                 "retrieval fine-tuning: the loss is {last} at step {step} (lower --finetune-lr)"
             )));
         }
+        progress.inc(1);
     }
     Ok((first, last))
 }
 
-/// Runs the retrieval probe of the BEiT-3 `checkpoint` on `dataset_dir`'s pairs.
+/// Runs the retrieval probe of the BEiT-3 `checkpoint` on `dataset_dir`'s pairs. `progress` gets the named
+/// phases (reading each split's pairs, fine-tuning steps, features and projection iterations of each encoder).
 pub fn probe_retrieval(
     dataset_dir: &Path,
     checkpoint: &Path,
     config: &RetrievalConfig,
     device: TorchDevice,
+    progress: &dyn Progress,
 ) -> Result<RetrievalReport> {
     if config.iterations == 0 || config.batch_size == 0 || config.lr <= 0.0 || config.dim <= 0 {
         return Err(TrainError::Config(
@@ -354,7 +365,9 @@ pub fn probe_retrieval(
             m.input == crate::InputKind::Pixels,
         ),
     )?;
+    progress.phase("reading the training pairs", 0);
     let train = load_pairs(&dataset, Split::Train, m, config.batch_size, config.max_samples)?;
+    progress.phase("reading the validation pairs", 0);
     let val = load_pairs(&dataset, Split::Val, m, config.batch_size, config.max_samples)?;
     if train.count < 2 || val.count < 2 {
         return Err(TrainError::Dataset {
@@ -365,16 +378,27 @@ pub fn probe_retrieval(
             ),
         });
     }
-    let score = |model: &Beit3| -> Result<Recall> {
+    let score = |model: &Beit3, which: &str| -> Result<Recall> {
         if config.finetune_steps > 0 {
-            let (first, last) = finetune(model, &train, config, run.seed)?;
+            progress.phase(
+                &format!("contrastive fine-tuning of the {which} encoder (steps)"),
+                config.finetune_steps as u64,
+            );
+            let (first, last) = finetune(model, &train, config, run.seed, progress)?;
             tracing::info!("retrieval fine-tuning: contrastive loss {first:.3} -> {last:.3}");
         }
-        fit_and_score(&features(model, &train)?, &features(model, &val)?, config, run.seed)
+        let batches = (train.images.len() + val.images.len()) as u64;
+        progress.phase(&format!("features of the {which} encoder (batches)"), batches);
+        let (ftr, fva) = (features(model, &train, progress)?, features(model, &val, progress)?);
+        progress.phase(
+            &format!("fitting the projections on the {which} encoder's features (iterations)"),
+            config.iterations as u64,
+        );
+        fit_and_score(&ftr, &fva, config, run.seed, progress)
     };
     let random = Beit3::new(m, device, run.seed)?;
-    let trained_recall = score(&trained)?;
-    let random_recall = score(&random)?;
+    let trained_recall = score(&trained, "trained")?;
+    let random_recall = score(&random, "random")?;
     Ok(RetrievalReport {
         train_pairs: train.count,
         val_pairs: val.count,
@@ -410,7 +434,7 @@ mod tests {
             finetune_lr: 1e-3,
             ..RetrievalConfig::default()
         };
-        let (first, last) = finetune(&model, &pairs, &config, 7).expect("fine-tune");
+        let (first, last) = finetune(&model, &pairs, &config, 7, &|_| {}).expect("fine-tune");
         assert!(last < 0.5 * first, "loss {first} -> {last}");
     }
 }
