@@ -213,6 +213,35 @@ fn demo_corpus_to_verified_dataset() {
          flags (or delete mixed/.worker-1.json if that worker's run is abandoned)\n"
     );
 
+    // The same two workers started at the same moment: whichever order their claims land in, neither waits for
+    // ever nor finishes a mixed folder; each exits 1 naming the other's flags.
+    let spawn = |worker: &str, text: bool| {
+        let mut args = vec!["-q", "tokenize", "--manifest", "m1", "--tokenizer", "tok/v.onnx"];
+        if text {
+            args.extend(["--text-tokenizer", "tok/t.json"]);
+        }
+        args.extend(["--views", "2", "--part-samples", "16", "--worker", worker, "--out", "racing"]);
+        Command::new(env!("CARGO_BIN_EXE_imglish"))
+            .current_dir(d)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let (a, b) = (spawn("0/2", false), spawn("1/2", true));
+    for o in [a.wait_with_output().expect("worker 0"), b.wait_with_output().expect("worker 1")] {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.starts_with("error: racing: worker ")
+                && err.contains(" of this folder was started with other tokenizers (--tokenizer tok/v.onnx")
+                && err.contains("start every worker with the same flags"),
+            "{err}"
+        );
+    }
+    assert!(!d.join("racing/tokenize.json").exists());
+
     // Progress when stderr is not a terminal: periodic lines with the phase and its total.
     let o = run(
         d,
