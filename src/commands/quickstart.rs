@@ -57,6 +57,12 @@ pub struct QuickstartArgs {
     /// Samples per training step.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Peak learning rate of the training stage (`imglish train --lr`).
+    #[arg(long, default_value_t = 1.5e-3)]
+    pub lr: f64,
+    /// BEiT-3: relative weights of image, text and pair samples (`imglish train --mix`).
+    #[arg(long, default_value = "image=1,text=1,pair=1")]
+    pub mix: String,
     /// Seed of every stage.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -92,6 +98,9 @@ fn path(p: &Path) -> String {
 }
 
 pub fn run(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
+    if args.model == ModelArg::Beit && args.mix != "image=1,text=1,pair=1" {
+        anyhow::bail!("--mix applies to --model beit3 (BEiT trains on images only)");
+    }
     // A given tokenizer is read from where the command was started, not from inside the output directory.
     let tokenizer = match &args.tokenizer {
         Some(t) => Some(std::fs::canonicalize(t).with_context(|| format!("--tokenizer {}", t.display()))?),
@@ -142,6 +151,8 @@ fn run_in_place(args: &QuickstartArgs, tokenizer: Option<&Path>, threads: usize,
         (args.steps / 4).max(1).to_string(),
         "--seed".into(),
         seed.clone(),
+        "--lr".into(),
+        args.lr.to_string(),
     ];
     let demo_model = args.preset == "tiny" && args.size.flags().iter().all(|(_, v)| v.is_none());
     for (flag, v) in args.size.flags() {
@@ -158,7 +169,7 @@ fn run_in_place(args: &QuickstartArgs, tokenizer: Option<&Path>, threads: usize,
         ModelArg::Beit if demo_model => train.push("--abs-pos".into()),
         ModelArg::Beit => {}
         // BEiT-3 always has absolute (Multiway) position embeddings.
-        ModelArg::Beit3 => train.extend(["--model".to_string(), "beit3".to_string()]),
+        ModelArg::Beit3 => train.extend(["--model".into(), "beit3".into(), "--mix".into(), args.mix.clone()]),
     }
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let fit_stage = s(&[
