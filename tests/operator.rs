@@ -244,3 +244,36 @@ fn captions_that_reach_no_image_are_a_loud_warning_naming_the_fields() {
     );
     assert!(!stderr(&o).contains("got a caption from --captions"), "{}", stderr(&o));
 }
+
+#[test]
+fn tokenize_fails_when_every_image_is_gone_since_ingest() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path();
+    std::fs::create_dir_all(d.join("imgs")).expect("mkdir");
+    for i in 0..6u32 {
+        let img = image::RgbImage::from_fn(48, 48, |x, y| image::Rgb([(x * 5) as u8, (i * 40) as u8, (y * 5) as u8]));
+        img.save(d.join(format!("imgs/{i}.png"))).expect("png");
+    }
+    let ok = |o: Output| assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    ok(imglish(d, &["-q", "ingest", "--images", "imgs", "--out", "m"]));
+    ok(imglish(
+        d,
+        &[
+            "-q", "tokenizer", "fit", "--manifest", "m", "--patch", "8", "--input-size", "32", "--codebook", "4",
+            "--out", "v.onnx",
+        ],
+    ));
+    // The images move away after ingest (or a link's target does): every sample is rejected at tokenize.
+    std::fs::rename(d.join("imgs"), d.join("moved")).expect("rename");
+    let o = imglish(d, &["tokenize", "--manifest", "m", "--tokenizer", "v.onnx", "--out", "t"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: t: no sample was tokenized: 6 of 6 samples were rejected as unreadable (e.g. ")
+            && last.ends_with("; see t/rejects.parquet"),
+        "{err}"
+    );
+    assert!(!d.join("t/tokenize.json").exists(), "no completion marker");
+    assert!(d.join("t/rejects.parquet").exists(), "the rejects are kept");
+}

@@ -323,3 +323,24 @@ fn train_init_from_a_checkpoint_and_a_misfit() {
     );
     assert!(!work.path().join("c/checkpoints/step-00000002").exists());
 }
+
+#[test]
+fn pack_refuses_a_token_folder_of_no_samples() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("tokens");
+    write_tokens(&tokens, 0);
+    let out = dir.path().join("ds");
+    let o = imglish(&["pack", "--tokens", tokens.to_str().expect("utf8"), "--out", out.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        format!(
+            "error: cannot pack {} into {}: {}: records no samples (every image was rejected at tokenize; see \
+             rejects.parquet there): nothing to pack\n",
+            tokens.display(),
+            out.display(),
+            tokens.join("tokenize.json").display()
+        )
+    );
+    assert!(!out.join("index.json").exists());
+}

@@ -90,6 +90,15 @@ pub fn pack_dataset(
 ) -> Result<PackSummary> {
     config.validate()?;
     let tokens = TokensManifest::read(tokens_dir)?;
+    if tokens.counts.total() == 0 {
+        // A dataset of nothing would be a silent empty success for every later stage.
+        return Err(PackError::InvalidJson {
+            path: tokens_dir.join("tokenize.json"),
+            reason: "records no samples (every image was rejected at tokenize; see rejects.parquet there): nothing \
+                     to pack"
+                .into(),
+        });
+    }
     tokens.parts.par_iter().try_for_each(|p| -> Result<()> {
         let path = tokens_dir.join(&p.file);
         let (sha256, bytes) = util::sha256_file(&path)?;

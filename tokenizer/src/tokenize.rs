@@ -476,6 +476,7 @@ pub fn tokenize(
         model: out.display().to_string(),
         reason: e.to_string(),
     })?;
+    refuse_nothing_tokenized(out, &entries, &all_rejects)?;
     let mut tm = TokensManifest::new(info, entries);
     tm.extra
         .insert("manifest_fingerprint".into(), manifest.fingerprint.clone().into());
@@ -491,6 +492,35 @@ pub fn tokenize(
     summary.complete = true;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// A run in which every sample was rejected (images unreadable since ingest, links whose targets went) has
+/// produced nothing: it fails naming the commonest reason and an example, and writes no `tokenize.json`, so no
+/// later stage packs an empty dataset. `rejects.parquet` is written first, for the full list.
+fn refuse_nothing_tokenized(out: &Path, entries: &[PartEntry], rejects: &[RejectRow]) -> Result<()> {
+    if entries.iter().any(|e| e.rows > 0) {
+        return Ok(());
+    }
+    let mut by_reason: std::collections::BTreeMap<&str, (usize, &RejectRow)> = std::collections::BTreeMap::new();
+    for r in rejects {
+        by_reason.entry(r.reason.as_str()).or_insert((0, r)).0 += 1;
+    }
+    let top = by_reason.iter().max_by(|a, b| a.1 .0.cmp(&b.1 .0).then(b.0.cmp(a.0)));
+    let cause = match top {
+        Some((reason, (n, example))) => format!(
+            "{} of {} samples were rejected as {reason} (e.g. {}: {}); see {}",
+            n,
+            rejects.len(),
+            example.key,
+            example.message,
+            out.join("rejects.parquet").display()
+        ),
+        None => "the manifest holds no samples".to_string(),
+    };
+    Err(Error::Model {
+        model: out.display().to_string(),
+        reason: format!("no sample was tokenized: {cause}"),
+    })
 }
 
 /// The part number of a `part-NNNNN.parquet` or `part-NNNNN.done.json` file name.
