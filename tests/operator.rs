@@ -251,7 +251,9 @@ fn tokenize_fails_when_every_image_is_gone_since_ingest() {
     let d = tmp.path();
     std::fs::create_dir_all(d.join("imgs")).expect("mkdir");
     for i in 0..6u32 {
-        let img = image::RgbImage::from_fn(48, 48, |x, y| image::Rgb([(x * 5) as u8, (i * 40) as u8, (y * 5) as u8]));
+        let img = image::RgbImage::from_fn(48, 48, |x, y| {
+            image::Rgb([(x * 5) as u8, (i * 40) as u8, (y * 5) as u8])
+        });
         img.save(d.join(format!("imgs/{i}.png"))).expect("png");
     }
     let ok = |o: Output| assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -259,13 +261,27 @@ fn tokenize_fails_when_every_image_is_gone_since_ingest() {
     ok(imglish(
         d,
         &[
-            "-q", "tokenizer", "fit", "--manifest", "m", "--patch", "8", "--input-size", "32", "--codebook", "4",
-            "--out", "v.onnx",
+            "-q",
+            "tokenizer",
+            "fit",
+            "--manifest",
+            "m",
+            "--patch",
+            "8",
+            "--input-size",
+            "32",
+            "--codebook",
+            "4",
+            "--out",
+            "v.onnx",
         ],
     ));
     // The images move away after ingest (or a link's target does): every sample is rejected at tokenize.
     std::fs::rename(d.join("imgs"), d.join("moved")).expect("rename");
-    let o = imglish(d, &["tokenize", "--manifest", "m", "--tokenizer", "v.onnx", "--out", "t"]);
+    let o = imglish(
+        d,
+        &["tokenize", "--manifest", "m", "--tokenizer", "v.onnx", "--out", "t"],
+    );
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     let last = err.trim_end().lines().last().unwrap_or_default();
@@ -276,4 +292,33 @@ fn tokenize_fails_when_every_image_is_gone_since_ingest() {
     );
     assert!(!d.join("t/tokenize.json").exists(), "no completion marker");
     assert!(d.join("t/rejects.parquet").exists(), "the rejects are kept");
+}
+
+#[test]
+fn fit_text_creates_the_folder_of_its_output() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path();
+    let lines: Vec<String> = (0..60)
+        .map(|i| format!("document {i} about shape {} and colour {}", i % 7, i % 5))
+        .collect();
+    std::fs::write(d.join("texts.txt"), lines.join("\n")).expect("write");
+    let o = imglish(d, &["-q", "ingest", "--texts", "texts.txt", "--out", "m"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!d.join("new").exists());
+    let o = imglish(
+        d,
+        &[
+            "-q",
+            "tokenizer",
+            "fit-text",
+            "--manifest",
+            "m",
+            "--vocab-size",
+            "120",
+            "--out",
+            "new/dir/t.json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(d.join("new/dir/t.json").is_file());
 }

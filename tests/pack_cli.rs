@@ -330,7 +330,13 @@ fn pack_refuses_a_token_folder_of_no_samples() {
     let tokens = dir.path().join("tokens");
     write_tokens(&tokens, 0);
     let out = dir.path().join("ds");
-    let o = imglish(&["pack", "--tokens", tokens.to_str().expect("utf8"), "--out", out.to_str().expect("utf8")]);
+    let o = imglish(&[
+        "pack",
+        "--tokens",
+        tokens.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         text(&o.stderr),

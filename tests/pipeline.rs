@@ -220,7 +220,16 @@ fn demo_corpus_to_verified_dataset() {
         if text {
             args.extend(["--text-tokenizer", "tok/t.json"]);
         }
-        args.extend(["--views", "2", "--part-samples", "16", "--worker", worker, "--out", "racing"]);
+        args.extend([
+            "--views",
+            "2",
+            "--part-samples",
+            "16",
+            "--worker",
+            worker,
+            "--out",
+            "racing",
+        ]);
         Command::new(env!("CARGO_BIN_EXE_imglish"))
             .current_dir(d)
             .args(args)
@@ -229,8 +238,23 @@ fn demo_corpus_to_verified_dataset() {
             .spawn()
             .expect("spawn")
     };
-    let (a, b) = (spawn("0/2", false), spawn("1/2", true));
-    for o in [a.wait_with_output().expect("worker 0"), b.wait_with_output().expect("worker 1")] {
+    let (mut a, mut b) = (spawn("0/2", false), spawn("1/2", true));
+    // A regression to waiting for ever fails here instead of hanging the test run.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while [&mut a, &mut b]
+        .iter_mut()
+        .any(|c| c.try_wait().ok().flatten().is_none())
+    {
+        if std::time::Instant::now() > deadline {
+            let _ = (a.kill(), b.kill());
+            panic!("two racing tokenize workers still running after 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for o in [
+        a.wait_with_output().expect("worker 0"),
+        b.wait_with_output().expect("worker 1"),
+    ] {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(
@@ -312,7 +336,9 @@ fn demo_corpus_to_verified_dataset() {
         let (head, _) = l.rsplit_once(" (").unwrap_or((l, ""));
         match head.rsplit_once(": ") {
             Some((_, count)) => assert!(
-                count.split_once('/').is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok()),
+                count
+                    .split_once('/')
+                    .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok()),
                 "a count without its total: {l}"
             ),
             None => assert!(l.ends_with("s elapsed)"), "{l}"),
@@ -325,7 +351,10 @@ fn demo_corpus_to_verified_dataset() {
         .lines()
         .find(|l| l.trim_start().starts_with("held-out: "))
         .unwrap_or_else(|| panic!("no held-out line: {text}"));
-    assert!(held.contains(" patches of ") && held.contains(" images, codes used "), "{held}");
+    assert!(
+        held.contains(" patches of ") && held.contains(" images, codes used "),
+        "{held}"
+    );
     let o = run(
         d,
         &[
@@ -484,8 +513,9 @@ fn demo_corpus_to_verified_dataset() {
         summary["final_val"]["loss"].as_f64().expect("val loss")
             < summary["initial_val_loss"].as_f64().expect("initial")
     );
-    // In text mode each evaluation prints the majority-code baseline next to the masked-token accuracy.
-    let out = imglish(
+    // In text mode each evaluation prints the majority-code baseline next to the masked-token accuracy; off a
+    // terminal the periodic progress lines count the steps done (a Slurm log is never silent while it trains).
+    let out = run(
         d,
         &[
             "train",
@@ -502,10 +532,22 @@ fn demo_corpus_to_verified_dataset() {
             "--heads",
             "2",
             "--steps",
-            "1",
+            "4",
             "--batch-size",
             "8",
         ],
+        &[("IMGLISH_PROGRESS_SECS", "0.001")],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines().filter_map(|l| l.strip_prefix("progress: ")).any(|l| {
+            let (head, _) = l.rsplit_once(" (").unwrap_or((l, ""));
+            head.rsplit_once(": ")
+                .and_then(|(_, c)| c.split_once('/'))
+                .is_some_and(|(done, total)| total == "4" && done.parse::<u64>().is_ok_and(|n| n >= 1))
+        }),
+        "no periodic line with steps done: {err}"
     );
     let text = String::from_utf8_lossy(&out.stdout);
     let val = text

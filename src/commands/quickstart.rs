@@ -272,12 +272,24 @@ fn run_in_place(args: &QuickstartArgs, tokenizer: Option<&Path>, threads: usize,
     }
     let checkpoint = imglish_train::latest_checkpoint(&run_dir)?.context("quickstart: training wrote no checkpoint")?;
     let bar = out.spinner("probe");
-    let report = probe(&dataset, &checkpoint, &ProbeConfig::default(), TorchDevice::Cpu, &BarProgress(&bar))
-        .with_context(|| format!("quickstart: probing {} failed", checkpoint.display()))?;
+    let report = probe(
+        &dataset,
+        &checkpoint,
+        &ProbeConfig::default(),
+        TorchDevice::Cpu,
+        &BarProgress(&bar),
+    )
+    .with_context(|| format!("quickstart: probing {} failed", checkpoint.display()))?;
     let retrieval = match args.model {
         ModelArg::Beit3 => Some(
-            probe_retrieval(&dataset, &checkpoint, &RetrievalConfig::default(), TorchDevice::Cpu, &BarProgress(&bar))
-                .with_context(|| format!("quickstart: the retrieval probe of {} failed", checkpoint.display()))?,
+            probe_retrieval(
+                &dataset,
+                &checkpoint,
+                &RetrievalConfig::default(),
+                TorchDevice::Cpu,
+                &BarProgress(&bar),
+            )
+            .with_context(|| format!("quickstart: the retrieval probe of {} failed", checkpoint.display()))?,
         ),
         ModelArg::Beit => None,
     };

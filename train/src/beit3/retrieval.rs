@@ -261,7 +261,13 @@ fn fit_and_score(
 /// Fine-tunes the whole encoder (and two projections into a shared `c.dim` space) with the symmetric
 /// contrastive loss on the training pairs, batch by batch in a seeded order: the dual-encoder retrieval
 /// fine-tuning of BEiT-3 at a small scale. Returns the first and the last step's loss.
-fn finetune(model: &Beit3, train: &Pairs, c: &RetrievalConfig, seed: u64, progress: &dyn Progress) -> Result<(f64, f64)> {
+fn finetune(
+    model: &Beit3,
+    train: &Pairs,
+    c: &RetrievalConfig,
+    seed: u64,
+    progress: &dyn Progress,
+) -> Result<(f64, f64)> {
     let device = model.device();
     let d = model.config().dim;
     let mut wi = Tensor::zeros([d, c.dim], (Kind::Float, device));

@@ -338,9 +338,17 @@ impl Dvae {
             return 0;
         }
         // Codes retired before (a checkpoint exported twice) are neither counted nor compared.
-        let live: Vec<bool> = values.chunks_exact(d).map(|r| r.iter().any(|v| *v != RETIRED)).collect();
+        let live: Vec<bool> = values
+            .chunks_exact(d)
+            .map(|r| r.iter().any(|v| *v != RETIRED))
+            .collect();
         let norm = |r: &[f32]| r.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
-        let live_norms: Vec<f64> = values.chunks_exact(d).zip(&live).filter(|(_, l)| **l).map(|(r, _)| norm(r)).collect();
+        let live_norms: Vec<f64> = values
+            .chunks_exact(d)
+            .zip(&live)
+            .filter(|(_, l)| **l)
+            .map(|(r, _)| norm(r))
+            .collect();
         let mean_norm = live_norms.iter().sum::<f64>() / live_norms.len().max(1) as f64;
         let limit = (NEAR_DUPLICATE * mean_norm).powi(2);
         let mut order: Vec<usize> = (0..k).filter(|&i| live[i]).collect();
