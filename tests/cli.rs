@@ -261,8 +261,8 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
     assert!(
         stderr.contains(
             "3 of 4 items of source mixed were rejected as unsupported-format (a folder source reads image files, \
-             or the .tar shards of a folder that holds shards and no images; pass other .tar or .parquet files to \
-             --images themselves)"
+             or the .tar shards of a folder that holds shards and no images; pass the .tar and .parquet files \
+             found (mixed/x.parquet, mixed/y.parquet, mixed/z.parquet) to --images themselves)"
         ),
         "{stderr}"
     );
@@ -284,8 +284,9 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
             .last()
             .expect("a line"),
         "error: ingest accepted nothing: 1 seen, 1 rejected; most rejects: unsupported-format (1) (a folder source \
-         reads image files, or the .tar shards of a folder that holds shards and no images; pass other .tar or \
-         .parquet files to --images themselves). The manifest in m5 is empty; pass --allow-empty to accept that"
+         reads image files, or the .tar shards of a folder that holds shards and no images; pass the .tar and \
+         .parquet files found (tables/t.parquet) to --images themselves). The manifest in m5 is empty; pass \
+         --allow-empty to accept that"
     );
 
     // A JSONL text corpus whose lines lack --text-field: every line a bad-record, and the hint names the flag.

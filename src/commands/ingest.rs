@@ -285,18 +285,50 @@ fn check_out_dir(args: &IngestArgs, config: &IngestConfig) -> anyhow::Result<()>
     Ok(())
 }
 
-/// How to fix the usual cause of a reject reason that takes a whole source.
-fn hint(reason: &str) -> &'static str {
+/// How to fix the usual cause of a reject reason that takes a whole source (`out`: the manifest folder, whose
+/// rejects name the `.tar`/`.parquet` files met inside folder sources).
+fn hint(reason: &str, out: &std::path::Path) -> String {
     match reason {
         "unsafe-path" => {
             " (symbolic links that lead out of the source folder are refused: pass --follow-symlinks to read them)"
+                .into()
         }
         "unsupported-format" => {
-            " (a folder source reads image files, or the .tar shards of a folder that holds shards and no images; \
-             pass other .tar or .parquet files to --images themselves)"
+            let tables = nested_tables(out);
+            let which = if tables.is_empty() {
+                "other .tar or .parquet files".to_string()
+            } else {
+                format!("the .tar and .parquet files found ({})", tables)
+            };
+            format!(
+                " (a folder source reads image files, or the .tar shards of a folder that holds shards and no \
+                 images; pass {which} to --images themselves)"
+            )
         }
-        "bad-record" => " (check the field names: --text-field, or the caption file's columns)",
-        _ => "",
+        "bad-record" => " (check the field names: --text-field, or the caption file's columns)".into(),
+        _ => String::new(),
+    }
+}
+
+/// The `.tar` and `.parquet` files that folder sources held and rejected as `unsupported-format`: the first
+/// three paths and how many more.
+fn nested_tables(out: &std::path::Path) -> String {
+    let Ok(rejects) = imglish_ingest::Manifest::rejects(out) else {
+        return String::new();
+    };
+    let paths: Vec<String> = rejects
+        .iter()
+        .filter(|r| r.reason == "unsupported-format")
+        .filter(|r| {
+            let k = r.key.to_ascii_lowercase();
+            k.ends_with(".tar") || k.ends_with(".parquet")
+        })
+        .map(|r| std::path::Path::new(&r.source).join(&r.key).display().to_string())
+        .collect();
+    match paths.len() {
+        0 => String::new(),
+        n if n <= 3 => paths.join(", "),
+        n => format!("{} and {} more", paths[..3].join(", "), n - 3),
     }
 }
 
@@ -322,7 +354,7 @@ fn warn_per_source(out: &std::path::Path) {
             if n * 2 > items {
                 tracing::warn!(
                     "{n} of {items} items of source {path} were rejected as {reason}{}",
-                    hint(reason)
+                    hint(reason, out)
                 );
             }
         }
@@ -334,7 +366,9 @@ fn warn_per_source(out: &std::path::Path) {
 fn check_outcome(args: &IngestArgs, c: &imglish_ingest::IngestCounts) -> anyhow::Result<()> {
     let top = c.by_reason.iter().max_by_key(|(_, n)| **n);
     if c.accepted == 0 && c.texts == 0 && !args.allow_empty {
-        let why = top.map_or(String::new(), |(r, n)| format!("; most rejects: {r} ({n}){}", hint(r)));
+        let why = top.map_or(String::new(), |(r, n)| {
+            format!("; most rejects: {r} ({n}){}", hint(r, &args.out))
+        });
         anyhow::bail!(
             "ingest accepted nothing: {} seen, {} rejected{why}. The manifest in {} is empty; pass --allow-empty \
              to accept that",
@@ -351,7 +385,7 @@ fn check_outcome(args: &IngestArgs, c: &imglish_ingest::IngestCounts) -> anyhow:
     let mut warned = false;
     if let Some((r, n)) = top {
         if *n * 2 > c.seen && c.accepted > 0 {
-            tracing::warn!("{n} of {} items were rejected as {r}{}", c.seen, hint(r));
+            tracing::warn!("{n} of {} items were rejected as {r}{}", c.seen, hint(r, &args.out));
             warned = true;
         }
     }
