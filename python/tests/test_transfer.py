@@ -14,7 +14,11 @@ import shutil
 import tempfile
 import unittest
 
+import hashlib
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -161,6 +165,37 @@ class TransferTest(unittest.TestCase):
             config = json.load(f)
         self.assertEqual(config["backbone"]["beit"]["grid"], [3, 3])
         self.assertEqual(config["images"], self.manifest)
+
+    def test_verify_names_a_shard_whose_pixels_went_missing(self):
+        """A dataset that announces pixels never holds a null one unnoticed: a shard rewritten (with its index entry
+        updated, so size and hash agree) with one image row's pixels null fails verify, naming shard and sample."""
+        d = os.path.join(tmpdir(self), "dataset")
+        shutil.copytree(self.dataset, d)
+        with open(os.path.join(d, "index.json")) as f:
+            index = json.load(f)
+        entry = index["shards"][0]
+        path = os.path.join(d, entry["file"])
+        table = ipc.open_file(path).read_all()
+        rows = table.column("pixels").to_pylist()
+        victim = next(i for i, (px, kind) in enumerate(zip(rows, table.column("kind").to_pylist()))
+                      if px is not None and kind != 1)
+        rows[victim] = None
+        col = table.schema.get_field_index("pixels")
+        table = table.set_column(col, table.schema.field(col), pa.array(rows, type=table.schema.field(col).type))
+        options = ipc.IpcWriteOptions(compression="zstd")
+        with ipc.new_file(path, table.schema, options=options) as w:
+            for batch in table.to_batches(max_chunksize=max(1, table.num_rows // max(1, entry["batches"]))):
+                w.write_batch(batch)
+        data = open(path, "rb").read()
+        entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        entry["batches"] = ipc.open_file(path).num_record_batches
+        with open(os.path.join(d, "index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        r = run([imglish_bin(), "verify", d])
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        sample = table.column("sample_id")[victim].as_py()
+        self.assertIn(f"{entry['file']}: 1 samples have no pixels (the first: sample {sample}), although index.json "
+                      "says include_pixels", r.stdout + r.stderr)
 
     def test_misfits_of_original_images(self):
         d = tmpdir(self)

@@ -433,6 +433,8 @@ pub fn run(args: &BuildArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         .unwrap_or(Path::new("."));
     let base = std::fs::canonicalize(config_dir).with_context(|| format!("cannot resolve {}", config_dir.display()))?;
     let d = &args.out;
+    // One build per folder: a second build (any config) is refused before it clears or writes anything.
+    let _lock = super::lock::lock_dir(d)?;
     std::fs::create_dir_all(d.join(".build")).with_context(|| format!("cannot create {}", d.display()))?;
     let home = std::env::current_dir().context("cannot read the working directory")?;
     std::env::set_current_dir(d).with_context(|| format!("cannot enter {}", d.display()))?;
