@@ -184,6 +184,18 @@ fn misspelled_tables_and_keys_are_refused_before_any_stage() {
              must rebuild byte-identically; use model = \"bpe\", or train it once with `imglish tokenizer fit-text` \
              and give the file as [text_tokenizer] file = \"tokenizer.json\"",
         ),
+        (
+            format!("{base}[tokenizer]\nmodle = \"x.onnx\"\n"),
+            "error: c.toml: invalid build config: unknown key of [tokenizer] `modle` (did you mean `model`?); known: \
+             model, fit",
+        ),
+        (
+            "version = 1\n[demo]\nimages = 60\n[ingest]\nimages = [\"{out}/demo/images\"]\n[tokenizer.fit]\n\
+             codebook = 16\ninput_size = 100\n"
+                .to_string(),
+            "error: c.toml: invalid settings for stage `tokenizer-fit` ([tokenizer.fit] table): --input-size 100 \
+             must be a positive multiple of --patch 8",
+        ),
     ];
     for (i, (config, message)) in cases.iter().enumerate() {
         std::fs::write(d.join("c.toml"), config).expect("write");

@@ -289,6 +289,26 @@ fn ingest_that_accepts_nothing_fails_with_the_cause() {
          --allow-empty to accept that"
     );
 
+    // One source, most of it rejected for one reason while something was accepted: the whole-run warning.
+    std::fs::create_dir_all(d.join("most")).expect("mkdir");
+    std::fs::copy(d.join("good/a.png"), d.join("most/a.png")).expect("copy");
+    for n in ["x", "y", "z"] {
+        std::fs::write(d.join(format!("most/{n}.tar")), b"not a tar").expect("write");
+    }
+    let most = run(imglish()
+        .current_dir(d)
+        .args(["ingest", "--images", "most", "--out", "m7"]));
+    assert_eq!(most.status.code(), Some(0), "{}", String::from_utf8_lossy(&most.stderr));
+    let stderr = String::from_utf8_lossy(&most.stderr);
+    assert!(
+        stderr.lines().any(|l| l.ends_with(
+            " WARN 3 of 4 items were rejected as unsupported-format (a folder source reads image files, or the .tar \
+             shards of a folder that holds shards and no images; pass the .tar and .parquet files found (most/x.tar, \
+             most/y.tar, most/z.tar) to --images themselves)"
+        )),
+        "{stderr}"
+    );
+
     // A JSONL text corpus whose lines lack --text-field: every line a bad-record, and the hint names the flag.
     std::fs::write(d.join("t.jsonl"), "{\"body\": \"a\"}\n{\"body\": \"b\"}\n").expect("write");
     let texts = run(imglish()

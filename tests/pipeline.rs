@@ -355,6 +355,18 @@ fn demo_corpus_to_verified_dataset() {
         held.contains(" patches of ") && held.contains(" images, codes used "),
         "{held}"
     );
+    // Fewer held-out patches than 4 per code (16 codes here): the line says the usage under-counts.
+    let patches: u64 = held
+        .trim_start()
+        .strip_prefix("held-out: ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("held-out patch count: {held}"));
+    assert_eq!(
+        held.contains(" (too few patches to see every code)"),
+        patches < 4 * 16,
+        "{held}"
+    );
     let o = run(
         d,
         &[
@@ -558,6 +570,21 @@ fn demo_corpus_to_verified_dataset() {
         val.contains(" val acc ") && val.contains(" (always the most frequent code: ") && val.ends_with(" samples)"),
         "{val}"
     );
+    // The baseline printed is the one in metrics.jsonl, and a real share of the masked codes.
+    let printed = val
+        .split("(always the most frequent code: ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("baseline");
+    let metrics = std::fs::read_to_string(d.join("run-text/metrics.jsonl")).expect("metrics");
+    let majority = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["kind"] == "val")
+        .and_then(|v| v["majority_accuracy"].as_f64())
+        .expect("majority_accuracy");
+    assert!(majority > 0.0 && majority <= 1.0, "{majority}");
+    assert_eq!(printed, format!("{majority:.3}"));
     for f in [
         "run/metrics.jsonl",
         "run/loss.png",
@@ -640,6 +667,17 @@ fn demo_corpus_to_verified_dataset() {
             out.status.success().then(|| (key.clone(), out))
         })
         .expect("an accepted circle");
+    // A key no sample has: exit 1, naming the manifest and the key.
+    let missing = run(
+        d,
+        &["inspect", "dataset", "--manifest", "m1", "--key", "no/such.png"],
+        &[],
+    );
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr),
+        "error: no sample of m1 has the key no/such.png\n"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let classes = text
         .lines()

@@ -476,6 +476,15 @@ fn build_in_place(
                     tip.map_or(String::new(), |t| format!(" ({t})"))
                 )
             })?;
+        // Combinations of flags too (what `imglish` itself refuses with exit 2 before running).
+        cli.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "{}: invalid settings for stage `{}` ([{}] table): {e}",
+                args.config.display(),
+                stage.name,
+                stage.table
+            )
+        })?;
         parsed.push(cli);
     }
     let started = Instant::now();
