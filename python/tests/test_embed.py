@@ -4,6 +4,7 @@
 import hashlib
 import json
 import os
+import subprocess
 import unittest
 
 import numpy as np
@@ -44,6 +45,15 @@ class EmbedTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
         self.assertEqual(digest(out), digest(again))
+        # Off a terminal, progress lines count samples out of the dataset's total.
+        with open(os.path.join(dataset(), "index.json")) as f:
+            total = sum(s["rows"] for s in json.load(f)["shards"])
+        third = os.path.join(d, "third.parquet")
+        r = subprocess.run([imglish_bin(), "embed", "--checkpoint", run_dir, "--dataset", dataset(), "--out", third],
+                           capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, IMGLISH_PROGRESS_SECS="0.001"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(f"progress: embedding samples: 0/{total} (", r.stderr)
 
         ckpt = checkpoint_dir(run_dir)
         with open(os.path.join(ckpt, "state.json")) as f:

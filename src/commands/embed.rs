@@ -87,10 +87,20 @@ pub fn run(args: &EmbedArgs, threads: usize, out: &Output) -> anyhow::Result<()>
         images: args.images.clone(),
     };
     let started = std::time::Instant::now();
-    let bar = out.spinner("embedding");
-    let summary = embed(&args.dataset, &checkpoint, &args.out, &config, device, &mut |n| {
-        bar.set_position(n)
-    })
+    let bar = out.spinner("embedding samples");
+    let summary = embed(
+        &args.dataset,
+        &checkpoint,
+        &args.out,
+        &config,
+        device,
+        &mut |n, total| {
+            if bar.length() != Some(total) {
+                imglish_ingest::Progress::phase(&crate::output::BarProgress(&bar), "embedding samples", total);
+            }
+            bar.set_position(n)
+        },
+    )
     .with_context(|| {
         format!(
             "embedding {} with {} failed",

@@ -110,7 +110,7 @@ pub fn embed(
     out: &Path,
     config: &EmbedConfig,
     device: TorchDevice,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<EmbedSummary> {
     if config.batch_size == 0 {
         return Err(TrainError::Config("embed: the batch size must be positive".into()));
@@ -142,20 +142,30 @@ pub fn embed(
     let mut texts: Vec<(Row, Vec<u32>)> = Vec::new();
     let mut resizer = Resizer::new();
     let mut dim = 0;
+    // Progress counts samples read out of the selected split's total.
+    let selected = |split: Split| config.split.is_none_or(|s| s == split);
+    let total: u64 = dataset
+        .shards()
+        .iter()
+        .filter(|s| selected(s.split))
+        .map(|s| s.rows)
+        .sum();
+    let mut samples = 0u64;
     for (i, shard) in dataset.shards().iter().enumerate() {
-        if config.split.is_some_and(|s| s != shard.split) {
+        if !selected(shard.split) {
             continue;
         }
         for b in 0..shard.batches as usize {
             for r in dataset.batch_records(i, b)? {
                 add_record(&ctx, &r, &mut resizer, &mut images, &mut texts)?;
+                samples += 1;
                 if images.len() >= config.batch_size {
                     dim = run_images(&model, &mut images, &mut cols, device)?;
-                    progress(cols.rows.len() as u64);
+                    progress(samples, total);
                 }
                 if texts.len() >= config.batch_size {
                     dim = run_texts(&model, &mut texts, &mut cols, device)?;
-                    progress(cols.rows.len() as u64);
+                    progress(samples, total);
                 }
             }
         }
@@ -166,7 +176,7 @@ pub fn embed(
     if !texts.is_empty() {
         dim = run_texts(&model, &mut texts, &mut cols, device)?;
     }
-    progress(cols.rows.len() as u64);
+    progress(samples, total);
     if cols.rows.is_empty() {
         return Err(TrainError::Dataset {
             path: dataset_dir.to_path_buf(),
