@@ -454,7 +454,25 @@ fn demo_corpus_to_verified_dataset() {
             "3",
         ],
     );
-    let out = imglish(d, &["--log-format", "json", "verify", "dataset"]);
+    let out = run(
+        d,
+        &["--log-format", "json", "verify", "dataset"],
+        &[("IMGLISH_PROGRESS_SECS", "0.001")],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    // verify shows its shards as a phase with their total.
+    let shards = std::fs::read_to_string(d.join("dataset/index.json")).expect("index");
+    let shards = serde_json::from_str::<serde_json::Value>(&shards).expect("json")["shards"]
+        .as_array()
+        .map_or(0, Vec::len) as u64;
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["progress"] == "verifying shards" && v["len"] == shards),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json line");
     let m1 = std::fs::read_to_string(d.join("m1/ingest.json")).expect("ingest.json");
     let accepted = serde_json::from_str::<serde_json::Value>(&m1).expect("json")["counts"]["accepted"].as_u64();

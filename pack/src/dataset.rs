@@ -365,6 +365,12 @@ impl Dataset {
     /// dataset's shards are fetched again from object storage (what is cached is dropped first), so the objects
     /// themselves are checked.
     pub fn verify(&self) -> VerifyReport {
+        self.verify_with_progress(&|_| {})
+    }
+
+    /// [`Dataset::verify`], calling `progress(1)` as each shard's check ends (in any order: shards are checked in
+    /// parallel).
+    pub fn verify_with_progress(&self, progress: &(dyn Fn(u64) + Sync)) -> VerifyReport {
         if let Some(remote) = &self.inner.remote {
             remote.clear();
         }
@@ -389,6 +395,7 @@ impl Dataset {
                         })
                         .map_err(|e| e.to_string())?;
                 }
+                progress(1);
                 Ok((counts, ids, no_pixels))
             })
             .collect();
