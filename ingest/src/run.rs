@@ -343,8 +343,16 @@ pub fn ingest(config: &IngestConfig, out: &Path, progress: &dyn crate::Progress)
                 sources::read_tar(source, CHUNK, &mut emit)?
             }
             SourceKind::Parquet => {
-                progress.phase(&format!("ingesting {}", source.label), 0);
-                sources::read_parquet(source, &config.parquet, CHUNK, &mut emit)?
+                let label = format!("ingesting {}", source.label);
+                progress.phase(&label, 0);
+                // The rows are known once the file is read: the phase then gets its total.
+                sources::read_parquet(
+                    source,
+                    &config.parquet,
+                    CHUNK,
+                    &|n| progress.phase(&label, n),
+                    &mut emit,
+                )?
             }
         }
         source_records.push(SourceRecord {

@@ -558,9 +558,11 @@ pub(crate) fn read_parquet(
     source: &Source,
     columns: &ParquetColumns,
     chunk: usize,
+    total: &dyn Fn(u64),
     emit: &mut dyn FnMut(Vec<Item>) -> Result<()>,
 ) -> Result<()> {
     let rows = crate::parquet_io::read_image_rows(&source.path, columns)?;
+    total(rows.len() as u64);
     let mut batch = Vec::with_capacity(chunk);
     for (row, r) in rows.into_iter().enumerate() {
         let key = r.path.clone().unwrap_or_else(|| format!("row-{row}"));
