@@ -209,5 +209,19 @@ mod tests {
         assert_eq!(empty.dimensions(), (W, H));
         assert!(titled(&empty) > 200);
         assert!(empty.pixels().filter(|p| **p == TRAIN).count() >= 48, "legend");
+        // The axis names: grey text left of the top of the y axis ("LOSS") and under the middle of the x axis
+        // ("STEP").
+        let grey_in = |img: &RgbImage, (xa, ya, xb, yb): (i64, i64, i64, i64)| {
+            (xa..xb)
+                .flat_map(|x| (ya..yb).map(move |y| (x, y)))
+                .filter(|&(x, y)| *img.get_pixel(x as u32, y as u32) == Rgb([90, 90, 90]))
+                .count()
+        };
+        let (x0, y0, x1, y1) = (MARGIN, MARGIN, W as i64 - MARGIN / 2, H as i64 - MARGIN);
+        assert!(grey_in(&empty, (4, y0 - 18, 40, y0 - 8)) > 20, "y axis name");
+        assert!(
+            grey_in(&empty, ((x0 + x1) / 2 - 16, y1 + 24, (x0 + x1) / 2 + 16, y1 + 34)) > 20,
+            "x axis name"
+        );
     }
 }
