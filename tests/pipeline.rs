@@ -25,6 +25,23 @@ fn progress_total(err: &str, phase: &str) -> u64 {
     total.parse().unwrap_or_else(|_| panic!("total of {line}"))
 }
 
+/// The off-terminal progress lines of `err`: each line after `progress: `, with its count when it has one
+/// (`Some(Some((done, total)))`, or `Some(None)` for a count without a total) and `None` for a line that names a
+/// phase and its time only.
+fn progress_lines(err: &str) -> Vec<(String, Option<Option<(u64, u64)>>)> {
+    err.lines()
+        .filter_map(|l| l.strip_prefix("progress: "))
+        .map(|l| {
+            let (head, _) = l.rsplit_once(" (").unwrap_or((l, ""));
+            let count = head.rsplit_once(": ").map(|(_, c)| {
+                c.split_once('/')
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            });
+            (l.to_string(), count)
+        })
+        .collect()
+}
+
 /// Runs imglish in `dir`; it must succeed.
 fn imglish(dir: &Path, args: &[&str]) -> std::process::Output {
     let out = run(dir, args, &[]);
@@ -328,16 +345,10 @@ fn demo_corpus_to_verified_dataset() {
     // Every phase announces itself as it starts, however short (later counts depend on timing).
     assert!(err.contains("\nprogress: Lloyd iterations: 0/3 ("), "{err}");
     // Before its first counted phase the fit names what it does, with no bare count ("reading patches: 0").
-    for l in err.lines().filter_map(|l| l.strip_prefix("progress: ")) {
-        let (head, _) = l.rsplit_once(" (").unwrap_or((l, ""));
-        match head.rsplit_once(": ") {
-            Some((_, count)) => assert!(
-                count
-                    .split_once('/')
-                    .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok()),
-                "a count without its total: {l}"
-            ),
-            None => assert!(l.ends_with("s elapsed)"), "{l}"),
+    for (line, count) in progress_lines(&err) {
+        match count {
+            Some(count) => assert!(count.is_some(), "a count without its total: {line}"),
+            None => assert!(line.ends_with("s elapsed)"), "{line}"),
         }
     }
     assert!(!err.contains("progress: reading patches: 0"), "{err}");
@@ -567,12 +578,9 @@ fn demo_corpus_to_verified_dataset() {
     assert_eq!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.lines().filter_map(|l| l.strip_prefix("progress: ")).any(|l| {
-            let (head, _) = l.rsplit_once(" (").unwrap_or((l, ""));
-            head.rsplit_once(": ")
-                .and_then(|(_, c)| c.split_once('/'))
-                .is_some_and(|(done, total)| total == "4" && done.parse::<u64>().is_ok_and(|n| n >= 1))
-        }),
+        progress_lines(&err)
+            .iter()
+            .any(|(_, c)| matches!(c, Some(Some((done, 4))) if *done >= 1)),
         "no periodic line with steps done: {err}"
     );
     let text = String::from_utf8_lossy(&out.stdout);
