@@ -415,3 +415,35 @@ fn csv_and_parquet_caption_sets_agree_with_jsonl() {
     assert_eq!(results[0], results[1], "csv");
     assert_eq!(results[0], results[2], "parquet");
 }
+
+#[test]
+fn a_jsonl_caption_line_with_other_field_names_is_a_reject_naming_its_fields() {
+    let (root, _) = demo();
+    let dir = out_dir("fields");
+    let captions = dir.path().join("caps.jsonl");
+    std::fs::write(
+        &captions,
+        "{\"img\": \"square/x.png\", \"desc\": \"a square\"}\n[1, 2]\n",
+    )
+    .expect("write");
+    let out = dir.path().join("m");
+    let config = IngestConfig::try_new(vec![root.join("images")])
+        .expect("config")
+        .with_captions(vec![captions]);
+    run(&config, &out);
+    let rows: Vec<_> = Manifest::rejects(&out)
+        .expect("rejects")
+        .into_iter()
+        .filter(|r| r.source.ends_with("caps.jsonl"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let expected = |has: &str| {
+        format!(
+            "expected {{\"image\": ..., \"caption\": ...}} or \"captions\": [...] (image fields: image, file_name, \
+             path, filepath, url; caption fields: caption, captions, text, title); this line has: {has}"
+        )
+    };
+    assert_eq!(rows[0].reason, "bad-record");
+    assert_eq!(rows[0].message, expected("desc, img"));
+    assert_eq!(rows[1].message, expected("no fields"));
+}
