@@ -25,10 +25,13 @@ fn progress_total(err: &str, phase: &str) -> u64 {
     total.parse().unwrap_or_else(|_| panic!("total of {line}"))
 }
 
+/// A progress line's count: `Some((done, total))`, or `None` for a count without a total.
+type Count = Option<(u64, u64)>;
+
 /// The off-terminal progress lines of `err`: each line after `progress: `, with its count when it has one
 /// (`Some(Some((done, total)))`, or `Some(None)` for a count without a total) and `None` for a line that names a
 /// phase and its time only.
-fn progress_lines(err: &str) -> Vec<(String, Option<Option<(u64, u64)>>)> {
+fn progress_lines(err: &str) -> Vec<(String, Option<Count>)> {
     err.lines()
         .filter_map(|l| l.strip_prefix("progress: "))
         .map(|l| {
