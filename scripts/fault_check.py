@@ -329,6 +329,17 @@ def holds_lock(pid):
         return False
 
 
+def wait_or_hang(p, timeout):
+    """`p`'s exit code, or "hang" (after killing it) when it runs past `timeout`: the row reports the hang
+    instead of the suite crashing."""
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return "hang"
+
+
 def case_two_writers(ctx, s, clean):
     ref_out, ref, _ = clean[s.name]
     out = f"two-{s.name}"
@@ -337,11 +348,11 @@ def case_two_writers(ctx, s, clean):
         # Writes two files (model, card), each under a temporary name then renamed, and no folder: a second
         # writer of the same settings is not refused; both must finish with the clean output.
         code, err, _ = ctx.run(s.argv(out))
-        first.wait(timeout=ctx.timeout)
+        first_code = wait_or_hang(first, ctx.timeout)
         got = s.outputs(ctx, out)
         row(s.name, "second writer (same file)", "both finish; output as a clean run",
-            f"exits {first.returncode} and {code}, {'identical' if got == ref else 'DIFFERENT'}",
-            first.returncode == 0 and code == 0 and got == ref)
+            f"exits {first_code} and {code}, {'identical' if got == ref else 'DIFFERENT'}",
+            first_code == 0 and code == 0 and got == ref)
         return
     deadline = time.monotonic() + ctx.timeout
     while not holds_lock(first.pid) and first.poll() is None and time.monotonic() < deadline:
@@ -354,12 +365,12 @@ def case_two_writers(ctx, s, clean):
         code, err, secs = ctx.run(s.argv(out), timeout=30)
     finally:
         first.send_signal(signal.SIGCONT)
-    first.wait(timeout=ctx.timeout)
+    first_code = wait_or_hang(first, ctx.timeout)
     got = s.outputs(ctx, out)
     ok = code == 1 and f"another imglish process (pid {first.pid}) is writing" in err and secs < 10 \
-        and first.returncode == 0 and got == ref
+        and first_code == 0 and got == ref
     row(s.name, "second writer", "refused at once; first unharmed",
-        f"second exit {code} in {secs:.1f}s; first exit {first.returncode}, "
+        f"second exit {code} in {secs:.1f}s; first exit {first_code}, "
         f"{'identical' if got == ref else 'DIFFERENT'}", ok)
 
 
@@ -414,12 +425,12 @@ def case_upload_two_writers(ctx):
         code, err, secs = ctx.run(upload_argv(tag), timeout=30)
     finally:
         first.send_signal(signal.SIGCONT)
-    first.wait(timeout=ctx.timeout)
+    first_code = wait_or_hang(first, ctx.timeout)
     vcode, _, got = remote_shards(ctx, tag, f"check-{tag}")
     ok = code == 1 and f"another imglish process (pid {first.pid}) is writing" in err and secs < 10 \
-        and first.returncode == 0 and vcode == 0 and got == ref
+        and first_code == 0 and vcode == 0 and got == ref
     row("upload", "second writer", "refused at once; first unharmed",
-        f"second exit {code} in {secs:.1f}s; first exit {first.returncode}, verify exit {vcode}, "
+        f"second exit {code} in {secs:.1f}s; first exit {first_code}, verify exit {vcode}, "
         f"{'identical' if got == ref else 'DIFFERENT'}", ok)
 
 
