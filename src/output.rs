@@ -63,6 +63,13 @@ impl Output {
         bar
     }
 
+    /// A bar for one named phase of `total` items, announced as a phase is (see [`BarProgress`]).
+    pub fn phase(&self, what: &str, total: u64) -> ProgressBar {
+        let bar = self.progress(total, what);
+        imglish_ingest::Progress::phase(&BarProgress(&bar), what, total);
+        bar
+    }
+
     /// A counter for work of unknown length (same rules as [`Output::progress`]).
     pub fn spinner(&self, what: &str) -> ProgressBar {
         self.progress(0, what)

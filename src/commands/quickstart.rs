@@ -11,7 +11,7 @@ use imglish_train::{probe, probe_retrieval, ProbeConfig, RetrievalConfig, Retrie
 
 use crate::cli::Cli;
 use crate::commands::tokenizer::Features;
-use crate::commands::train::{ModelArg, SizeArgs};
+use crate::commands::train::{parse_mix, ModelArg, SizeArgs, DEFAULT_MIX};
 use crate::output::{BarProgress, Output};
 
 #[derive(Debug, Args)]
@@ -61,11 +61,16 @@ pub struct QuickstartArgs {
     #[arg(long, default_value_t = 1.5e-3)]
     pub lr: f64,
     /// BEiT-3: relative weights of image, text and pair samples (`imglish train --mix`).
-    #[arg(long, default_value = "image=1,text=1,pair=1")]
+    #[arg(long, default_value = DEFAULT_MIX, value_parser = mix_arg)]
     pub mix: String,
     /// Seed of every stage.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// `--mix`: checked with `train`'s own parser when the command line is parsed, kept as written (it is passed on).
+fn mix_arg(s: &str) -> Result<String, String> {
+    parse_mix(s).map(|_| s.to_string())
 }
 
 /// Marks a directory as quickstart's, so that a re-run may replace what it wrote there (and nothing else).
@@ -98,7 +103,7 @@ fn path(p: &Path) -> String {
 }
 
 pub fn run(args: &QuickstartArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
-    if args.model == ModelArg::Beit && args.mix != "image=1,text=1,pair=1" {
+    if args.model == ModelArg::Beit && args.mix != DEFAULT_MIX {
         anyhow::bail!("--mix applies to --model beit3 (BEiT trains on images only)");
     }
     // A given tokenizer is read from where the command was started, not from inside the output directory.

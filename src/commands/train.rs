@@ -106,7 +106,7 @@ pub struct TrainArgs {
 
     /// BEiT-3: relative weights of image, text and pair samples (a sample with a caption is drawn as one of
     /// the three each epoch; one without, as an image).
-    #[arg(long, default_value = "image=1,text=1,pair=1", value_parser = parse_mix)]
+    #[arg(long, default_value = DEFAULT_MIX, value_parser = parse_mix)]
     pub mix: [f64; 3],
     /// BEiT-3: share of text tokens predicted in text samples.
     #[arg(long, default_value_t = 0.15)]
@@ -264,8 +264,11 @@ impl RunArgs {
     }
 }
 
+/// The default `--mix`: images, texts and pairs alike.
+pub const DEFAULT_MIX: &str = "image=1,text=1,pair=1";
+
 /// Parses `image=1,text=1,pair=1` (any subset; missing kinds get 0).
-fn parse_mix(text: &str) -> Result<[f64; 3], String> {
+pub(crate) fn parse_mix(text: &str) -> Result<[f64; 3], String> {
     let mut mix = [0.0; 3];
     for part in text.split(',').filter(|p| !p.trim().is_empty()) {
         let (name, value) = part

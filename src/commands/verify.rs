@@ -7,7 +7,7 @@ use clap::Args;
 use imglish_pack::Dataset;
 
 use super::folders::{expect, Folder};
-use crate::output::{BarProgress, Output};
+use crate::output::Output;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -20,8 +20,7 @@ pub fn run(args: &VerifyArgs, out: &Output) -> anyhow::Result<()> {
     expect(&args.dataset, Folder::Dataset, "DATASET")?;
     let started = std::time::Instant::now();
     let dataset = Dataset::open(&args.dataset).with_context(|| format!("cannot open {}", args.dataset.display()))?;
-    let bar = out.progress(dataset.shards().len() as u64, "verifying shards");
-    imglish_ingest::Progress::phase(&BarProgress(&bar), "verifying shards", dataset.shards().len() as u64);
+    let bar = out.phase("verifying shards", dataset.shards().len() as u64);
     let report = dataset.verify_with_progress(&|n| bar.inc(n));
     bar.finish_and_clear();
     if !report.is_ok() {
