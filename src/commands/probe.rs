@@ -60,6 +60,11 @@ pub struct ProbeArgs {
     #[arg(long, default_value_t = 2e-4)]
     pub finetune_lr: f64,
 
+    /// Retrieval: only standardise each dimension of the frozen features before fitting the projections, instead
+    /// of whitening them (PCA whitening fitted on the training features, the default).
+    #[arg(long)]
+    pub no_whiten: bool,
+
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = crate::cli::device_arg)]
     pub device: String,
@@ -126,6 +131,7 @@ fn run_retrieval(
         max_samples: args.max_samples,
         finetune_steps: args.finetune_steps,
         finetune_lr: args.finetune_lr,
+        whiten: !args.no_whiten,
         ..RetrievalConfig::default()
     };
     let started = std::time::Instant::now();
