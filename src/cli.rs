@@ -48,7 +48,9 @@ pub struct Cli {
 /// Flags every subcommand accepts.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Worker threads (default: all cores). Results never depend on it.
+    /// Worker threads (default: all cores). Ingest, tokenize and pack results never depend on it; training's
+    /// last float bits do (libtorch splits its sums by thread), and only `--threads 1` makes a resumed run
+    /// bitwise equal to an uninterrupted one on a machine under load.
     #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
 

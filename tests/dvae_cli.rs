@@ -76,7 +76,9 @@ fn train(d: &Path, out: &str, extra: &[&str]) -> Output {
         out,
     ];
     args.extend(TINY);
+    // One thread: resume is compared bit for bit (README, "Train and probe").
     args.extend(["--steps", "6", "--checkpoint-every", "3", "--eval-every", "3"]);
+    args.extend(["--threads", "1"]);
     args.extend(extra);
     imglish(d, &args)
 }

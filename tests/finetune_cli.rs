@@ -74,6 +74,9 @@ fn finetune(ckpt: &str, ds: &str, out: &str, extra: &[&str]) -> std::process::Ou
         ("--log-every", "2"),
         ("--lr", "1e-2"),
         ("--cutmix", "1.0"),
+        // One thread: the resume tests compare weights bit for bit, which more threads on a loaded machine do
+        // not promise (README, "Train and probe").
+        ("--threads", "1"),
     ];
     let mut args = vec!["finetune", "--checkpoint", ckpt, "--dataset", ds, "--out", out];
     for (flag, value) in defaults {

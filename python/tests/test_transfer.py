@@ -141,8 +141,9 @@ class TransferTest(unittest.TestCase):
         """Fine-tuning at 48 pixels (grid 3x3, tables resized) on fresh crops of the originals: 2 steps + resume
         to 4 give the weights and evaluations of 4 uninterrupted steps."""
         d = tmpdir(self)
-        args = ["finetune", "--checkpoint", self.pretrained(), "--dataset", self.dataset, "--images",
-                self.manifest, "--input-size", "48", "--steps", "4", "--batch-size", "16", "--eval-every", "2"]
+        args = ["--threads", "1", "finetune", "--checkpoint", self.pretrained(), "--dataset", self.dataset,
+                "--images", self.manifest, "--input-size", "48", "--steps", "4", "--batch-size", "16",
+                "--eval-every", "2"]
         whole, split = os.path.join(d, "whole"), os.path.join(d, "split")
         r = run([imglish_bin()] + args + ["--out", whole])
         self.assertEqual(r.returncode, 0, r.stderr)
