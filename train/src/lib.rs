@@ -38,6 +38,7 @@
 //! # }
 //! ```
 
+mod allocator;
 mod batches;
 mod beit3;
 mod config;
@@ -58,6 +59,7 @@ mod probe;
 mod tensors;
 mod trainer;
 
+pub use allocator::reuse_freed_memory;
 pub use batches::{Array, BatchMaker, MadeBatch};
 pub use beit3::{
     caption_for, load_beit3, probe_retrieval, train_beit3, Beit3, Beit3Batch, Beit3Config, Beit3Event, Beit3Metrics,
