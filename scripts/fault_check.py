@@ -469,13 +469,42 @@ def case_corrupt_inputs(ctx):
         ("inspect", "d", shard, lambda src: ["-q", "inspect", src]),
         ("train", "d", shard, lambda src: ["-q", "train", "--dataset", src, "--out", f"c-{src}", "--steps", "30",
                                            "--batch-size", "8", "--dim", "32", "--depth", "1", "--heads", "2"]),
+        # The JSON every stage reads back: a manifest's, a token folder's and a dataset's records, a tokenizer's
+        # card.
+        ("tokenize", "m", "ingest.json",
+         lambda src: ["-q", "tokenize", "--manifest", src, "--tokenizer", "tok/v.onnx", "--out", f"c-{src}"]),
+        ("tokenize", "tok", "v.card.json",
+         lambda src: ["-q", "tokenize", "--manifest", "m", "--tokenizer", f"{src}/v.onnx", "--out", f"c-{src}"]),
+        ("pack", "t", "tokenize.json", lambda src: ["-q", "pack", "--tokens", src, "--out", f"c-{src}"]),
+        ("verify", "d", "index.json", lambda src: ["-q", "verify", src]),
+        ("train", "d", "index.json", lambda src: ["-q", "train", "--dataset", src, "--out", f"c-{src}", "--steps",
+                                                  "30", "--batch-size", "8", "--dim", "32", "--depth", "1",
+                                                  "--heads", "2"]),
     ]
-    for stage, src, target, argv in cases:
+    # A run's newest checkpoint, damaged, met by `train --resume`, `probe` and `embed`.
+    train_args = ["--batch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2", "--checkpoint-every", "10",
+                  "--threads", "1"]
+    if (ctx.work / "clean-train").exists():
+        last = sorted(p.name for p in (ctx.work / "clean-train" / "checkpoints").glob("step-*"))[-1]
+        for name in ("state.json", "model.safetensors", "optimizer.safetensors"):
+            target = f"checkpoints/{last}/{name}"
+            cases.append(("train --resume", "clean-train", target,
+                          lambda src: ["-q", "train", "--dataset", "d", "--out", src, *train_args, "--steps", "50",
+                                       "--resume"]))
+        for name in ("state.json", "model.safetensors"):
+            target = f"checkpoints/{last}/{name}"
+            cases.append(("probe", "clean-train", target,
+                          lambda src: ["-q", "probe", "--checkpoint", src, "--dataset", "d"]))
+            cases.append(("embed", "clean-train", target,
+                          lambda src: ["-q", "embed", "--checkpoint", src, "--dataset", "d", "--out",
+                                       f"e-{src}.parquet"]))
+    for i, (stage, src, target, argv) in enumerate(cases):
         for how in ("truncated", "bit-flipped"):
-            dst = f"corrupt-{stage}-{src}-{how}"
+            # A folder name that does not contain the file's: the error must name the file itself.
+            dst = f"corrupt-{i}-{how}"
             corrupt_copy(ctx, src, dst, target, how)
             code, err, _ = ctx.run(argv(dst))
-            ok = sane_failure(code, err, [target])
+            ok = sane_failure(code, err, [Path(target).name])
             row(stage, f"{how} {target}", "exit 1 naming the file", f"exit {code}: {one_line(err)[:100]}", ok)
 
 

@@ -2,7 +2,9 @@
 //! accumulation and clipping, validation with fixed masks, checkpoints that resume exactly, metrics as JSON
 //! lines and a `loss.png`.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -212,6 +214,12 @@ pub(crate) struct CheckpointState<C> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tokenizer_fingerprint: Option<String>,
     pub(crate) config: C,
+    /// The sha256 of each weight file beside `state.json` (`model.safetensors`, `optimizer.safetensors`), filled
+    /// in by [`write_checkpoint`] and checked by [`read_state`] before anything loads them, so that a damaged
+    /// checkpoint is an error instead of other weights (checkpoints written before it was recorded, and the Python
+    /// trainer's, have none and are not checked).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) files: BTreeMap<String, String>,
 }
 
 fn beit_architecture() -> String {
@@ -307,7 +315,39 @@ pub(crate) fn read_state<C: serde::de::DeserializeOwned>(
             ),
         });
     }
+    for (name, want) in &state.files {
+        let file = checkpoint.join(name);
+        let got = file_sha256(&file).map_err(|e| TrainError::Checkpoint {
+            path: file.clone(),
+            reason: format!("cannot read it ({e})"),
+        })?;
+        if &got != want {
+            return Err(TrainError::Checkpoint {
+                path: file,
+                reason: format!(
+                    "sha256 is {got}, state.json says {want}: the file was damaged or replaced after the \
+                     checkpoint was written (resume from an earlier checkpoint: remove this one)"
+                ),
+            });
+        }
+    }
     Ok(state)
+}
+
+/// The sha256 (hex) of a file, read in 1 MiB blocks.
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub(crate) fn write_json_line(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -537,6 +577,7 @@ pub fn train(
                 dataset_fingerprint: dataset.index().build_fingerprint.clone(),
                 tokenizer_fingerprint: Some(dataset.tokenizer().fingerprint.clone()),
                 config: config.clone(),
+                files: Default::default(),
             };
             let path = write_checkpoint(out, &|p| model.save(p), &opt, &state, options.keep_checkpoints)?;
             observer(&Event::Checkpoint(path.clone()));
@@ -763,7 +804,14 @@ pub(crate) fn write_checkpoint<C: Serialize>(
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     save_model(&tmp.join("model.safetensors"))?;
     opt.save(&tmp.join("optimizer.safetensors"))?;
-    let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut value = serde_json::to_value(state).map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut files = serde_json::Map::new();
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let p = tmp.join(f);
+        files.insert(f.into(), file_sha256(&p).map_err(io_err(&p))?.into());
+    }
+    value["files"] = files.into();
+    let json = serde_json::to_vec_pretty(&value).map_err(|e| TrainError::Config(e.to_string()))?;
     write_atomic(&tmp.join("state.json"), &json).map_err(|e| TrainError::Config(e.to_string()))?;
     for f in ["model.safetensors", "optimizer.safetensors"] {
         let p = tmp.join(f);

@@ -358,3 +358,31 @@ fn dataset_mismatches_are_reported() {
         "{err}"
     );
 }
+
+#[test]
+fn a_damaged_checkpoint_file_is_refused_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = make_dataset(dir.path(), 40);
+    let config = small_config(2);
+    let out = dir.path().join("run");
+    train(&dataset, &out, &config, &options(), &mut |_| {}).expect("run");
+    let ckpt = imglish_train::latest_checkpoint(&out)
+        .expect("ls")
+        .expect("a checkpoint");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).expect("state")).expect("json");
+    assert_eq!(state["files"].as_object().map(|f| f.len()), Some(2), "{state}");
+    imglish_train::load_model(&ckpt, Device::Cpu).expect("an intact checkpoint loads");
+    // One bit of the last tensor's data: the file still parses, the weights would silently differ.
+    let model = ckpt.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).expect("read");
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x01;
+    std::fs::write(&model, &bytes).expect("write");
+    let err = imglish_train::load_model(&ckpt, Device::Cpu).expect_err("a damaged checkpoint");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&model.display().to_string()) && msg.contains("sha256 is") && msg.contains("state.json says"),
+        "{msg}"
+    );
+}

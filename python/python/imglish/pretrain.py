@@ -226,8 +226,9 @@ def write_checkpoint(out, tensors, moments, state, keep):
     os.makedirs(tmp)
     save_file(tensors, os.path.join(tmp, "model.safetensors"))
     save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+    files = {f: file_sha256(os.path.join(tmp, f)) for f in ("model.safetensors", "optimizer.safetensors")}
     with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(state, f, indent=2)
+        json.dump(dict(state, files=files), f, indent=2)
     for f in ("model.safetensors", "optimizer.safetensors", "state.json"):
         fsync_file(os.path.join(tmp, f))
     shutil.rmtree(dst, ignore_errors=True)
@@ -241,10 +242,24 @@ def write_checkpoint(out, tensors, moments, state, keep):
     return dst
 
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def restore(ckpt, config, fingerprint, params, architecture):
-    """Loads a checkpoint written by either trainer; refuses other settings (naming them) or another dataset."""
+    """Loads a checkpoint written by either trainer; refuses other settings (naming them), another dataset, or a
+    weight file whose sha256 is not the one state.json records."""
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
+    for name, want in state.get("files", {}).items():
+        got = file_sha256(os.path.join(ckpt, name))
+        if got != want:
+            raise SystemExit(f"error: checkpoint {ckpt}: {name}: sha256 is {got}, state.json says {want}: the file was "
+                             "damaged or replaced after the checkpoint was written")
     arch = state.get("architecture", "beit")
     if arch != architecture:
         raise SystemExit(f"error: checkpoint {ckpt}: a {arch} checkpoint, this run trains {architecture}")

@@ -476,6 +476,7 @@ pub fn train_beit3(
                 dataset_fingerprint: dataset.index().build_fingerprint.clone(),
                 tokenizer_fingerprint: Some(dataset.tokenizer().fingerprint.clone()),
                 config: config.clone(),
+                files: Default::default(),
             };
             let save = |p: &Path| save_with_torchscale_config(&model, p);
             let path = write_checkpoint(out, &save, &opt, &state, options.keep_checkpoints)?;

@@ -344,6 +344,7 @@ pub fn train_dvae(
                 dataset_fingerprint: images.fingerprint.clone(),
                 tokenizer_fingerprint: None,
                 config: config.clone(),
+                files: Default::default(),
             };
             let path = write_checkpoint(out, &|p| model.save(p), &opt, &state, options.keep_checkpoints)?;
             observer(&DvaeEvent::Checkpoint(path.clone()));

@@ -513,6 +513,7 @@ pub fn finetune(
                 dataset_fingerprint: dataset.index().build_fingerprint.clone(),
                 tokenizer_fingerprint: Some(dataset.tokenizer().fingerprint.clone()),
                 config: config.clone(),
+                files: Default::default(),
             };
             let t = Instant::now();
             let path = write_checkpoint(out, &|p| model.save(p), &opt, &state, options.keep_checkpoints)?;
