@@ -397,6 +397,50 @@ fn ingest_refuses_a_folder_made_from_other_inputs() {
     assert_eq!(std::fs::read(d.join("mine/notes.txt")).expect("kept"), b"keep");
 }
 
+/// Tokenize workers (`--worker I/N`) share their folder's lock: a single writer is refused while they run, and
+/// they are refused while a single writer runs.
+#[test]
+fn tokenize_workers_share_the_folder_lock_and_exclude_a_single_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let out = d.join("tokens");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    let busy = out.to_str().expect("utf8");
+    let refused = |o: &std::process::Output, what: &str| {
+        assert_eq!(o.status.code(), Some(1), "{what}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).trim(),
+            format!(
+                "error: another imglish process (pid {}) is writing {busy}; wait for it to finish or stop it",
+                std::process::id()
+            ),
+            "{what}"
+        );
+    };
+    let tokenize = |extra: &[&str]| {
+        run(imglish()
+            .current_dir(d)
+            .args(["tokenize", "--manifest", "m", "--tokenizer", "t.onnx", "--out", busy])
+            .args(extra))
+    };
+    // This process plays a running worker (a shared lock): a single writer is refused, another worker is not
+    // (it goes on to fail on the missing manifest, past the lock).
+    let worker = std::fs::File::open(&out).expect("open");
+    worker.lock_shared().expect("lock");
+    refused(&tokenize(&[]), "a single writer while a worker runs");
+    let o = tokenize(&["--worker", "1/2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("another imglish process"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    worker.unlock().expect("unlock");
+    // Now a single writer runs (an exclusive lock): a worker is refused.
+    worker.lock().expect("lock");
+    refused(&tokenize(&["--worker", "0/2"]), "a worker while a single writer runs");
+}
+
 /// Every stage that writes a folder refuses a second writer at once (pack's own test covers pack).
 #[test]
 fn ingest_tokenize_and_train_refuse_a_folder_another_process_writes() {

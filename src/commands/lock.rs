@@ -15,9 +15,25 @@ pub struct DirLock {
 
 /// Creates `dir` if needed and locks it, or fails with "another imglish process (pid N) is writing DIR".
 pub fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
+    take(dir, false)
+}
+
+/// As [`lock_dir`], for the workers of one run that write the folder side by side (`tokenize --worker I/N`): a
+/// shared lock, which other workers share and a single writer of the folder (which takes it alone) is refused, in
+/// either order.
+pub fn share_dir(dir: &Path) -> anyhow::Result<DirLock> {
+    take(dir, true)
+}
+
+fn take(dir: &Path, shared: bool) -> anyhow::Result<DirLock> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let file = File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
-    match file.try_lock() {
+    let got = if shared {
+        file.try_lock_shared()
+    } else {
+        file.try_lock()
+    };
+    match got {
         Ok(()) => Ok(DirLock { _dir: file }),
         Err(std::fs::TryLockError::WouldBlock) => {
             let who = match holder(&file) {

@@ -101,11 +101,12 @@ fn refuse_empty(manifest: &std::path::Path) -> anyhow::Result<()> {
 }
 
 pub fn run(args: &TokenizeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
-    // Workers of one run (`--worker I/N`) share the folder by design (each writes its own parts).
+    // Workers of one run (`--worker I/N`) share the folder by design (each writes its own parts): they take the
+    // folder's lock shared, a single writer takes it alone.
     let _lock = if args.worker.1 == 1 {
-        Some(super::lock::lock_dir(&args.out)?)
+        super::lock::lock_dir(&args.out)?
     } else {
-        None
+        super::lock::share_dir(&args.out)?
     };
     expect(&args.manifest, Folder::Manifest, "--manifest")?;
     refuse_empty(&args.manifest)?;
