@@ -51,4 +51,6 @@ fn beit_on_a_long_text_only_dataset_warns_early_then_stops() {
         err.contains("was skipped: a text sample: BEiT trains on images (--model beit3 trains on texts))"),
         "{err}"
     );
+    // Both name the sample's shard.
+    assert_eq!(err.matches(" in shard shard-").count(), 2, "{err}");
 }

@@ -344,16 +344,27 @@ impl Dataset {
 
     /// Finds a sample by id (a scan: the index lists shards, not samples).
     pub fn find(&self, sample_id: u64) -> Result<Option<TokenRecord>> {
+        Ok(self.scan_for(sample_id, |v, r| v.record(r))?.map(|(_, record)| record))
+    }
+
+    /// The shard holding a sample id (a scan, as [`Dataset::find`]): what error messages about a sample name.
+    pub fn shard_of(&self, sample_id: u64) -> Result<Option<&ShardEntry>> {
+        Ok(self.scan_for(sample_id, |_, _| ())?.map(|(i, ())| &self.shards()[i]))
+    }
+
+    fn scan_for<T>(
+        &self,
+        sample_id: u64,
+        take: impl Fn(&crate::shard::BatchView<'_>, usize) -> T,
+    ) -> Result<Option<(usize, T)>> {
         for (i, s) in self.shards().iter().enumerate() {
             let shard = self.shard(i)?;
             for b in 0..s.batches as usize {
                 let found = shard.with_batch(b, |v| {
-                    (0..v.rows())
-                        .find(|&r| v.sample_id(r) == sample_id)
-                        .map(|r| v.record(r))
+                    (0..v.rows()).find(|&r| v.sample_id(r) == sample_id).map(|r| take(v, r))
                 })?;
-                if found.is_some() {
-                    return Ok(found);
+                if let Some(t) = found {
+                    return Ok(Some((i, t)));
                 }
             }
         }

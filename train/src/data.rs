@@ -486,9 +486,9 @@ impl<B: Send + 'static> Loader<B> {
                         if !sent_any && !warned && delivered == EARLY_WARNING && batcher.pending() == 0 {
                             // Nothing usable yet: say so within seconds rather than after a whole epoch.
                             warned = true;
-                            let why = batcher
-                                .first_skip()
-                                .map_or(String::new(), |(id, why)| format!(" (the first, sample {id}: {why})"));
+                            let why = batcher.first_skip().map_or(String::new(), |(id, why)| {
+                                format!(" (the first, sample {id}{}: {why})", in_shard(&dataset, id))
+                            });
                             tracing::warn!(
                                 "no usable training sample among the first {EARLY_WARNING} read{why}; still reading, \
                                  the run stops with an error if a whole epoch has none"
@@ -515,7 +515,8 @@ impl<B: Send + 'static> Loader<B> {
                             reason: match batcher.first_skip() {
                                 Some((id, why)) => format!(
                                     "no usable training sample in a whole epoch ({delivered} read; the first, \
-                                     sample {id}, was skipped: {why})"
+                                     sample {id}{}, was skipped: {why})",
+                                    in_shard(&dataset, id)
                                 ),
                                 None => format!("no usable training sample in a whole epoch ({delivered} read)"),
                             },
@@ -659,5 +660,13 @@ impl FixedSet {
     pub fn labels(&self) -> Tensor {
         let all: Vec<i64> = self.batches.iter().flat_map(|b| b.labels.iter().copied()).collect();
         Tensor::from_slice(&all).to_kind(Kind::Int64)
+    }
+}
+
+/// " in shard shard-NNNNN.arrow" for a sample id of `dataset` (a scan; error paths only), or nothing.
+fn in_shard(dataset: &Dataset, sample_id: u64) -> String {
+    match dataset.shard_of(sample_id) {
+        Ok(Some(shard)) => format!(" in shard {}", shard.file),
+        _ => String::new(),
     }
 }

@@ -282,17 +282,27 @@ fn beit_on_a_dataset_without_images_stops_with_the_reason() {
     };
     let started = std::time::Instant::now();
     let err = train(&dataset, &dir.path().join("run"), &beit, &options(), &mut |_| {}).expect_err("no images");
+    // The message names the sample and its shard.
+    let id: u64 = err
+        .to_string()
+        .split("sample ")
+        .nth(2)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .expect("a sample id");
+    let shard = imglish_pack::Dataset::open(&dataset)
+        .expect("open")
+        .shard_of(id)
+        .expect("scan")
+        .expect("the sample's shard")
+        .file
+        .clone();
     assert_eq!(
         err.to_string(),
         format!(
-            "dataset {}: no usable training sample in a whole epoch (25 read; the first, sample {}, was skipped: a \
-             text sample: BEiT trains on images (--model beit3 trains on texts))",
+            "dataset {}: no usable training sample in a whole epoch (25 read; the first, sample {id} in shard \
+             {shard}, was skipped: a text sample: BEiT trains on images (--model beit3 trains on texts))",
             dataset.display(),
-            err.to_string()
-                .split("sample ")
-                .nth(2)
-                .and_then(|s| s.split(',').next())
-                .unwrap_or("?")
         )
     );
     assert!(started.elapsed().as_secs() < 30);
