@@ -372,6 +372,59 @@ def case_input_deleted(ctx, s, clean, victim_dir, pattern):
         f"exit {code}: {one_line(err)[:100] if code != 0 else ('identical' if got == ref else 'DIFFERENT')}", ok)
 
 
+def case_image_deleted(ctx, s, clean):
+    """ingest and tokenize: an image file deleted while the stage runs (from a copy of the demo corpus) is either
+    read before, or becomes a reject with its reason (counted, nothing lost), or an exit 1 naming it; never a
+    panic, a hang or a silently shorter output."""
+    base = ctx.work / f"in-{s.name}"
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.copytree(ctx.work / "demo", base / "demo")
+    # ingest: the last image file of the folder source; tokenize: the tar its accepted images mostly come from
+    # (the folder's copies are duplicates of the tar's members).
+    victim = sorted((base / "demo" / "images").rglob("*.png"))[-1] if s.name == "ingest" else \
+        base / "demo" / "shards" / "demo-00000.tar"
+    out = f"del-{s.name}"
+    if s.name == "ingest":
+        argv = [a.replace("demo/", f"{base.name}/demo/", 1) if a.startswith("demo/") else a for a in s.argv(out)]
+    else:
+        manifest = f"in-{s.name}-m"
+        shutil.rmtree(ctx.work / manifest, ignore_errors=True)
+        shutil.copytree(ctx.work / "m", ctx.work / manifest)
+        record = json.loads((ctx.work / manifest / "ingest.json").read_text())
+        record["base_dir"] = str(base)
+        (ctx.work / manifest / "ingest.json").write_text(json.dumps(record))
+        argv = [manifest if a == "m" else a for a in s.argv(out)]
+    secs = clean[s.name][2]
+    p = subprocess.Popen([ctx.bin, *argv], cwd=ctx.work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(max(0.01, secs * 0.3))
+    victim.unlink()
+    try:
+        _, err = p.communicate(timeout=ctx.timeout)
+        code = p.returncode
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+        code = "hang"
+    what = f"exit {code}: {one_line(err)[:100]}"
+    ok = sane_failure(code, err, [victim.name])
+    if code == 0:
+        ref_dir = ctx.work / clean[s.name][0]
+        if s.name == "ingest":
+            want = json.loads((ref_dir / "ingest.json").read_text())["counts"]
+            got = json.loads((ctx.work / out / "ingest.json").read_text())["counts"]
+            ok = got["seen"] == want["seen"] and got["accepted"] + got["rejected"] == got["seen"] \
+                and got["rejected"] - want["rejected"] in (0, 1)
+            what = f"exit 0: {got['seen']} seen, {got['accepted']} accepted, {got['rejected']} rejected (clean run: " \
+                f"{want['accepted']} / {want['rejected']})"
+        else:
+            want = json.loads((ref_dir / "tokenize.json").read_text())
+            got = json.loads((ctx.work / out / "tokenize.json").read_text())
+            n = lambda r: sum(r["counts"].values())  # noqa: E731
+            ok = got["rejected"] >= want["rejected"] and n(got) + got["rejected"] == n(want) + want["rejected"]
+            what = f"exit 0: {n(got)} tokenized, {got['rejected']} rejected (clean run: {n(want)} / {want['rejected']})"
+    row(s.name, f"image deleted mid-run ({victim.name})", "read, counted rejects, or exit 1 naming it", what, ok)
+
+
 def holds_lock(pid):
     try:
         return any(f" {pid} " in line for line in Path("/proc/locks").read_text().splitlines() if "FLOCK" in line)
@@ -601,6 +654,9 @@ def main():
             case_input_deleted(ctx, by_name["pack"], clean, "t", "part-*.parquet")
         if "train" in by_name:
             case_input_deleted(ctx, by_name["train"], clean, "d", "shard-*.arrow")
+        for name in ("ingest", "tokenize"):
+            if name in by_name:
+                case_image_deleted(ctx, by_name[name], clean)
         if not a.only:
             case_corrupt_inputs(ctx)
         if a.moto and "pack" in by_name:
