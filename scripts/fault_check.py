@@ -347,6 +347,20 @@ def case_read_only(ctx, s, mount):
             path.chmod(0o755)
 
 
+def run_deleting(ctx, argv, victim, after):
+    """Runs the stage, deletes `victim` `after` seconds in, waits: (exit code or 'hang', stderr)."""
+    p = subprocess.Popen([ctx.bin, *argv], cwd=ctx.work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(max(0.01, after))
+    victim.unlink()
+    try:
+        _, err = p.communicate(timeout=ctx.timeout)
+        return p.returncode, err
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+        return "hang", err
+
+
 def case_input_deleted(ctx, s, clean, victim_dir, pattern):
     """Deletes the last input file matching `pattern` once the stage is running: exit 1 naming it, or (if it
     was read already) a result identical to a clean run; never a panic, a hang or a wrong result."""
@@ -356,16 +370,7 @@ def case_input_deleted(ctx, s, clean, victim_dir, pattern):
     files = sorted((ctx.work / copy).glob(pattern))
     victim = files[-1]
     argv = [a if a != victim_dir else copy for a in s.argv(f"del-{s.name}")]
-    p = subprocess.Popen([ctx.bin, *argv], cwd=ctx.work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(max(0.01, secs * 0.3))
-    victim.unlink()
-    try:
-        _, err = p.communicate(timeout=ctx.timeout)
-        code = p.returncode
-    except subprocess.TimeoutExpired:
-        p.kill()
-        _, err = p.communicate()
-        code = "hang"
+    code, err = run_deleting(ctx, argv, victim, secs * 0.3)
     got = s.outputs(ctx, f"del-{s.name}")
     ok = sane_failure(code, err, [victim.name]) or (code == 0 and got == ref)
     row(s.name, f"input deleted mid-run ({victim.name})", "exit 1 naming it, or identical output",
@@ -395,16 +400,7 @@ def case_image_deleted(ctx, s, clean):
         (ctx.work / manifest / "ingest.json").write_text(json.dumps(record))
         argv = [manifest if a == "m" else a for a in s.argv(out)]
     secs = clean[s.name][2]
-    p = subprocess.Popen([ctx.bin, *argv], cwd=ctx.work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(max(0.01, secs * 0.3))
-    victim.unlink()
-    try:
-        _, err = p.communicate(timeout=ctx.timeout)
-        code = p.returncode
-    except subprocess.TimeoutExpired:
-        p.kill()
-        _, err = p.communicate()
-        code = "hang"
+    code, err = run_deleting(ctx, argv, victim, secs * 0.3)
     what = f"exit {code}: {one_line(err)[:100]}"
     ok = sane_failure(code, err, [victim.name])
     if code == 0:
