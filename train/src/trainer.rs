@@ -216,8 +216,8 @@ pub(crate) struct CheckpointState<C> {
     pub(crate) config: C,
     /// The sha256 of each weight file beside `state.json` (`model.safetensors`, `optimizer.safetensors`), filled
     /// in by [`write_checkpoint`] and checked by [`read_state`] before anything loads them, so that a damaged
-    /// checkpoint is an error instead of other weights (checkpoints written before it was recorded, and the Python
-    /// trainer's, have none and are not checked).
+    /// checkpoint is an error instead of other weights (checkpoints written before it was recorded have none and
+    /// are not checked).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) files: BTreeMap<String, String>,
 }
@@ -316,6 +316,12 @@ pub(crate) fn read_state<C: serde::de::DeserializeOwned>(
         });
     }
     for (name, want) in &state.files {
+        if Path::new(name).file_name() != Some(std::ffi::OsStr::new(name)) {
+            return Err(TrainError::Checkpoint {
+                path,
+                reason: format!("malformed: `files` names {name:?}, not a file beside state.json"),
+            });
+        }
         let file = checkpoint.join(name);
         let got = file_sha256(&file).map_err(|e| TrainError::Checkpoint {
             path: file.clone(),

@@ -256,6 +256,8 @@ def restore(ckpt, config, fingerprint, params, architecture):
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
     for name, want in state.get("files", {}).items():
+        if os.path.basename(name) != name or not os.path.isfile(os.path.join(ckpt, name)):
+            raise SystemExit(f"error: checkpoint {ckpt}: state.json lists {name!r}, which is not a file beside it")
         got = file_sha256(os.path.join(ckpt, name))
         if got != want:
             raise SystemExit(f"error: checkpoint {ckpt}: {name}: sha256 is {got}, state.json says {want}: the file was "
