@@ -84,3 +84,4 @@ pub use part::{
 pub use record::{SampleKind, Split, SplitCounts, TokenRecord, TokenizerInfo, ViewRecord};
 pub use remote::{remote_url, set_remote_options, upload_dataset, RemoteOptions, REMOTE_SCHEMES};
 pub use shard::{read_shard_bytes, shard_file_name, shard_schema, FORMAT_VERSION, META_FORMAT_VERSION, META_TOKENIZER};
+pub use util::sha256_file;

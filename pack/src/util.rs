@@ -25,7 +25,7 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// sha256 (hex) and length of a file, read in 1 MiB chunks (constant memory).
-pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64)> {
+pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     let mut file = File::open(path).map_err(io_err(path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -196,8 +196,7 @@ pub fn train(a: &TrainDvaeArgs, threads: usize, out: &Output) -> anyhow::Result<
     );
     let run_dir = a.run_dir();
     let _lock = super::lock::lock_dir(&run_dir)?;
-    imglish_train::set_threads(threads);
-    imglish_train::reuse_freed_memory();
+    imglish_train::prepare_process(threads);
     let config = a.config();
     let options = DvaeRunOptions {
         device: a.device.parse()?,

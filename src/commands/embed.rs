@@ -67,8 +67,7 @@ pub fn run(args: &EmbedArgs, threads: usize, out: &Output) -> anyhow::Result<()>
     if let Some(images) = &args.images {
         expect(images, Folder::Manifest, "--images")?;
     }
-    imglish_train::set_threads(threads);
-    imglish_train::reuse_freed_memory();
+    imglish_train::prepare_process(threads);
     let device: TorchDevice = args.device.parse()?;
     let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;
     let config = EmbedConfig {

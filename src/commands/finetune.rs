@@ -167,8 +167,7 @@ fn val_line(m: &FinetuneMetrics) -> String {
 pub fn run(args: &FinetuneArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
     let _lock = super::lock::lock_dir(&args.out)?;
     expect(&args.dataset, Folder::Dataset, "--dataset")?;
-    imglish_train::set_threads(threads);
-    imglish_train::reuse_freed_memory();
+    imglish_train::prepare_process(threads);
     let checkpoint = match &args.checkpoint {
         Some(c) => Some(imglish_train::resolve_checkpoint(c)?),
         None => None,

@@ -72,8 +72,7 @@ pub struct ProbeArgs {
 
 pub fn run(args: &ProbeArgs, threads: usize, out: &Output) -> anyhow::Result<()> {
     expect(&args.dataset, Folder::Dataset, "--dataset")?;
-    imglish_train::set_threads(threads);
-    imglish_train::reuse_freed_memory();
+    imglish_train::prepare_process(threads);
     let device: TorchDevice = args.device.parse()?;
     let checkpoint = imglish_train::resolve_checkpoint(&args.checkpoint)?;
     if args.task == TaskArg::Retrieval {

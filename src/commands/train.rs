@@ -359,8 +359,7 @@ pub fn run(args: &TrainArgs, threads: usize, out: &Output) -> anyhow::Result<()>
     }
     let _lock = super::lock::lock_dir(&args.out)?;
     expect(&args.dataset, Folder::Dataset, "--dataset")?;
-    imglish_train::set_threads(threads);
-    imglish_train::reuse_freed_memory();
+    imglish_train::prepare_process(threads);
     let dataset =
         Dataset::open(&args.dataset).with_context(|| format!("cannot open the dataset {}", args.dataset.display()))?;
     let options = RunOptions {

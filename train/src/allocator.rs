@@ -8,10 +8,14 @@
 /// maximum), unless the environment already chose (`GLIBC_TUNABLES`, `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`).
 /// Returns whether the settings were applied (never on other C libraries).
 pub fn reuse_freed_memory() -> bool {
-    let chosen = ["GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"]
+    !environment_chose() && glibc::keep_freed_memory()
+}
+
+/// Whether the environment sets glibc's malloc itself.
+fn environment_chose() -> bool {
+    ["GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"]
         .iter()
-        .any(|v| std::env::var_os(v).is_some());
-    !chosen && glibc::keep_freed_memory()
+        .any(|v| std::env::var_os(v).is_some())
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -45,10 +49,7 @@ mod tests {
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn glibc_takes_the_settings_unless_the_environment_chose() {
-        let chosen = ["GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"]
-            .iter()
-            .any(|v| std::env::var_os(v).is_some());
-        assert_eq!(super::reuse_freed_memory(), !chosen);
+        assert_eq!(super::reuse_freed_memory(), !super::environment_chose());
         // What the process then does: a large block freed and allocated again still works.
         let v = vec![1u8; 64 << 20];
         drop(v);

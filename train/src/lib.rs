@@ -91,3 +91,10 @@ pub use trainer::{
 pub fn set_threads(n: usize) {
     tch::set_num_threads(i32::try_from(n.max(1)).unwrap_or(i32::MAX));
 }
+
+/// What every command that runs a model calls first: libtorch's thread count ([`set_threads`]) and the allocator
+/// settings for training ([`reuse_freed_memory`]).
+pub fn prepare_process(threads: usize) {
+    set_threads(threads);
+    reuse_freed_memory();
+}

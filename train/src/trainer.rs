@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -323,10 +322,7 @@ pub(crate) fn read_state<C: serde::de::DeserializeOwned>(
             });
         }
         let file = checkpoint.join(name);
-        let got = file_sha256(&file).map_err(|e| TrainError::Checkpoint {
-            path: file.clone(),
-            reason: format!("cannot read it ({e})"),
-        })?;
+        let (got, _) = imglish_pack::sha256_file(&file)?;
         if &got != want {
             return Err(TrainError::Checkpoint {
                 path: file,
@@ -338,22 +334,6 @@ pub(crate) fn read_state<C: serde::de::DeserializeOwned>(
         }
     }
     Ok(state)
-}
-
-/// The sha256 (hex) of a file, read in 1 MiB blocks.
-fn file_sha256(path: &Path) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut f = fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub(crate) fn write_json_line(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -813,8 +793,7 @@ pub(crate) fn write_checkpoint<C: Serialize>(
     let mut value = serde_json::to_value(state).map_err(|e| TrainError::Config(e.to_string()))?;
     let mut files = serde_json::Map::new();
     for f in ["model.safetensors", "optimizer.safetensors"] {
-        let p = tmp.join(f);
-        files.insert(f.into(), file_sha256(&p).map_err(io_err(&p))?.into());
+        files.insert(f.into(), imglish_pack::sha256_file(&tmp.join(f))?.0.into());
     }
     value["files"] = files.into();
     let json = serde_json::to_vec_pretty(&value).map_err(|e| TrainError::Config(e.to_string()))?;
