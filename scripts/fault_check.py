@@ -1,10 +1,13 @@
 """The fault-injection suite behind scripts/fault-check: every stage that writes a folder (download, ingest,
-tokenizer fit, tokenizer train-dvae, tokenize, pack, train, build) is killed with SIGKILL at several points, run on a full disk, pointed at an output
-that is a file or a read-only folder, has an input deleted while it runs, is given a second writer, and every
-reading stage is fed truncated and bit-flipped inputs. With --moto, the upload to object storage (`pack --out
-s3://...`) is killed at several points too (the bucket must never show a half-written dataset, and a rerun must
-leave the clean pack's shards there) and given a second writer. One table row per case: expected and observed
-outcome. Exit status 1 when any row fails. Standard library only (runs with the system python3).
+tokenizer fit, tokenizer train-dvae, tokenize, pack, train, build) is killed with SIGKILL at several points, run on
+a full disk, pointed at an output that is a file or a read-only folder, has an input deleted while it runs, is
+given a second writer, and every reading stage is fed truncated and bit-flipped inputs. With --moto, the upload to
+object storage (`pack --out s3://...`) is killed at several points of its own progress too (the bucket must never
+show a half-written dataset, and a rerun must leave the clean pack's shards there), given a second writer, a full
+disk and a read-only cache, and `train` on the uploaded dataset meets a full and a read-only shard cache.
+Read-only folders are read-only tmpfs mounts where mounting is allowed, else chmod 555 (a root caller runs the
+stage without CAP_DAC_OVERRIDE). One table row per case: expected and observed outcome. Exit status 1 when any
+row fails. Standard library only (runs with the system python3).
 
     python3 scripts/fault_check.py --bin IMGLISH --serve SERVE [--moto PYTHON] [--short] [--work DIR]
                                    [--timeout S] [--only STAGE]
@@ -196,10 +199,10 @@ def progress_argv(argv):
     return ["--log-format", "json", *[a for a in argv if a != "-q"]]
 
 
-def run_until(ctx, argv, fraction, delay):
-    """Runs the stage and kills it (SIGKILL) at the first progress record of a counted phase at or past
-    `fraction` of that phase (pos >= fraction * len, pos < len: mid-phase), or after `delay` seconds if no such
-    record came first. Returns (killed, what triggered the kill)."""
+def run_until(ctx, argv, fraction, delay, phase=None):
+    """Runs the stage and kills it (SIGKILL) at the first progress record of a counted phase (`phase` only, when
+    given) at or past `fraction` of that phase (pos >= fraction * len, pos < len: mid-phase), or after `delay`
+    seconds if no such record came first. Returns (killed, what triggered the kill)."""
     p = subprocess.Popen([ctx.bin, *progress_argv(argv)], cwd=ctx.work, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, env=dict(os.environ, IMGLISH_PROGRESS_SECS="0.005"))
     hit = []
@@ -211,7 +214,8 @@ def run_until(ctx, argv, fraction, delay):
             except ValueError:
                 continue
             pos, n = r.get("pos"), r.get("len")
-            if "progress" in r and n and pos is not None and fraction * n <= pos < n and not hit:
+            if "progress" in r and n and pos is not None and fraction * n <= pos < n and not hit \
+                    and phase in (None, r["progress"]):
                 hit.append(f"progress {pos}/{n} of {r['progress']!r}")
                 p.kill()
 
@@ -325,26 +329,39 @@ def case_out_is_file(ctx, s):
         sane_failure(code, err, [out]) and len(err.strip().splitlines()) == 1)
 
 
-def case_read_only(ctx, s, mount):
-    out = f"ro-{s.name}"
-    path = ctx.work / out
-    path.mkdir(exist_ok=True)
-    if os.geteuid() == 0 and not mount:
-        row(s.name, "read-only output folder", "exit 1, one line", "as root without mount: not enforceable", None)
-        return
+def drop_root_overrides():
+    """preexec for a root caller without mount rights: drops the capabilities that let root write where the
+    permission bits say no (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from the child's bounding set, so a folder made
+    read-only with chmod stops the stage as it would stop any user."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def read_only_folder(ctx, path, mount):
+    """Makes `path` read-only (a read-only tmpfs when mounting is allowed, else chmod 555): (how, preexec, undo)."""
+    path.mkdir(parents=True, exist_ok=True)
     if mount:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], check=True)
-    else:
-        path.chmod(0o555)
+        return "read-only tmpfs", None, lambda: subprocess.run(["umount", str(path)], capture_output=True)
+    path.chmod(0o555)
+    root = os.geteuid() == 0
+    return ("chmod 555" + (" (root without CAP_DAC_OVERRIDE)" if root else ""),
+            drop_root_overrides if root else None, lambda: path.chmod(0o755))
+
+
+def case_read_only(ctx, s, mount):
+    out = f"ro-{s.name}"
+    how, preexec, undo = read_only_folder(ctx, ctx.work / out, mount)
     try:
-        code, err, _ = ctx.run(s.argv(out))
-        row(s.name, "read-only output folder", "exit 1, one line naming it", f"exit {code}: {one_line(err)[:100]}",
+        code, err, _ = ctx.run(s.argv(out), preexec=preexec)
+        row(s.name, "read-only output folder", "exit 1, one line naming it",
+            f"{how}: exit {code}: {one_line(err)[:100]}",
             sane_failure(code, err, [out]) and len(err.strip().splitlines()) == 1)
     finally:
-        if mount:
-            subprocess.run(["umount", str(path)], capture_output=True)
-        else:
-            path.chmod(0o755)
+        undo()
 
 
 def run_deleting(ctx, argv, victim, after):
@@ -366,6 +383,7 @@ def case_input_deleted(ctx, s, clean, victim_dir, pattern):
     was read already) a result identical to a clean run; never a panic, a hang or a wrong result."""
     ref_out, ref, secs = clean[s.name]
     copy = f"in-{s.name}"
+    shutil.rmtree(ctx.work / copy, ignore_errors=True)
     shutil.copytree(ctx.work / victim_dir, ctx.work / copy)
     files = sorted((ctx.work / copy).glob(pattern))
     victim = files[-1]
@@ -374,6 +392,21 @@ def case_input_deleted(ctx, s, clean, victim_dir, pattern):
     got = s.outputs(ctx, f"del-{s.name}")
     ok = sane_failure(code, err, [victim.name]) or (code == 0 and got == ref)
     row(s.name, f"input deleted mid-run ({victim.name})", "exit 1 naming it, or identical output",
+        f"exit {code}: {one_line(err)[:100] if code != 0 else ('identical' if got == ref else 'DIFFERENT')}", ok)
+
+
+def case_file_deleted(ctx, s, clean, name):
+    """The stage's own input file (download's URL list, build's config) deleted once it runs: both read it whole
+    at the start, so the output must be identical to a clean run (or an exit 1 naming it)."""
+    ref = clean[s.name][1]
+    copy = f"in-{s.name}-{name}"
+    shutil.copyfile(ctx.work / name, ctx.work / copy)
+    out = f"del-{s.name}"
+    argv = [copy if a == name else a for a in s.argv(out)]
+    code, err = run_deleting(ctx, argv, ctx.work / copy, clean[s.name][2] * 0.3)
+    got = s.outputs(ctx, out)
+    ok = sane_failure(code, err, [copy]) or (code == 0 and got == ref)
+    row(s.name, f"input deleted mid-run ({name})", "exit 1 naming it, or identical output",
         f"exit {code}: {one_line(err)[:100] if code != 0 else ('identical' if got == ref else 'DIFFERENT')}", ok)
 
 
@@ -448,16 +481,6 @@ def case_two_writers(ctx, s, clean):
     ref_out, ref, _ = clean[s.name]
     out = f"two-{s.name}"
     first = ctx.spawn(s.argv(out))
-    if s.name == "fit":
-        # Writes two files (model, card), each under a temporary name then renamed, and no folder: a second
-        # writer of the same settings is not refused; both must finish with the clean output.
-        code, err, _ = ctx.run(s.argv(out))
-        first_code = wait_or_hang(first, ctx.timeout)
-        got = s.outputs(ctx, out)
-        row(s.name, "second writer (same file)", "both finish; output as a clean run",
-            f"exits {first_code} and {code}, {'identical' if got == ref else 'DIFFERENT'}",
-            first_code == 0 and code == 0 and got == ref)
-        return
     deadline = time.monotonic() + ctx.timeout
     while not holds_lock(first.pid) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -493,14 +516,15 @@ def remote_shards(ctx, tag, check):
     return code, err, {k: v for d in dirs for k, v in tree(d).items() if k.startswith("shard-")}
 
 
-def case_upload(ctx, clean_secs, fraction, tag):
+def case_upload(ctx, clean_secs, fraction, tag, phase):
+    """Kill -9 of `pack --out s3://...` at `fraction` of its `phase` (packing into the staging folder, or
+    uploading), by its own progress records; a run never caught in that phase is a skip, not a pass."""
     ref = {k: v for k, v in tree(ctx.work / "d").items() if k.startswith("shard-")}
-    p = ctx.spawn(upload_argv(tag))
-    time.sleep(max(0.02, clean_secs * fraction))
-    killed = p.poll() is None
-    if killed:
-        p.kill()
-    p.wait()
+    killed, trigger = run_until(ctx, upload_argv(tag), fraction, 10 * clean_secs + 5, phase)
+    case = f"kill -9 at {int(fraction * 100)}% of {phase} then rerun"
+    if not killed:
+        row("upload", case, "never half-visible; then the clean shards", f"never caught {phase}", None)
+        return
     # Never half-visible: right after the kill the URL holds no dataset (no index.json) or a complete one.
     code, err, got = remote_shards(ctx, tag, f"seen-{tag}")
     visible = "complete" if code == 0 and got == ref else ("absent" if code == 1 and "index.json" in err
@@ -508,8 +532,8 @@ def case_upload(ctx, clean_secs, fraction, tag):
     rerun, rerr, _ = ctx.run(upload_argv(tag))
     code, err, got = remote_shards(ctx, tag, f"check-{tag}")
     ok = visible != "HALF-WRITTEN" and rerun == 0 and code == 0 and got == ref
-    row("upload", f"kill -9 at {int(fraction * 100)}% then rerun", "never half-visible; then the clean shards",
-        f"{'killed' if killed else 'finished before the kill'}; dataset {visible} after the kill; rerun exit "
+    row("upload", case, "never half-visible; then the clean shards",
+        f"killed at {trigger}; dataset {visible} after the kill; rerun exit "
         f"{rerun}, verify exit {code}, {'identical' if got == ref else 'DIFFERENT'}"
         + ("" if rerun == 0 else f": {one_line(rerr)}"), ok)
 
@@ -538,12 +562,122 @@ def case_upload_two_writers(ctx):
         f"{'identical' if got == ref else 'DIFFERENT'}", ok)
 
 
-def case_remote(ctx, fractions):
+def case_upload_full_disk(ctx, mount):
+    """`pack --out s3://...` with its staging folder (under --cache-dir) on a full disk: exit 1 with the OS cause,
+    nothing at the URL; with space freed the rerun uploads the clean shards."""
+    tag = "full-upload"
+    ref = {k: v for k, v in tree(ctx.work / "d").items() if k.startswith("shard-")}
+    total = sum(p.stat().st_size for p in (ctx.work / "d").rglob("*") if p.is_file())
+    cache = ctx.work / f"up-{tag}"
+    cache.mkdir(parents=True, exist_ok=True)
+    preexec = None
+    if mount:
+        size = max(4096, total // 2)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(cache)], check=True)
+        how = f"tmpfs of {size} B (dataset {total} B)"
+    else:
+        limit = max(1024, biggest_file(ctx, "d") // 2)
+        how = f"RLIMIT_FSIZE {limit} B"
+
+        def preexec():
+            import resource
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        code, err, _ = ctx.run(upload_argv(tag), preexec=preexec)
+        vcode, verr, _ = remote_shards(ctx, tag, f"seen-{tag}")
+        absent = vcode == 1 and "index.json" in verr
+        ok = sane_failure(code, err) and ("No space left" in err or "File too large" in err) and absent
+        row("upload", "full disk (staging folder)", "exit 1, OS cause once, nothing at the URL",
+            f"{how}: exit {code}, dataset {'absent' if absent else 'PRESENT'}; {one_line(err)[:90]}", ok)
+        if mount:
+            subprocess.run(["mount", "-o", f"remount,size={total * 4 + 65536}", str(cache)], check=True)
+        code, err, _ = ctx.run(upload_argv(tag))
+        vcode, _, got = remote_shards(ctx, tag, f"check-{tag}")
+        row("upload", "full disk, space freed, rerun", "the clean shards at the URL",
+            f"exit {code}, verify exit {vcode}, {'identical' if got == ref else 'DIFFERENT'}",
+            code == 0 and vcode == 0 and got == ref)
+    finally:
+        if mount:
+            subprocess.run(["umount", str(cache)], capture_output=True)
+
+
+def case_upload_read_only(ctx, mount):
+    tag = "ro-upload"
+    how, preexec, undo = read_only_folder(ctx, ctx.work / f"up-{tag}", mount)
+    try:
+        code, err, _ = ctx.run(upload_argv(tag), preexec=preexec)
+    finally:
+        undo()
+    vcode, verr, _ = remote_shards(ctx, tag, f"seen-{tag}")
+    absent = vcode == 1 and "index.json" in verr
+    row("upload", "read-only --cache-dir", "exit 1, one line naming it, nothing at the URL",
+        f"{how}: exit {code}, dataset {'absent' if absent else 'PRESENT'}: {one_line(err)[:100]}",
+        sane_failure(code, err, [f"up-{tag}"]) and len(err.strip().splitlines()) == 1 and absent)
+
+
+def remote_train_argv(s, out, cache):
+    """`train` of the stage list on the uploaded dataset instead of the local one, caching into `cache`."""
+    return [f"s3://{BUCKET}/clean-upload" if a == "d" else a for a in s.argv(out)] + ["--cache-dir", cache]
+
+
+def case_remote_read(ctx, s, clean, mount):
+    """`train --dataset s3://...` with its shard cache on a full disk, then read-only: exit 1 with the cause;
+    with space freed the rerun trains the same weights as the clean (local) run."""
+    ref = clean["train"][1]
+    cache = ctx.work / "rr-full-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    smallest = min(p.stat().st_size for p in (ctx.work / "d").glob("shard-*.arrow"))
+    preexec = None
+    if mount:
+        size = 4096
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(cache)], check=True)
+        how = f"tmpfs of {size} B (smallest shard {smallest} B)"
+    else:
+        limit = max(512, smallest // 2)
+        how = f"RLIMIT_FSIZE {limit} B"
+
+        def preexec():
+            import resource
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        code, err, _ = ctx.run(remote_train_argv(s, "rr-full", cache.name), preexec=preexec)
+        ok = sane_failure(code, err) and ("No space left" in err or "File too large" in err) \
+            and not (ctx.work / "rr-full" / s.marker).exists()
+        row("train (remote)", "full shard cache", "exit 1, OS cause once, no checkpoint marker",
+            f"{how}: exit {code}; {one_line(err)[:100]}", ok)
+        if mount:
+            subprocess.run(["mount", "-o", "remount,size=16m", str(cache)], check=True)
+        code, err, _ = ctx.run(remote_train_argv(s, "rr-full", cache.name))
+        got = s.outputs(ctx, "rr-full")
+        row("train (remote)", "full shard cache, space freed, rerun", "the clean (local) run's weights",
+            f"exit {code}, {'identical' if got == ref else 'DIFFERENT'}" + (f": {one_line(err)}" if code else ""),
+            code == 0 and got == ref)
+    finally:
+        if mount:
+            subprocess.run(["umount", str(cache)], capture_output=True)
+    how, preexec, undo = read_only_folder(ctx, ctx.work / "rr-ro-cache", mount)
+    try:
+        code, err, _ = ctx.run(remote_train_argv(s, "rr-ro", "rr-ro-cache"), preexec=preexec)
+    finally:
+        undo()
+    row("train (remote)", "read-only --cache-dir", "exit 1, one line naming it",
+        f"{how}: exit {code}: {one_line(err)[:100]}",
+        sane_failure(code, err, ["rr-ro-cache"]) and len(err.strip().splitlines()) == 1)
+
+
+def case_remote(ctx, fractions, mount, train):
     code, err, secs = ctx.run(upload_argv("clean-upload"))
     assert code == 0, f"clean upload: {err}"
-    for i, f in enumerate(fractions):
-        case_upload(ctx, secs, f, f"k-{i}")
+    points = [(f, "uploading") for f in fractions] + ([] if ctx.short else [(0.5, "packing")])
+    for i, (f, phase) in enumerate(points):
+        case_upload(ctx, secs, f, f"k-{i}", phase)
     case_upload_two_writers(ctx)
+    case_upload_full_disk(ctx, mount)
+    case_upload_read_only(ctx, mount)
+    if train:
+        case_remote_read(ctx, train[0], train[1], mount)
 
 
 def corrupt_copy(ctx, src, dst, target, how):
@@ -658,13 +792,16 @@ def main():
         for name in ("ingest", "fit", "dvae", "tokenize"):
             if name in by_name:
                 case_image_deleted(ctx, by_name[name], clean)
+        for name, file in (("download", "urls.csv"), ("build", "b.toml")):
+            if name in by_name:
+                case_file_deleted(ctx, by_name[name], clean, file)
         if not a.only:
             case_corrupt_inputs(ctx)
         if a.moto and "pack" in by_name:
             moto, env = s3_server.start(a.moto, BUCKET)
             os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
             try:
-                case_remote(ctx, fractions)
+                case_remote(ctx, fractions, mount, (by_name["train"], clean) if "train" in by_name else None)
             finally:
                 s3_server.stop(moto)
     finally:

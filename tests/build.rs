@@ -211,3 +211,23 @@ fn misspelled_tables_and_keys_are_refused_before_any_stage() {
         assert!(!d.join(&out_dir).join("demo").exists(), "a stage ran");
     }
 }
+
+/// A stage that fails at run time is named, and so is the build folder its relative paths start from.
+#[test]
+fn a_failing_stage_is_named_with_the_folder_its_paths_are_relative_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("empty")).expect("mkdir");
+    std::fs::write(
+        d.join("c.toml"),
+        "version = 1\n[ingest]\nimages = [\"empty\"]\n[tokenizer.fit]\ncodebook = 16\n",
+    )
+    .expect("write");
+    let out = imglish(d, &["-q", "build", "c.toml", "--out", "b"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: build: stage `ingest` failed (its paths are relative to b): ingest accepted nothing: 0 seen, 0 \
+         rejected. The manifest in ./manifest is empty; pass --allow-empty to accept that"
+    );
+}

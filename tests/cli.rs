@@ -441,9 +441,10 @@ fn tokenize_workers_share_the_folder_lock_and_exclude_a_single_writer() {
     refused(&tokenize(&["--worker", "0/2"]), "a worker while a single writer runs");
 }
 
-/// Every stage that writes a folder refuses a second writer at once (pack's own test covers pack).
+/// Every stage that writes a folder refuses a second writer at once (pack's own test covers pack; the tokenizer
+/// fits lock the folder their model goes into).
 #[test]
-fn ingest_tokenize_and_train_refuse_a_folder_another_process_writes() {
+fn ingest_tokenize_train_and_fits_refuse_a_folder_another_process_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let out = d.join("busy");
@@ -452,10 +453,13 @@ fn ingest_tokenize_and_train_refuse_a_folder_another_process_writes() {
     let held = std::fs::File::open(&out).expect("open");
     held.lock().expect("lock");
     let busy = out.to_str().expect("utf8");
+    let (model, text) = (format!("{busy}/v.onnx"), format!("{busy}/t.json"));
     for args in [
         vec!["ingest", "--images", "nowhere", "--out", busy],
         vec!["tokenize", "--manifest", "m", "--tokenizer", "t.onnx", "--out", busy],
         vec!["train", "--dataset", "ds", "--out", busy],
+        vec!["tokenizer", "fit", "--manifest", "m", "--out", &model],
+        vec!["tokenizer", "fit-text", "--manifest", "m", "--out", &text],
     ] {
         let o = run(imglish().current_dir(d).args(&args));
         assert_eq!(o.status.code(), Some(1), "{}", args[0]);

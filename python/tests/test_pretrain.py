@@ -2,6 +2,7 @@
 1-rank run of the same global batch, every sample is read exactly once per epoch (also across a kill -9 and a
 resume with another world size), and checkpoints go both ways between it and the Rust trainer."""
 
+import fcntl
 import glob
 import json
 import os
@@ -196,6 +197,17 @@ class PretrainTest(unittest.TestCase):
         r = pretrain(out, "--steps", "3", "--batch-size", "4", "--resume", nproc=1)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("written by a run with other settings: steps: 2 vs 3", r.stderr)
+        # One writer per run folder, as `imglish train`: this process holds the folder's lock as a running
+        # trainer would; the second one stops at once, naming the holder.
+        held = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            r = pretrain(out, "--steps", "2", "--batch-size", "4", "--resume", nproc=1)
+        finally:
+            os.close(held)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn(f"error: another imglish process (pid {os.getpid()}) is writing {out}; wait for it to finish or "
+                      "stop it", r.stderr)
 
 
 if __name__ == "__main__":

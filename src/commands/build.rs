@@ -521,7 +521,13 @@ fn build_in_place(
         changed = true;
         let _ = std::fs::remove_file(&record_path);
         let t = Instant::now();
-        super::dispatch(cli.command, threads, out).with_context(|| format!("build: stage `{}` failed", stage.name))?;
+        super::dispatch(cli.command, threads, out).with_context(|| {
+            format!(
+                "build: stage `{}` failed (its paths are relative to {})",
+                stage.name,
+                args.out.display()
+            )
+        })?;
         let record = StageRecord {
             stage: stage.name.into(),
             argv: stage.argv.clone(),

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
@@ -245,7 +245,18 @@ impl FitArgs {
     }
 }
 
+/// `tokenizer fit` and `fit-text` write files (model, card, decoder) into a folder: they hold that folder's lock
+/// while they run, so a second fit into it is refused at once instead of racing the first one's renames.
+fn lock_folder_of(file: &Path) -> anyhow::Result<super::lock::DirLock> {
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    super::lock::lock_dir(dir)
+}
+
 fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
+    let _lock = lock_folder_of(&a.out)?;
     expect(&a.manifest, Folder::Manifest, "--manifest")?;
     let config = a.config();
     let bar = out.spinner("opening the manifest");
@@ -254,9 +265,6 @@ fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let bytes = codebook.to_onnx();
     let mut card = codebook.card(&bytes, &report);
-    if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
     // RGB codebooks can draw their codes back (each patch as its centroid): a decoder beside the model.
     if let Some(decoder) = codebook.decoder_onnx() {
         let path = a.out.with_extension("decoder.onnx");
@@ -310,6 +318,7 @@ fn fit(a: &FitArgs, out: &Output) -> anyhow::Result<()> {
 }
 
 fn fit_text(a: &FitTextArgs, out: &Output) -> anyhow::Result<()> {
+    let _lock = lock_folder_of(&a.out)?;
     expect(&a.manifest, Folder::Manifest, "--manifest")?;
     let manifest = imglish_ingest::Manifest::open(&a.manifest)?;
     let captions: Vec<String> = manifest
@@ -330,9 +339,6 @@ fn fit_text(a: &FitTextArgs, out: &Output) -> anyhow::Result<()> {
         "{}: the train split has no captions and no text documents",
         a.manifest.display()
     );
-    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
     let model = match a.model {
         Model::Bpe => TextModel::Bpe,
         Model::Wordpiece => TextModel::Wordpiece,

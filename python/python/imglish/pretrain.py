@@ -17,6 +17,7 @@ predicted tokens (all ranks, all micro-batches of the step) and DDP averages acr
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -188,6 +189,38 @@ class Dist:
     def close(self):
         if self.on:
             dist.destroy_process_group()
+
+
+def lock_dir(path):
+    """Rank 0 holds an advisory lock (``flock``) on the run folder while it writes it, as ``imglish train`` does
+    (the two refuse each other): the OS drops it when the process ends, even by kill -9. Returns the open folder
+    (keep it); raises SystemExit naming the holder when another process writes the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create {path}: {e.strerror} (os error {e.errno})")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = lock_holder(os.fstat(fd).st_ino)
+        os.close(fd)
+        who = f"another imglish process (pid {pid})" if pid else "another imglish process"
+        raise SystemExit(f"error: {who} is writing {path}; wait for it to finish or stop it")
+    return fd
+
+
+def lock_holder(inode):
+    """The pid holding a flock on ``inode``, from /proc/locks (Linux; None elsewhere)."""
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                p = line.split()
+                if len(p) > 5 and p[1] == "FLOCK" and p[5].rsplit(":", 1)[-1] == str(inode):
+                    return int(p[4])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def latest_checkpoint(out):
@@ -410,9 +443,13 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     d = Dist(args.device)
+    lock = None
     try:
+        lock = lock_dir(args.out) if d.rank == 0 else None
         return run(args, d)
     finally:
+        if lock is not None:
+            os.close(lock)
         d.close()
 
 
