@@ -280,46 +280,59 @@ def can_mount():
         os.rmdir(d)
 
 
+class SmallDisk:
+    """A disk too small for what a stage writes under `path`: a tmpfs of `size` bytes mounted there when mounting
+    is allowed, else RLIMIT_FSIZE `limit` on the stage's process (`preexec`). `free()` makes room (remount;
+    RLIMIT: the next run simply goes without `preexec`); `close()` unmounts."""
+
+    def __init__(self, path, mount, size, limit):
+        self.path, self.mount = path, mount
+        path.mkdir(parents=True, exist_ok=True)
+        self.preexec = None
+        if mount:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+            self.how = f"tmpfs of {size} B"
+        else:
+            self.how = f"RLIMIT_FSIZE {limit} B"
+
+            def preexec():
+                import resource
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            self.preexec = preexec
+
+    def free(self, size):
+        if self.mount:
+            subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
+
+    def close(self):
+        if self.mount:
+            subprocess.run(["umount", str(self.path)], capture_output=True)
+
+
 def case_full_disk(ctx, s, clean, mount):
     ref_out, ref, _ = clean[s.name]
     out = f"full-{s.name}"
     total = sum(p.stat().st_size for p in (ctx.work / ref_out).rglob("*") if p.is_file())
     path = ctx.work / out
-    if s.name == "fit":
-        path = ctx.work / out  # the model and card go inside
-    path.mkdir(parents=True, exist_ok=True)
-    if mount:
-        size = max(4096, total // 2)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-        how = f"tmpfs of {size} B (clean output {total} B)"
-        preexec = None
-    else:
-        limit = max(1024, biggest_file(ctx, ref_out) // 2)
-        how = f"RLIMIT_FSIZE {limit} B"
-
-        def preexec():
-            import resource
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    disk = SmallDisk(path, mount, max(4096, total // 2), max(1024, biggest_file(ctx, ref_out) // 2))
     try:
-        code, err, _ = ctx.run(s.argv(out), preexec=preexec)
+        code, err, _ = ctx.run(s.argv(out), preexec=disk.preexec)
         marker = (path / s.marker).exists()
         visible = s.outputs(ctx, out)
         partial = [k for k, v in visible.items() if ref.get(k) != v and k in ref]
         ok1 = sane_failure(code, err) and ("No space left" in err or "File too large" in err) and not marker \
             and not partial
         row(s.name, "full disk", "exit 1, OS cause once, no marker, no partial file",
-            f"{how}: exit {code}, marker {'present' if marker else 'absent'}, {len(partial)} partial; "
-            f"{one_line(err)[:90]}", ok1)
-        if mount:
-            subprocess.run(["mount", "-o", f"remount,size={total * 4 + 65536}", str(path)], check=True)
+            f"{disk.how} (clean output {total} B): exit {code}, marker {'present' if marker else 'absent'}, "
+            f"{len(partial)} partial; {one_line(err)[:90]}", ok1)
+        disk.free(total * 4 + 65536)
         code, err, _ = ctx.run(s.argv(out, rerun=True))
         got = s.outputs(ctx, out)
         row(s.name, "full disk, space freed, rerun", "identical to a clean run",
             f"exit {code}, {'identical' if got == ref else 'DIFFERENT'}", code == 0 and got == ref)
     finally:
-        if mount:
-            subprocess.run(["umount", str(path)], capture_output=True)
+        disk.close()
 
 
 def case_out_is_file(ctx, s):
@@ -585,38 +598,23 @@ def case_upload_full_disk(ctx, mount):
     tag = "full-upload"
     ref = {k: v for k, v in tree(ctx.work / "d").items() if k.startswith("shard-")}
     total = sum(p.stat().st_size for p in (ctx.work / "d").rglob("*") if p.is_file())
-    cache = ctx.work / f"up-{tag}"
-    cache.mkdir(parents=True, exist_ok=True)
-    preexec = None
-    if mount:
-        size = max(4096, total // 2)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(cache)], check=True)
-        how = f"tmpfs of {size} B (dataset {total} B)"
-    else:
-        limit = max(1024, biggest_file(ctx, "d") // 2)
-        how = f"RLIMIT_FSIZE {limit} B"
-
-        def preexec():
-            import resource
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    disk = SmallDisk(ctx.work / f"up-{tag}", mount, max(4096, total // 2), max(1024, biggest_file(ctx, "d") // 2))
     try:
-        code, err, _ = ctx.run(upload_argv(tag), preexec=preexec)
+        code, err, _ = ctx.run(upload_argv(tag), preexec=disk.preexec)
         vcode, verr, _ = remote_shards(ctx, tag, f"seen-{tag}")
         absent = vcode == 1 and "index.json" in verr
         ok = sane_failure(code, err) and ("No space left" in err or "File too large" in err) and absent
         row("upload", "full disk (staging folder)", "exit 1, OS cause once, nothing at the URL",
-            f"{how}: exit {code}, dataset {'absent' if absent else 'PRESENT'}; {one_line(err)[:90]}", ok)
-        if mount:
-            subprocess.run(["mount", "-o", f"remount,size={total * 4 + 65536}", str(cache)], check=True)
+            f"{disk.how} (dataset {total} B): exit {code}, dataset {'absent' if absent else 'PRESENT'}; "
+            f"{one_line(err)[:90]}", ok)
+        disk.free(total * 4 + 65536)
         code, err, _ = ctx.run(upload_argv(tag))
         vcode, _, got = remote_shards(ctx, tag, f"check-{tag}")
         row("upload", "full disk, space freed, rerun", "the clean shards at the URL",
             f"exit {code}, verify exit {vcode}, {'identical' if got == ref else 'DIFFERENT'}",
             code == 0 and vcode == 0 and got == ref)
     finally:
-        if mount:
-            subprocess.run(["umount", str(cache)], capture_output=True)
+        disk.close()
 
 
 def case_upload_read_only(ctx, mount):
@@ -646,38 +644,22 @@ def case_remote_read(ctx, s, clean, mount):
     """`train --dataset s3://...` with its shard cache on a full disk, then read-only: exit 1 with the cause;
     with space freed the rerun trains the same weights as the clean (local) run."""
     ref = clean["train"][1]
-    cache = ctx.work / "rr-full-cache"
-    cache.mkdir(parents=True, exist_ok=True)
     smallest = min(p.stat().st_size for p in (ctx.work / "d").glob("shard-*.arrow"))
-    preexec = None
-    if mount:
-        size = 4096
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(cache)], check=True)
-        how = f"tmpfs of {size} B (smallest shard {smallest} B)"
-    else:
-        limit = max(512, smallest // 2)
-        how = f"RLIMIT_FSIZE {limit} B"
-
-        def preexec():
-            import resource
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    disk = SmallDisk(ctx.work / "rr-full-cache", mount, 4096, max(512, smallest // 2))
     try:
-        code, err, _ = ctx.run(remote_train_argv(s, "rr-full", cache.name), preexec=preexec)
+        code, err, _ = ctx.run(remote_train_argv(s, "rr-full", "rr-full-cache"), preexec=disk.preexec)
         ok = sane_failure(code, err) and ("No space left" in err or "File too large" in err) \
             and not (ctx.work / "rr-full" / s.marker).exists()
         row("train (remote)", "full shard cache", "exit 1, OS cause once, no checkpoint marker",
-            f"{how}: exit {code}; {one_line(err)[:100]}", ok)
-        if mount:
-            subprocess.run(["mount", "-o", "remount,size=16m", str(cache)], check=True)
-        code, err, _ = ctx.run(remote_train_argv(s, "rr-full", cache.name))
+            f"{disk.how} (smallest shard {smallest} B): exit {code}; {one_line(err)[:100]}", ok)
+        disk.free(16 << 20)
+        code, err, _ = ctx.run(remote_train_argv(s, "rr-full", "rr-full-cache"))
         got = s.outputs(ctx, "rr-full")
         row("train (remote)", "full shard cache, space freed, rerun", "the clean (local) run's weights",
             f"exit {code}, {'identical' if got == ref else 'DIFFERENT'}" + (f": {one_line(err)}" if code else ""),
             code == 0 and got == ref)
     finally:
-        if mount:
-            subprocess.run(["umount", str(cache)], capture_output=True)
+        disk.close()
     ro = read_only_folder(ctx, ctx.work / "rr-ro-cache", mount)
     if ro is None:
         row("train (remote)", "read-only --cache-dir", "exit 1, one line", NOT_ENFORCEABLE, None)
