@@ -7,3 +7,8 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 if [ -z "${PYO3_PYTHON:-}" ] && command -v python3 >/dev/null; then
   export PYO3_PYTHON="$(command -v python3)"
 fi
+# Every script builds with one feature set, cargo test's (the whole workspace with its dev-dependencies, which an
+# example brings in): `cargo build --bin imglish` or `-p PACKAGE` alone unify features differently and compile
+# polars, arrow and tokio once more each (minutes on 2 cores when cold). Extra arguments add targets
+# (`--example bench`); `-q` and `--locked` are implied.
+imglish_build() { cargo build -q --locked --workspace --bin imglish --example serve "$@"; }
